@@ -1,0 +1,34 @@
+"""svdnas: compress pre-trained CNNs by low-rank approximation found with neural architecture search.
+
+Importing it has no side effects: no CUDA initialisation, no downloads, no thread settings.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from svdnas.cost import count_params, layer_cost, model_macs
+from svdnas.decompose import decompose
+from svdnas.errors import BudgetError, DataError, SpecError, SvdnasError, WeightsError
+from svdnas.modules import LowRankBlock, LowRankBranch
+from svdnas.plan import Plan
+from svdnas.rundir import load_run
+from svdnas.space import count_space, enumerate_space
+from svdnas.spec import LowRankSpec
+from svdnas.surgery import PRESETS, apply_plan, select_targets, trace_layers
+
+try:
+    __version__ = version("svdnas")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+
+def load(directory: str, base_model=None, allow_code: bool = False):
+    """Rebuild the compressed model saved in a run directory (no unpickling). See :func:`load_run`."""
+    model, _ = load_run(directory, base_model=base_model, allow_code=allow_code)
+    return model
+
+
+__all__ = [
+    "PRESETS", "BudgetError", "DataError", "LowRankBlock", "LowRankBranch", "LowRankSpec", "Plan", "SpecError",
+    "SvdnasError", "WeightsError", "apply_plan", "count_params", "count_space", "decompose", "enumerate_space",
+    "layer_cost", "load", "model_macs", "select_targets", "trace_layers",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from svdnas.cli import main
+
+sys.exit(main())

@@ -1,0 +1,151 @@
+"""The ``svdnas`` command line: a thin layer that parses options and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from svdnas.errors import SvdnasError
+
+log = logging.getLogger("svdnas")
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise SvdnasError(f"--device must be cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SvdnasError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="zoo:NAME, torchvision:NAME, module:FILE.py:FUNC or a run directory")
+    p.add_argument("--weights", default=None, help=".safetensors, .pt or .pth (loaded without unpickling)")
+    p.add_argument("--input-shape", default=None, help="C,H,W of one input when the model does not say")
+
+
+def _progress(args: argparse.Namespace, total: int, desc: str):
+    from tqdm import tqdm
+
+    disable = args.quiet or not sys.stdout.isatty()
+    return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False, dynamic_ncols=True)
+
+
+def _input_shape(args: argparse.Namespace, info, data) -> tuple[int, int, int]:
+    if args.input_shape:
+        try:
+            shape = tuple(int(x) for x in args.input_shape.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise SvdnasError(f"--input-shape must be C,H,W, got {args.input_shape!r}")
+        return shape  # type: ignore[return-value]
+    if info.input_shape:
+        return info.input_shape
+    if data is not None:
+        return data.input_shape
+    raise SvdnasError(f"cannot tell the input shape of {info.spec}; give --input-shape C,H,W")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from svdnas.cost import count_params, model_macs
+    from svdnas.data import load_data
+    from svdnas.evaluate import evaluate
+    from svdnas.models import build_model
+
+    device = _device(args.device)
+    model, info = build_model(args.model, args.weights)
+    data = load_data(args.data)
+    if data is None:
+        raise SvdnasError("eval needs real data: --data none has no labelled images")
+    shape = _input_shape(args, info, data)
+    if tuple(shape) != tuple(data.input_shape):
+        raise SvdnasError(f"{args.model} expects inputs {tuple(shape)}, but {args.data} has {data.input_shape}")
+    model.to(device)
+    with _progress(args, len(data.test), "eval") as bar:  # type: ignore[arg-type]
+        acc = evaluate(model, data.test, device, progress=bar.update)
+    result = {"top1": acc["top1"], "top5": acc["top5"], "flops": 2 * model_macs(model, shape), "params": count_params(model)}
+    if not args.json:
+        print(f"model   {info.spec}")
+        print(f"top-1   {result['top1']:.2f}%   top-5 {result['top5']:.2f}%   ({len(data.test)} images)")
+        print(f"FLOPs   {result['flops'] / 1e6:.2f} M   params {result['params'] / 1e6:.3f} M")
+    print(json.dumps(result) if args.json else "", end="\n" if args.json else "")
+    return 0
+
+
+def cmd_space(args: argparse.Namespace) -> int:
+    from svdnas.models import build_model
+    from svdnas.space import count_space
+    from svdnas.surgery import example_input, select_targets, trace_layers
+
+    model, info = build_model(args.model, args.weights, pretrained=False)
+    shape = _input_shape(args, info, None)
+    infos = trace_layers(model, example_input(model, shape))
+    targets, skipped = select_targets(model, infos, args.filter or info.default_filter)
+    total = 0
+    rows = []
+    for name in targets:
+        layer = model.get_submodule(name)
+        n = count_space(layer)
+        total += n
+        rows.append({"name": name, "shape": list(layer.weight.shape), "candidates": n})
+        if not args.json:
+            print(f"{name:40s} {str(tuple(layer.weight.shape)):22s} {n:8d}")
+    if args.json:
+        print(json.dumps({"layers": rows, "total": total, "skipped": skipped}))
+    else:
+        print(f"{'total':40s} {'':22s} {total:8d}")
+        for name, reason in skipped.items():
+            print(f"left alone: {name}: {reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from svdnas import __version__
+
+    parser = argparse.ArgumentParser(prog="svdnas", description="Low-rank compression of CNNs found by neural architecture search (SVD-NAS).")
+    parser.add_argument("--version", action="version", version=f"svdnas {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="top-1, top-5, FLOPs and params of a model")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="fmnist, fmnist:DIR or imagefolder:DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("space", help="size of the LR-space of each target layer")
+    _model_args(p)
+    p.add_argument("--filter", default=None, help="target layers: all-but-first, convs, pointwise, linear, convs+linear")
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_space)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    torch.manual_seed(args.seed)
+    try:
+        return args.func(args)
+    except (SvdnasError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,89 @@
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from svdnas import WeightsError
+from svdnas.data import load_data, read_idx, search_subset
+from svdnas.errors import DataError
+from svdnas.weights import load_weights, read_state_dict
+from tests.conftest import tiny_net
+
+
+class _Payload:
+    """Unpickling this object would create a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"weight": _Payload(marker)}))
+    with pytest.raises(WeightsError, match="refused"):
+        read_state_dict(evil)
+    assert not marker.exists()
+    # the same payload through torch.save's zip format
+    evil2 = tmp_path / "evil2.pth"
+    torch.save({"w": _Payload(marker)}, evil2)
+    assert not marker.exists()  # saving does not run it
+    with pytest.raises(WeightsError, match="refused"):
+        read_state_dict(evil2)
+    assert not marker.exists()
+
+
+def test_weights_formats_and_mismatch(tmp_path):
+    model = tiny_net()
+    state = model.state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "w.safetensors")
+    torch.save({"state_dict": state}, tmp_path / "w.pt")
+    for name in ("w.safetensors", "w.pt"):
+        fresh = tiny_net()
+        torch.nn.init.zeros_(fresh.head.weight)
+        load_weights(fresh, tmp_path / name)
+        assert torch.equal(fresh.head.weight, model.head.weight)
+    bad = dict(state)
+    bad["head.weight"] = torch.zeros(3, 3)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(WeightsError, match="'head.weight' has shape"):
+        load_weights(tiny_net(), tmp_path / "bad.pt")
+    del bad["head.weight"]
+    torch.save(bad, tmp_path / "missing.pt")
+    with pytest.raises(WeightsError, match="missing key 'head.weight'"):
+        load_weights(tiny_net(), tmp_path / "missing.pt")
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_weights(tiny_net(), tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(WeightsError, match="cannot read"):
+        load_weights(tiny_net(), tmp_path / "junk.safetensors")
+
+
+def test_fmnist_reader(tiny_fmnist):
+    data = load_data(f"fmnist:{tiny_fmnist}")
+    assert data.input_shape == (1, 28, 28) and data.num_classes == 10
+    x, y = data.train.tensors
+    assert x.shape == (600, 1, 28, 28) and y.shape == (600,) and y.max() < 10
+    raw = read_idx(tiny_fmnist / "train-images-idx3-ubyte.gz")
+    assert raw.dtype == torch.uint8 and raw.shape == (600, 28, 28)
+    assert load_data("none") is None
+    with pytest.raises(DataError, match="not found"):
+        load_data(f"fmnist:{tiny_fmnist}/missing")
+    with pytest.raises(DataError, match="unknown data spec"):
+        load_data("cifar")
+
+
+def test_search_subset_is_fixed_by_seed_and_kept_apart(tiny_fmnist):
+    data = load_data(f"fmnist:{tiny_fmnist}")
+    a, ia = search_subset(data.train, 100, seed=3)
+    b, ib = search_subset(data.train, 100, seed=3)
+    c, ic = search_subset(data.train, 100, seed=4)
+    assert torch.equal(ia, ib) and not torch.equal(ia, ic)
+    proxy, ip = search_subset(data.train, 50, seed=3, exclude=ia)
+    assert not set(ip.tolist()) & set(ia.tolist())
+    with pytest.raises(DataError, match="only"):
+        search_subset(data.train, 10_000, seed=0)

@@ -1,0 +1,39 @@
+import pytest
+from torch import nn
+
+from svdnas import LowRankSpec, count_space, enumerate_space, layer_cost
+from svdnas.space import divisors, groupings, kernel_splits
+
+
+def test_splits_and_groupings():
+    assert kernel_splits((3, 3)) == [(1, 1), (1, 3), (3, 1), (3, 3)]
+    assert kernel_splits((1, 1)) == [(1, 1)]
+    assert kernel_splits((1, 5)) == [(1, 1), (1, 5)]
+    assert groupings(4, 6) == [(1, 1), (2, 1), (4, 1), (1, 2), (1, 3), (1, 6)]
+    assert divisors(12) == [1, 2, 3, 4, 6, 12]
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 3, 3), (16, 8, 3, 3), (12, 6, 1, 1), (6, 4, 5, 3)])
+def test_space_is_every_valid_spec_below_original_params(shape):
+    """Brute force: every (split, grouping, rank) that decomposes and has fewer params than the layer."""
+    o, i, kh, kw = shape
+    conv = nn.Conv2d(i, o, (kh, kw), bias=False)
+    original = o * i * kh * kw
+    expected = set()
+    for a in kernel_splits((kh, kw)):
+        for g in groupings(i, o):
+            for r in range(1, 200):
+                try:
+                    _, params = layer_cost(conv, (8, 8), [LowRankSpec(a, g, r)])
+                except ValueError:  # rank above the family's maximum
+                    break
+                if params < original:
+                    expected.add(LowRankSpec(a, g, r))
+    got = list(enumerate_space(conv))
+    assert len(got) == len(set(got)) == count_space(conv)
+    assert set(got) == expected
+
+
+def test_512_layer_count_is_stable():
+    # Documented in docs/design-space.md beside the paper's 74,902.
+    assert count_space(nn.Conv2d(512, 512, 3, padding=1, bias=False)) == 11006

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from svdnas.cost import count_params, model_macs
+from svdnas.models import build_model
+from svdnas.zoo import create_model, list_models, weights_path
+from svdnas.zoo.registry import INPUT_SHAPES
+
+# Parameter counts of torchvision's resnet18, mobilenet_v2 and efficientnet_b0 (1000 classes).
+TORCHVISION_PARAMS = {"resnet18_imagenet": 11_689_512, "mobilenetv2_imagenet": 3_504_872, "efficientnet_b0_imagenet": 5_288_548}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_shapes_and_gradients(name):
+    model = create_model(name)
+    shape = INPUT_SHAPES[name]
+    x = torch.randn(2, *shape)
+    out = model(x)
+    assert out.shape == (2, 10 if shape[0] == 1 else 1000)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize(("name", "params"), TORCHVISION_PARAMS.items())
+def test_imagenet_versions_match_torchvision_sizes(name, params):
+    model = create_model(name)
+    assert count_params(model) == params
+
+
+def test_torchvision_key_names():
+    keys = set(create_model("resnet18_imagenet").state_dict())
+    assert {"conv1.weight", "layer2.0.downsample.0.weight", "layer4.1.bn2.running_var", "fc.bias"} <= keys
+    keys = set(create_model("mobilenetv2_imagenet").state_dict())
+    assert {"features.0.0.weight", "features.1.conv.0.0.weight", "features.1.conv.1.weight", "features.2.conv.0.0.weight",
+            "features.2.conv.2.weight", "features.18.1.running_mean", "classifier.1.weight"} <= keys
+    keys = set(create_model("efficientnet_b0_imagenet").state_dict())
+    assert {"features.0.0.weight", "features.1.0.block.0.0.weight", "features.1.0.block.1.fc1.weight",
+            "features.2.0.block.2.fc2.bias", "features.2.0.block.3.1.weight", "features.8.0.weight", "classifier.1.bias"} <= keys
+
+
+def test_imagenet_resnet18_flops_match_the_published_figure():
+    # ResNet-18 at 224x224 is commonly quoted as 1.82 GMACs (thop).
+    macs = model_macs(create_model("resnet18_imagenet"), (3, 224, 224))
+    assert 1.80e9 < macs < 1.83e9
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2", "efficientnet_b0"])
+def test_shipped_weights_load(name):
+    if weights_path(name) is None:
+        pytest.skip(f"{name} weights not trained yet")
+    model, info = build_model(f"zoo:{name}")
+    assert info.weights is not None and not model.training
