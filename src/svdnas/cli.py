@@ -35,6 +35,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="zoo:NAME, torchvision:NAME, module:FILE.py:FUNC or a run directory")
     p.add_argument("--weights", default=None, help=".safetensors, .pt or .pth (loaded without unpickling)")
     p.add_argument("--input-shape", default=None, help="C,H,W of one input when the model does not say")
+    p.add_argument("--allow-code", action="store_true", help="let a run directory rebuild a module: base (runs its code)")
 
 
 def _progress(args: argparse.Namespace, total: int, desc: str):
@@ -67,7 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from svdnas.models import build_model
 
     device = _device(args.device)
-    model, info = build_model(args.model, args.weights)
+    model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
     data = load_data(args.data)
     if data is None:
         raise SvdnasError("eval needs real data: --data none has no labelled images")
@@ -113,6 +114,79 @@ def cmd_space(args: argparse.Namespace) -> int:
     return 0
 
 
+def _grid(text: str | None) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        parts = tuple(float(x) for x in text.split(":"))
+    except ValueError:
+        parts = ()
+    if len(parts) not in (2, 3):
+        raise SvdnasError(f"--grid must be START:STOP[:STEP], got {text!r}")
+    return (parts[0], parts[1], parts[2] if len(parts) == 3 else 0.05)
+
+
+def _prepare_out(out: str, overwrite: bool) -> None:
+    from pathlib import Path
+
+    d = Path(out)
+    if d.exists() and not d.is_dir():
+        raise SvdnasError(f"--out {out} exists and is not a directory")
+    if (d / "report.json").exists() and not overwrite:
+        raise SvdnasError(f"{out} already holds a finished run; pass --overwrite to replace it")
+    d.mkdir(parents=True, exist_ok=True)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from svdnas.data import load_data
+    from svdnas.models import build_model
+    from svdnas.pipeline import CompressConfig, compress
+    from svdnas.search import SearchConfig
+
+    if args.reduction is not None and args.beta is not None:
+        raise SvdnasError("give --reduction or --beta, not both")
+    if args.reduction is None and args.beta is None:
+        raise SvdnasError("give --reduction R (share of the cost to remove) or --beta X")
+    if args.mode != "post-training":
+        raise SvdnasError(f"--mode {args.mode} is not available yet; use --mode post-training")
+    if args.branches != 1:
+        raise SvdnasError("--branches 2 is not available yet")
+    device = _device(args.device)
+    model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
+    data = load_data(args.data)
+    if data is None:
+        raise SvdnasError("--data none works only with --mode data-free")
+    shape = _input_shape(args, info, data)
+    search = SearchConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sampling=args.sampling, target=0.5,
+    )
+    config = CompressConfig(
+        reduction=args.reduction, beta=args.beta, objective=args.objective, filter=args.filter or info.default_filter,
+        grid=_grid(args.grid), max_groups=None if args.max_groups == 0 else args.max_groups,
+        search_images=args.search_images, families=args.families, search=search,
+    )
+    _prepare_out(args.out, args.overwrite)
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc="search", unit="step", disable=args.quiet or not sys.stdout.isatty(), dynamic_ncols=True)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar.set_description(stage)
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        result = compress(model, data, config, shape, device=device, seed=args.seed, out=args.out, model_spec=info.spec, progress=progress)
+    finally:
+        bar.close()
+    r = result.report
+    print(f"{info.spec}: FLOPs -{100 * r['flops']['reduction']:.2f}%  params -{100 * r['params']['reduction']:.2f}%")
+    print(f"top-1 {r['top1']['original']:.2f}% -> {r['top1']['compressed']:.2f}% (drop {r['top1']['drop_pp']:.2f}pp)")
+    print(f"search {r['seconds']['search']:.1f}s, total {r['seconds']['total']:.1f}s; run directory {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from svdnas import __version__
 
@@ -126,6 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     _common(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compress", help="the SVD-NAS pipeline: search, derive, evaluate, write a run directory")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="fmnist, fmnist:DIR, imagefolder:DIR (none: data-free only)")
+    p.add_argument("--reduction", type=float, default=None, help="share of the original cost to remove, 0 < R < 1")
+    p.add_argument("--beta", type=float, default=None, help="the paper's fixed trade-off instead of --reduction")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--mode", default="post-training", choices=["post-training", "synthetic", "few-shot", "full", "data-free"])
+    p.add_argument("--objective", default="flops", choices=["flops", "params", "latency"])
+    p.add_argument("--branches", type=int, default=1, choices=[1, 2])
+    p.add_argument("--filter", default=None, help="target layers (default: the paper's for the model)")
+    p.add_argument("--sampling", default="mixed", choices=["mixed", "two"], help="mixed: all candidates in one weight (default); two: the release's scheme")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the logits")
+    p.add_argument("--search-images", type=int, default=1000)
+    p.add_argument("--grid", default=None, help="START:STOP[:STEP] of kept-cost fractions per layer (default: around the target)")
+    p.add_argument("--max-groups", type=int, default=8, help="largest group count of a candidate (0: no limit)")
+    p.add_argument("--families", type=int, default=4, help="families kept per layer by the output-error proxy (0: all)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    _common(p)
+    p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("space", help="size of the LR-space of each target layer")
     _model_args(p)

@@ -87,7 +87,7 @@ def _module(target: str) -> nn.Module:
 
 
 def build_model(
-    spec: str, weights: str | None = None, pretrained: bool = True, allow_code: bool = True
+    spec: str, weights: str | None = None, pretrained: bool = True, allow_code: bool = False
 ) -> tuple[nn.Module, ModelInfo]:
     """Build the model a MODEL spec names.
 
@@ -96,7 +96,8 @@ def build_model(
             or a run directory.
         weights: a ``.safetensors``/``.pt``/``.pth`` file to load (not for run directories).
         pretrained: load the zoo's shipped weights.
-        allow_code: whether a ``module:`` spec may run user code (the user named it).
+        allow_code: whether a run directory whose base is a ``module:`` spec may run that code
+            (a ``module:`` spec given here directly always runs: the user named it).
 
     Raises:
         SpecError: unknown or malformed spec.
@@ -108,15 +109,13 @@ def build_model(
     elif sep and kind == "torchvision":
         model, info = _torchvision(rest), ModelInfo(spec, None)
     elif sep and kind == "module":
-        if not allow_code:
-            raise SpecError(f"refusing to run user code for {spec} (name the module spec yourself to allow it)")
         model, info = _module(rest), ModelInfo(spec, None)
     elif Path(spec).is_dir():
         from svdnas.rundir import load_run
 
         if weights:
             raise SpecError("--weights does not apply to a run directory: it holds its own weights")
-        return load_run(spec)
+        return load_run(spec, allow_code=allow_code)
     else:
         raise SpecError(
             f"unknown model spec {spec!r}: use zoo:NAME, torchvision:NAME, module:FILE.py:FUNC or a run directory"

@@ -115,7 +115,12 @@ def load_run(directory: str | Path, base_model: nn.Module | None = None, allow_c
     else:
         if arch["base"].startswith("python:"):
             raise SpecError(f"{d} was made from a Python object; pass base_model= to rebuild it")
-        model, base_info = build_model(arch["base"], pretrained=False, allow_code=allow_code)
+        if arch["base"].startswith("module:") and not allow_code:
+            raise SpecError(
+                f"{d} was made from {arch['base']}; rebuilding it runs that code: pass --allow-code "
+                "(allow_code=True) to trust it"
+            )
+        model, base_info = build_model(arch["base"], pretrained=False)
         info = ModelInfo(arch["base"], base_info.input_shape, base_info.default_filter)
     apply_plan(model, plan, derive=False)
     fit_state_dict(model, read_state_dict(weights), str(weights))

@@ -1,0 +1,254 @@
+"""The whole compress job as a function: candidates, search, selection, derivation, evaluation, run directory."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from svdnas.cost import count_params, layer_cost, model_macs
+from svdnas.data import DataBundle, search_subset
+from svdnas.errors import BudgetError, SpecError
+from svdnas.evaluate import evaluate
+from svdnas.plan import Plan
+from svdnas.rundir import atomic_write_json, save_run
+from svdnas.search import MixedLayer, SearchConfig, fraction_grid, grid_candidates, search, select_within_budget
+from svdnas.search.candidates import LayerCandidates
+from svdnas.search.proxy import capture_inputs, keep_families, output_errors
+from svdnas.surgery import FilterFn, apply_plan, example_input, select_targets, set_submodule, trace_layers
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("flops", "params")
+
+
+@dataclass
+class CompressConfig:
+    """What ``compress`` does.
+
+    Attributes:
+        reduction: share of the original cost to remove (0 < R < 1); the result meets R - 0.01.
+        beta: the paper's fixed trade-off instead of a reduction target.
+        objective: ``flops`` or ``params``.
+        filter: layer preset or None for the model's default.
+        grid: (start, stop, step) of the candidate grid, as fractions of each layer's cost kept;
+            None centres a window on the target.
+        max_groups: largest group count of a candidate (None: every divisor).
+        families: families (split and grouping) kept per layer by the output-error proxy (0: all).
+        search_images: labelled training images the logits learn on.
+        proxy_images: further training images, apart from the search images, for the proxy.
+        search: the search loop's settings (its ``target``/``beta`` are filled in from above).
+    """
+
+    reduction: float | None = None
+    beta: float | None = None
+    objective: str = "flops"
+    filter: str | None = None
+    grid: tuple[float, float, float] | None = None
+    max_groups: int | None = 8
+    families: int = 4
+    search_images: int = 1000
+    proxy_images: int = 256
+    search: SearchConfig | None = None
+
+    def __post_init__(self) -> None:
+        if (self.reduction is None) == (self.beta is None):
+            raise SpecError("give exactly one of --reduction and --beta")
+        if self.reduction is not None and not 0 < self.reduction < 1:
+            raise SpecError(f"--reduction must be in (0, 1), got {self.reduction}")
+        if self.objective not in OBJECTIVES:
+            raise SpecError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.search_images < 1:
+            raise SpecError("--search-images must be positive")
+
+    def fractions(self) -> list[float]:
+        if self.grid is not None:
+            start, stop, step = self.grid
+            if not 0 < start <= stop < 1 or step <= 0:
+                raise SpecError(f"grid must satisfy 0 < start <= stop < 1 and step > 0, got {self.grid}")
+            return fraction_grid(start, stop, step)
+        kept = 1.0 - (self.reduction if self.reduction is not None else 0.5)
+        return fraction_grid(max(0.05, round(kept - 0.25, 2)), min(0.95, round(kept + 0.35, 2)))
+
+
+@dataclass
+class CompressResult:
+    model: nn.Module
+    plan: Plan
+    report: dict[str, Any]
+    history: dict[str, Any] = field(default_factory=dict)
+
+
+def _limit_groups(cands: LayerCandidates, max_groups: int | None) -> LayerCandidates:
+    if max_groups is None:
+        return cands
+    return cands.subset(lambda s: s.num_groups <= max_groups)
+
+
+def _check_budget(candidates: dict[str, LayerCandidates], config: CompressConfig, total: float) -> dict[str, list[float]]:
+    """Per-layer candidate costs; raises BudgetError when the reduction cannot be reached."""
+    costs = {n: c.cost(config.objective) for n, c in candidates.items()}
+    fixed = total - sum(c[0] for c in costs.values())
+    floor = fixed + sum(min(c) for c in costs.values())
+    if config.reduction is not None and floor > (1 - config.reduction) * total:
+        raise BudgetError(
+            f"--reduction {config.reduction} cannot be met: compressing every target layer as far as the candidate "
+            f"grid goes reaches {1 - floor / total:.3f}; lower the reduction, widen --grid or target more layers"
+        )
+    return costs
+
+
+def compress(
+    model: nn.Module,
+    data: DataBundle,
+    config: CompressConfig,
+    input_shape: tuple[int, int, int] | None = None,
+    filter_fn: FilterFn | str | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    out: str | Path | None = None,
+    model_spec: str = "python:model",
+    progress: Callable[[str, int, int], None] | None = None,
+) -> CompressResult:
+    """Compress ``model`` by SVD-NAS; the original is not modified.
+
+    Args:
+        model: a pre-trained model.
+        data: labelled data; search images come from its training split, accuracy from its test split.
+        config: budget, objective and search settings.
+        input_shape: (C, H, W) of one input; defaults to the data's.
+        filter_fn: which layers to compress (a preset name or a function); defaults to the config's,
+            then ``all-but-first``.
+        out: run directory to write, if any.
+        model_spec: how ``model`` can be rebuilt (written into architecture.json).
+        progress: called with (stage, done, total).
+    """
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    shape = tuple(input_shape or data.input_shape)
+    model = model.to(device).eval()
+    torch.manual_seed(seed)
+
+    # 1. targets and their candidates
+    t0 = time.perf_counter()
+    infos = trace_layers(model, example_input(model, shape))
+    targets, skipped = select_targets(model, infos, filter_fn or config.filter or "all-but-first")
+    if not targets:
+        raise SpecError("no layer of the model matches the layer filter: nothing to compress")
+    total_macs, total_params = model_macs(model, shape), count_params(model)
+    total = float(total_macs if config.objective == "flops" else total_params)
+    fractions = config.fractions()
+    candidates = {}
+    for name in targets:
+        layer = model.get_submodule(name)
+        cands = _limit_groups(grid_candidates(name, layer, infos[name].input_hw, fractions, config.objective), config.max_groups)
+        if cands.specs:
+            candidates[name] = cands
+    if not candidates:
+        raise SpecError("no target layer has a candidate on the grid; widen --grid")
+    _check_budget(candidates, config, total)
+    seconds["candidates"] = time.perf_counter() - t0
+
+    # 2. pruning by the output-error proxy on images kept apart from the search images
+    t0 = time.perf_counter()
+    subset, search_idx = search_subset(data.train, config.search_images, seed)
+    proxy_set, proxy_idx = search_subset(data.train, config.proxy_images, seed + 1, exclude=search_idx)
+    kept = 1 - config.reduction if config.reduction is not None else sum(fractions) / len(fractions)
+    if config.families > 0:
+        inputs = capture_inputs(model, list(candidates), proxy_set, device)
+        for name in list(candidates):
+            errors = output_errors(model.get_submodule(name), inputs.pop(name), candidates[name], kept)
+            candidates[name] = keep_families(candidates[name], errors, config.families)
+    seconds["proxy"] = time.perf_counter() - t0
+    costs = _check_budget(candidates, config, total)
+    fixed = total - sum(c[0] for c in costs.values())
+    log.info("%d target layers, %d candidates (grid %s..%s)", len(candidates), sum(len(c) - 1 for c in candidates.values()), fractions[0], fractions[-1])
+
+    # 3. super model
+    t0 = time.perf_counter()
+    supernet = copy.deepcopy(model)
+    mixed: dict[str, MixedLayer] = {}
+    sconf = copy.deepcopy(config.search) or SearchConfig(target=0.5)
+    sconf.target = None if config.beta is not None else 1 - config.reduction  # type: ignore[operator]
+    sconf.beta = config.beta
+    sconf.__post_init__()
+    for name, cands in candidates.items():
+        mixed[name] = MixedLayer(supernet.get_submodule(name), cands, sconf.sampling).to(device)
+        set_submodule(supernet, name, mixed[name])
+    seconds["build"] = time.perf_counter() - t0
+
+    # 4. search
+    t0 = time.perf_counter()
+    steps = -(-len(subset) // sconf.batch_size)
+
+    def on_step(step: int, epoch: int) -> None:
+        if progress is not None:
+            progress("search", epoch * steps + step + 1, sconf.epochs * steps)
+
+    history = search(supernet, mixed, subset, sconf, costs, total, device, seed, on_step)
+    seconds["search"] = time.perf_counter() - t0
+
+    # 5. selection within the budget
+    t0 = time.perf_counter()
+    names = list(mixed)
+    scores = [mixed[n].theta.detach().cpu().tolist() for n in names]
+    cost_lists = [costs[n] for n in names]
+    if config.reduction is not None:
+        budget = (1 - config.reduction) * total
+        choice = select_within_budget(scores, cost_lists, budget, fixed, [candidates[n].next_rank() for n in names])
+    else:
+        choice = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    plan = Plan({n: ([] if c == 0 else [candidates[n].specs[c - 1]]) for n, c in zip(names, choice)})
+    for n in targets:
+        plan.layers.setdefault(n, [])
+    plan = Plan({n: plan.layers[n] for n in targets})
+    compressed = apply_plan(copy.deepcopy(model), plan)
+    seconds["select"] = time.perf_counter() - t0
+
+    # 6. evaluation and report
+    t0 = time.perf_counter()
+    c_macs, c_params = model_macs(compressed, shape), count_params(compressed)
+    acc0 = evaluate(model, data.test, device)
+    acc1 = evaluate(compressed, data.test, device)
+    seconds["evaluate"] = time.perf_counter() - t0
+    seconds["finetune"] = 0.0
+    seconds["total"] = time.perf_counter() - t_start
+    layers_report = []
+    for n in targets:
+        layer = model.get_submodule(n)
+        before = layer_cost(layer, infos[n].input_hw)
+        after = layer_cost(layer, infos[n].input_hw, plan.layers[n]) if plan.layers[n] else before
+        layers_report.append({
+            "name": n, "input_hw": list(infos[n].input_hw), "weight_shape": list(layer.weight.shape),
+            "branches": [s.to_dict() for s in plan.layers[n]], "candidates": len(candidates[n]) - 1 if n in candidates else 0,
+            "flops": [2 * before[0], 2 * after[0]], "params": [before[1], after[1]],
+        })
+    report = {
+        "model": model_spec, "method": "svdnas", "mode": "post-training", "objective": config.objective, "seed": seed,
+        "reduction_target": config.reduction, "beta": config.beta, "sampling": sconf.sampling,
+        "flops": {"original": 2 * total_macs, "compressed": 2 * c_macs, "reduction": 1 - c_macs / total_macs},
+        "params": {"original": total_params, "compressed": c_params, "reduction": 1 - c_params / total_params},
+        "top1": {"original": acc0["top1"], "compressed": acc1["top1"], "drop_pp": acc0["top1"] - acc1["top1"]},
+        "top5": {"original": acc0["top5"], "compressed": acc1["top5"], "drop_pp": acc0["top5"] - acc1["top5"]},
+        "seconds": seconds,
+        "data": {
+            "spec": data.name, "search_images": len(subset), "search_split": "train (fixed subset drawn with --seed)",
+            "proxy_images": len(proxy_set) if config.families > 0 else 0, "proxy_split": "train, apart from the search images",
+            "evaluation_images": len(data.test), "evaluation_split": "test",
+        },
+        "search": {"config": asdict(sconf), "grid": fractions, "candidates": sum(len(c) - 1 for c in candidates.values())},
+        "layers": layers_report,
+        "skipped": [{"name": n, "reason": r} for n, r in skipped.items()],
+    }
+    result = CompressResult(compressed, plan, report, history.to_dict())
+    if out is not None:
+        save_run(out, compressed, plan, model_spec, shape)
+        atomic_write_json(Path(out) / "history.json", history.to_dict())
+        atomic_write_json(Path(out) / "report.json", report)
+    return result

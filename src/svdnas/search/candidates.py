@@ -1,0 +1,117 @@
+"""A target layer's candidates after pruning by the FLOPs grid, with their costs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from svdnas.cost import layer_cost
+from svdnas.decompose import ConvGeometry, conv_geometry
+from svdnas.space import families, family_ranks
+from svdnas.spec import LowRankSpec
+
+Family = tuple[tuple[int, int], tuple[int, int]]
+
+
+@dataclass
+class LayerCandidates:
+    """The candidates of one target layer; index 0 of ``costs``/``params`` is the original layer.
+
+    Attributes:
+        name: dotted module name.
+        input_hw: spatial size of the layer's input.
+        specs: the low-rank candidates (each a single branch, or a list of branches for the
+            second search of the residual extension).
+        macs, params: per candidate, original first.
+        prefix: branches fixed before this search (empty for the first branch).
+    """
+
+    name: str
+    input_hw: tuple[int, int]
+    specs: list[LowRankSpec]
+    macs: list[int]
+    params: list[int]
+    prefix: list[LowRankSpec] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.specs) + 1
+
+    def cost(self, objective: str) -> list[float]:
+        return [float(c) for c in (self.params if objective == "params" else self.macs)]
+
+    def subset(self, keep: Callable[[LowRankSpec], bool]) -> LayerCandidates:
+        """The candidates for which ``keep(spec)`` holds (the original always stays)."""
+        idx = [i for i, s in enumerate(self.specs) if keep(s)]
+        return LayerCandidates(
+            self.name, self.input_hw, [self.specs[i] for i in idx], [self.macs[0]] + [self.macs[i + 1] for i in idx],
+            [self.params[0]] + [self.params[i + 1] for i in idx], self.prefix,
+        )
+
+    def next_rank(self) -> list[int | None]:
+        """Per candidate index (0: original), the index of the next larger rank of its family
+        (the original after the largest), or None for the original."""
+        out: list[int | None] = [None]
+        for i, spec in enumerate(self.specs, start=1):
+            higher = [j for j, s in enumerate(self.specs, start=1) if s.family() == spec.family() and s.rank > spec.rank]
+            out.append(min(higher, key=lambda j: self.specs[j - 1].rank) if higher else 0)
+        return out
+
+    def families(self) -> list[Family]:
+        seen: dict[Family, None] = {}
+        for s in self.specs:
+            seen.setdefault(s.family(), None)
+        return list(seen)
+
+
+def _geometry(layer: nn.Module) -> ConvGeometry:
+    if isinstance(layer, nn.Linear):
+        return ConvGeometry(layer.out_features, layer.in_features, (1, 1), (1, 1), (0, 0), (1, 1), "zeros", layer.bias is not None)
+    return conv_geometry(layer)
+
+
+def grid_candidates(
+    name: str,
+    layer: nn.Module,
+    input_hw: tuple[int, int],
+    fractions: Sequence[float],
+    objective: str = "flops",
+    prefix: Sequence[LowRankSpec] = (),
+) -> LayerCandidates:
+    """Candidates whose cost is near ``fractions`` of the original layer's (the paper's FLOPs grid).
+
+    For each family and fraction f the rank is ``floor(f * cost0 / cost per unit of rank)``;
+    ranks outside the family's admissible range (fewer parameters than the layer, at most
+    full rank) are dropped, and duplicates merged. With ``prefix``, the candidates are second
+    branches added after those fixed branches, and the fractions are of the original layer.
+    """
+    geo = _geometry(layer)
+    macs0, params0 = layer_cost(layer, input_hw)
+    base_macs, base_params = layer_cost(layer, input_hw, list(prefix)) if prefix else (0, 0)
+    fams = [((1, 1), (1, 1))] if isinstance(layer, nn.Linear) else families(geo)
+    specs: list[LowRankSpec] = []
+    for fam in fams:
+        admissible = family_ranks(geo, fam)
+        if not admissible:
+            continue
+        unit = LowRankSpec(fam[0], fam[1], 1)
+        m1, p1 = layer_cost(layer, input_hw, [*prefix, unit])
+        per_rank = (p1 - base_params) if objective == "params" else (m1 - base_macs)
+        per_rank -= (geo.out_channels if geo.bias and not prefix and objective == "params" else 0)
+        total = params0 if objective == "params" else macs0
+        ranks = sorted({int(f * total // per_rank) for f in fractions})
+        specs += [unit.with_rank(r) for r in ranks if r in admissible]
+    macs = [macs0]
+    params = [params0]
+    for s in specs:
+        m, p = layer_cost(layer, input_hw, [*prefix, s])
+        macs.append(m)
+        params.append(p)
+    return LayerCandidates(name, input_hw, specs, macs, params, list(prefix))
+
+
+def fraction_grid(start: float, stop: float, step: float = 0.05) -> list[float]:
+    """[start, start + step, ..., stop] without float drift."""
+    n = int(round((stop - start) / step))
+    return [round(start + i * step, 6) for i in range(n + 1)]

@@ -1,0 +1,160 @@
+"""Learning the logits of the super blocks: the paper's loss, or a budget the search steers to."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from svdnas.errors import SpecError
+from svdnas.evaluate import batches
+from svdnas.search.supernet import MixedLayer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchConfig:
+    """Settings of one search.
+
+    Attributes:
+        epochs: passes over the search images.
+        batch_size: images per step.
+        lr, betas, weight_decay: Adam on the logits (the paper's 0.01, (0.9, 0.999), 5e-4).
+        temperature: initial Gumbel-softmax temperature (paper: 5).
+        final_temperature: temperature after the last epoch; the per-epoch factor follows from it
+            (the paper's 0.965 per epoch over 100 epochs ends at 0.14).
+        sampling: ``mixed`` (default, every candidate in one weight) or ``two`` (the release's).
+        beta: the paper's loss ``CE * (log F / log F0) ** beta`` when set; else the budget mode.
+        target: cost ratio F / F0 to steer to in budget mode (1 - reduction).
+        penalty_lr: step of the dual ascent on the budget multiplier.
+    """
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 5e-4
+    temperature: float = 5.0
+    final_temperature: float = 5.0 * 0.965**100
+    sampling: str = "mixed"
+    beta: float | None = None
+    target: float | None = None
+    penalty_lr: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise SpecError("epochs and batch size must be positive")
+        if (self.beta is None) == (self.target is None):
+            raise SpecError("give exactly one of beta (the paper's loss) and a target cost ratio")
+        if self.target is not None and not 0 < self.target < 1:
+            raise SpecError(f"target cost ratio must be in (0, 1), got {self.target}")
+        if self.sampling not in ("mixed", "two"):
+            raise SpecError(f"sampling must be 'mixed' or 'two', got {self.sampling!r}")
+
+    @property
+    def decay(self) -> float:
+        return (self.final_temperature / self.temperature) ** (1.0 / self.epochs)
+
+
+@dataclass
+class SearchHistory:
+    epoch: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    ce: list[float] = field(default_factory=list)
+    expected_cost_ratio: list[float] = field(default_factory=list)
+    temperature: list[float] = field(default_factory=list)
+    multiplier: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def expected_cost(layers: dict[str, MixedLayer], costs: dict[str, torch.Tensor], fixed: float) -> torch.Tensor:
+    total = torch.tensor(fixed)
+    for name, layer in layers.items():
+        total = total + (layer.last_weights * costs[name]).sum()
+    return total
+
+
+def search(
+    model: nn.Module,
+    layers: dict[str, MixedLayer],
+    data: Dataset,
+    config: SearchConfig,
+    costs: dict[str, list[float]],
+    total_cost: float,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    on_step: Callable[[int, int], None] | None = None,
+) -> SearchHistory:
+    """Learn the logits of ``layers`` (already swapped into ``model``) on ``data``.
+
+    Args:
+        costs: per layer, the cost of each candidate (original first) on the objective.
+        total_cost: the original model's whole cost on the objective (F0).
+        on_step: called with (step, steps per epoch) after every step, for progress bars.
+    """
+    model.eval()  # BatchNorm statistics stay those of the pre-trained model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    thetas = [layer.theta for layer in layers.values()]
+    for t in thetas:
+        t.requires_grad_(True)
+    opt = torch.optim.Adam(thetas, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    cost_t = {n: torch.tensor(c, device=device) / total_cost for n, c in costs.items()}
+    fixed = (total_cost - sum(c[0] for c in costs.values())) / total_cost
+    generator = torch.Generator().manual_seed(seed)
+    history = SearchHistory()
+    multiplier = 0.0
+    temperature = config.temperature
+    start = time.perf_counter()
+    for epoch in range(config.epochs):
+        for layer in layers.values():
+            layer.temperature = temperature
+        sums = {"loss": 0.0, "ce": 0.0, "cost": 0.0, "n": 0}
+        for step, (x, y) in enumerate(batches(data, config.batch_size, shuffle=True, generator=generator)):
+            x, y = x.to(device), y.to(device)
+            before = [t.detach().clone() for t in thetas] if config.sampling == "two" else None
+            ce = F.cross_entropy(model(x), y)
+            ratio = expected_cost(layers, cost_t, fixed)
+            if config.beta is not None:
+                loss = ce * (torch.log(ratio * total_cost) / math.log(total_cost)) ** config.beta
+            else:
+                loss = ce + multiplier * (ratio - config.target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if before is not None:
+                for layer, b in zip(layers.values(), before):
+                    layer.rescale_sampled(b)
+            if config.target is not None:
+                multiplier = max(0.0, multiplier + config.penalty_lr * (ratio.item() - config.target))
+            sums["loss"] += loss.item()
+            sums["ce"] += ce.item()
+            sums["cost"] += ratio.item()
+            sums["n"] += 1
+            if on_step is not None:
+                on_step(step, epoch)
+        n = max(sums["n"], 1)
+        history.epoch.append(epoch + 1)
+        history.loss.append(sums["loss"] / n)
+        history.ce.append(sums["ce"] / n)
+        history.expected_cost_ratio.append(sums["cost"] / n)
+        history.temperature.append(temperature)
+        history.multiplier.append(multiplier)
+        history.seconds.append(time.perf_counter() - start)
+        log.info(
+            "epoch %d: loss %.4f ce %.4f expected cost %.3f of original, T %.3f, multiplier %.3f",
+            epoch + 1, history.loss[-1], history.ce[-1], history.expected_cost_ratio[-1], temperature, multiplier,
+        )
+        temperature *= config.decay
+    return history

@@ -1,0 +1,110 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+import svdnas
+from svdnas.data import load_data
+from svdnas.errors import BudgetError, SpecError
+from svdnas.pipeline import CompressConfig, compress
+from svdnas.search import SearchConfig
+from tests.conftest import TinyNet
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tiny_fmnist):
+    """TinyNet trained for a few seconds on the learnable tiny data set."""
+    torch.manual_seed(0)
+    data = load_data(f"fmnist:{tiny_fmnist}")
+    x, y = data.train.tensors
+    model = TinyNet()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), data
+
+
+def _config(**kw):
+    base = {"reduction": 0.5, "search_images": 200, "proxy_images": 64, "search": SearchConfig(epochs=3, batch_size=64, target=0.5)}
+    base.update(kw)
+    return CompressConfig(**base)
+
+
+@pytest.mark.parametrize("objective", ["flops", "params"])
+@pytest.mark.parametrize("reduction", [0.3, 0.6])
+def test_budget_is_met(trained_tiny, objective, reduction, tmp_path):
+    model, data = trained_tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = compress(model, data, _config(reduction=reduction, objective=objective), filter_fn="convs+linear", out=tmp_path)
+    r = result.report
+    assert r[objective]["reduction"] >= reduction - 0.01
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # original untouched
+    for name in ("model.safetensors", "architecture.json", "plan.json", "report.json", "history.json"):
+        assert (tmp_path / name).is_file()
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert [layer["name"] for layer in plan["layers"]] == ["stem", "body.0", "body.4", "head"]
+    loaded = svdnas.load(str(tmp_path), base_model=TinyNet())
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.allclose(loaded(x), result.model(x), atol=1e-6)
+    assert r["top1"]["drop_pp"] == pytest.approx(r["top1"]["original"] - r["top1"]["compressed"])
+    assert r["data"]["search_images"] == 200 and r["seconds"]["total"] > 0
+
+
+def test_two_sample_mode_and_beta(trained_tiny):
+    model, data = trained_tiny
+    result = compress(model, data, _config(search=SearchConfig(epochs=2, batch_size=64, sampling="two", target=0.5)), filter_fn="convs")
+    assert result.report["sampling"] == "two" and result.report["flops"]["reduction"] >= 0.49
+    result = compress(model, data, _config(reduction=None, beta=8.0), filter_fn="convs")
+    assert result.report["beta"] == 8.0 and len(result.history["loss"]) == 3
+
+
+def test_unreachable_budget_and_bad_configs(trained_tiny):
+    model, data = trained_tiny
+    with pytest.raises(BudgetError, match="reaches"):
+        compress(model, data, _config(reduction=0.97), filter_fn="pointwise")
+    with pytest.raises(SpecError, match="no layer"):
+        compress(model, data, _config(), filter_fn=lambda m, n: False)
+    with pytest.raises(SpecError, match="exactly one"):
+        CompressConfig(reduction=0.5, beta=4.0)
+    with pytest.raises(SpecError, match=r"\(0, 1\)"):
+        CompressConfig(reduction=1.5)
+
+
+def test_same_seed_same_plan(trained_tiny):
+    model, data = trained_tiny
+    a = compress(model, data, _config(), filter_fn="convs+linear", seed=3)
+    b = compress(model, data, _config(), filter_fn="convs+linear", seed=3)
+    assert a.plan == b.plan
+
+
+def test_compress_command_line(trained_tiny, tiny_fmnist, tmp_path):
+    model, _ = trained_tiny
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    factory = tmp_path / "factory.py"
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(tmp_path.parents[0])!r})\n"
+                       f"sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parents[1])!r})\n"
+                       "from tests.conftest import TinyNet\n\ndef make():\n    return TinyNet()\n")
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "svdnas", "compress", f"module:{factory}:make", "--weights", str(weights),
+            "--data", f"fmnist:{tiny_fmnist}", "--reduction", "0.5", "--out", str(out), "--epochs", "2",
+            "--search-images", "200", "--filter", "convs", "--device", "cpu", "--quiet"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["flops"]["reduction"] >= 0.49
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    both = subprocess.run(args + ["--beta", "4", "--overwrite"], capture_output=True, text=True, timeout=300)
+    assert both.returncode == 2 and "not both" in both.stderr
+    ev = subprocess.run([sys.executable, "-m", "svdnas", "eval", str(out), "--data", f"fmnist:{tiny_fmnist}", "--json", "--allow-code"],
+                        capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout.strip().splitlines()[-1])["top1"] == pytest.approx(report["top1"]["compressed"])
