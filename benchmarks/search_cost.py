@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from svdnas.cost import model_macs
 from svdnas.models import build_model
 from svdnas.pipeline import CompressConfig, _limit_groups
-from svdnas.search import MixedLayer, SearchConfig, grid_candidates
+from svdnas.search import MixedLayer, grid_candidates
 from svdnas.surgery import example_input, select_targets, set_submodule, trace_layers
 
 

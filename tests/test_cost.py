@@ -68,8 +68,8 @@ def test_linear_and_grouped_costs():
 
 
 def test_model_macs_counts_decomposed_model():
-    from tests.conftest import tiny_net
     from svdnas import Plan, apply_plan
+    from tests.conftest import tiny_net
 
     model = tiny_net().eval()
     before = model_macs(model, (1, 28, 28))

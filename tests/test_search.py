@@ -4,7 +4,6 @@ from torch import nn
 
 from svdnas import LowRankSpec, decompose
 from svdnas.search import MixedLayer, fraction_grid, grid_candidates, select_within_budget
-from svdnas.search.candidates import LayerCandidates
 
 
 def _candidates(layer, hw=(8, 8), prefix=()):

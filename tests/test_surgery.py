@@ -2,7 +2,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from svdnas import LowRankBlock, LowRankSpec, Plan, SpecError, apply_plan, select_targets, trace_layers
 from svdnas.rundir import load_run, save_run

@@ -104,7 +104,7 @@ def cmd_space(args: argparse.Namespace) -> int:
         total += n
         rows.append({"name": name, "shape": list(layer.weight.shape), "candidates": n})
         if not args.json:
-            print(f"{name:40s} {str(tuple(layer.weight.shape)):22s} {n:8d}")
+            print(f"{name:40s} {tuple(layer.weight.shape)!s:22s} {n:8d}")
     if args.json:
         print(json.dumps({"layers": rows, "total": total, "skipped": skipped}))
     else:
@@ -187,6 +187,27 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from svdnas.baselines import run_baseline
+    from svdnas.data import load_data
+    from svdnas.models import build_model
+
+    device = _device(args.device)
+    model, info = build_model(args.model, args.weights)
+    data = load_data(args.data)
+    if data is None:
+        raise SvdnasError("baselines need real data: --data none has no labelled images")
+    shape = _input_shape(args, info, data)
+    _prepare_out(args.out, args.overwrite)
+    _, _, r = run_baseline(
+        args.method, model, data, args.reduction, shape, args.filter or info.default_filter, args.split,
+        args.objective, args.search_images, device, args.seed, args.out, info.spec,
+    )
+    print(f"{args.method} ({r['split']}) on {info.spec}: FLOPs -{100 * r['flops']['reduction']:.2f}%  params -{100 * r['params']['reduction']:.2f}%")
+    print(f"top-1 {r['top1']['original']:.2f}% -> {r['top1']['compressed']:.2f}% (drop {r['top1']['drop_pp']:.2f}pp); run directory {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from svdnas import __version__
 
@@ -222,6 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     _common(p)
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("baseline", help="a published competitor at the same budget, same outputs as compress")
+    p.add_argument("method", choices=["uniform", "energy", "lrs2"])
+    _model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--reduction", type=float, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--objective", default="flops", choices=["flops", "params"])
+    p.add_argument("--split", default="kx1", help="kxk, 1x1, kx1, 1xk (what the first layer holds) or best")
+    p.add_argument("--filter", default=None)
+    p.add_argument("--search-images", type=int, default=1000, help="images that pick the split for --split best")
+    p.add_argument("--overwrite", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_baseline)
 
     p = sub.add_parser("space", help="size of the LR-space of each target layer")
     _model_args(p)

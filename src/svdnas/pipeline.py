@@ -13,12 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdnas.cost import count_params, layer_cost, model_macs
+from svdnas.cost import count_params, model_macs
 from svdnas.data import DataBundle, search_subset
 from svdnas.errors import BudgetError, SpecError
-from svdnas.evaluate import evaluate
 from svdnas.plan import Plan
-from svdnas.rundir import atomic_write_json, save_run
+from svdnas.runreport import build_report, write_run
 from svdnas.search import MixedLayer, SearchConfig, fraction_grid, grid_candidates, search, select_within_budget
 from svdnas.search.candidates import LayerCandidates
 from svdnas.search.proxy import capture_inputs, keep_families, output_errors
@@ -158,7 +157,7 @@ def compress(
     # 2. pruning by the output-error proxy on images kept apart from the search images
     t0 = time.perf_counter()
     subset, search_idx = search_subset(data.train, config.search_images, seed)
-    proxy_set, proxy_idx = search_subset(data.train, config.proxy_images, seed + 1, exclude=search_idx)
+    proxy_set, _ = search_subset(data.train, config.proxy_images, seed + 1, exclude=search_idx)
     kept = 1 - config.reduction if config.reduction is not None else sum(fractions) / len(fractions)
     if config.families > 0:
         inputs = capture_inputs(model, list(candidates), proxy_set, device)
@@ -213,42 +212,25 @@ def compress(
 
     # 6. evaluation and report
     t0 = time.perf_counter()
-    c_macs, c_params = model_macs(compressed, shape), count_params(compressed)
-    acc0 = evaluate(model, data.test, device)
-    acc1 = evaluate(compressed, data.test, device)
+    header = {
+        "model": model_spec, "method": "svdnas", "mode": "post-training", "objective": config.objective, "seed": seed,
+        "reduction_target": config.reduction, "beta": config.beta, "sampling": sconf.sampling,
+    }
+    report = build_report(model, compressed, plan, infos, shape, data, device, header)
     seconds["evaluate"] = time.perf_counter() - t0
     seconds["finetune"] = 0.0
     seconds["total"] = time.perf_counter() - t_start
-    layers_report = []
-    for n in targets:
-        layer = model.get_submodule(n)
-        before = layer_cost(layer, infos[n].input_hw)
-        after = layer_cost(layer, infos[n].input_hw, plan.layers[n]) if plan.layers[n] else before
-        layers_report.append({
-            "name": n, "input_hw": list(infos[n].input_hw), "weight_shape": list(layer.weight.shape),
-            "branches": [s.to_dict() for s in plan.layers[n]], "candidates": len(candidates[n]) - 1 if n in candidates else 0,
-            "flops": [2 * before[0], 2 * after[0]], "params": [before[1], after[1]],
-        })
-    report = {
-        "model": model_spec, "method": "svdnas", "mode": "post-training", "objective": config.objective, "seed": seed,
-        "reduction_target": config.reduction, "beta": config.beta, "sampling": sconf.sampling,
-        "flops": {"original": 2 * total_macs, "compressed": 2 * c_macs, "reduction": 1 - c_macs / total_macs},
-        "params": {"original": total_params, "compressed": c_params, "reduction": 1 - c_params / total_params},
-        "top1": {"original": acc0["top1"], "compressed": acc1["top1"], "drop_pp": acc0["top1"] - acc1["top1"]},
-        "top5": {"original": acc0["top5"], "compressed": acc1["top5"], "drop_pp": acc0["top5"] - acc1["top5"]},
-        "seconds": seconds,
-        "data": {
-            "spec": data.name, "search_images": len(subset), "search_split": "train (fixed subset drawn with --seed)",
-            "proxy_images": len(proxy_set) if config.families > 0 else 0, "proxy_split": "train, apart from the search images",
-            "evaluation_images": len(data.test), "evaluation_split": "test",
-        },
-        "search": {"config": asdict(sconf), "grid": fractions, "candidates": sum(len(c) - 1 for c in candidates.values())},
-        "layers": layers_report,
-        "skipped": [{"name": n, "reason": r} for n, r in skipped.items()],
+    for entry in report["layers"]:
+        entry["candidates"] = len(candidates[entry["name"]]) - 1 if entry["name"] in candidates else 0
+    report["seconds"] = seconds
+    report["data"] = {
+        "spec": data.name, "search_images": len(subset), "search_split": "train (fixed subset drawn with --seed)",
+        "proxy_images": len(proxy_set) if config.families > 0 else 0, "proxy_split": "train, apart from the search images",
+        "evaluation_images": len(data.test), "evaluation_split": "test",
     }
+    report["search"] = {"config": asdict(sconf), "grid": fractions, "candidates": sum(len(c) - 1 for c in candidates.values())}
+    report["skipped"] = [{"name": n, "reason": r} for n, r in skipped.items()]
     result = CompressResult(compressed, plan, report, history.to_dict())
     if out is not None:
-        save_run(out, compressed, plan, model_spec, shape)
-        atomic_write_json(Path(out) / "history.json", history.to_dict())
-        atomic_write_json(Path(out) / "report.json", report)
+        write_run(out, compressed, plan, model_spec, shape, report, history=history.to_dict())
     return result

@@ -1,0 +1,64 @@
+"""The report of a compressed model, shared by compress and the baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from svdnas.cost import count_params, layer_cost, model_macs
+from svdnas.data import DataBundle
+from svdnas.evaluate import evaluate
+from svdnas.plan import Plan
+from svdnas.rundir import atomic_write_json, save_run
+from svdnas.surgery import LayerInfo
+
+
+def accuracy_block(before: dict[str, float], after: dict[str, float], key: str) -> dict[str, float]:
+    return {"original": before[key], "compressed": after[key], "drop_pp": before[key] - after[key]}
+
+
+def build_report(
+    original: nn.Module,
+    compressed: nn.Module,
+    plan: Plan,
+    infos: dict[str, LayerInfo],
+    shape: tuple[int, ...],
+    data: DataBundle | None,
+    device: torch.device | str,
+    header: dict[str, Any],
+) -> dict[str, Any]:
+    """Costs, accuracies (whole test split) and the per-layer plan; ``header`` goes first."""
+    macs0, macs1 = model_macs(original, shape), model_macs(compressed, shape)
+    params0, params1 = count_params(original), count_params(compressed)
+    report: dict[str, Any] = dict(header)
+    report["flops"] = {"original": 2 * macs0, "compressed": 2 * macs1, "reduction": 1 - macs1 / macs0}
+    report["params"] = {"original": params0, "compressed": params1, "reduction": 1 - params1 / params0}
+    if data is not None:
+        acc0, acc1 = evaluate(original, data.test, device), evaluate(compressed, data.test, device)
+        report["top1"] = accuracy_block(acc0, acc1, "top1")
+        report["top5"] = accuracy_block(acc0, acc1, "top5")
+    else:
+        report["top1"] = report["top5"] = None
+    layers = []
+    for name, specs in plan.layers.items():
+        layer = original.get_submodule(name)
+        hw = infos[name].input_hw
+        before = layer_cost(layer, hw)
+        after = layer_cost(layer, hw, specs) if specs else before
+        layers.append({
+            "name": name, "input_hw": list(hw), "weight_shape": list(layer.weight.shape),
+            "branches": [s.to_dict() for s in specs], "flops": [2 * before[0], 2 * after[0]], "params": [before[1], after[1]],
+        })
+    report["layers"] = layers
+    return report
+
+
+def write_run(out: str | Path, model: nn.Module, plan: Plan, model_spec: str, shape: tuple[int, ...], report: dict, **extra: Any) -> None:
+    """model.safetensors, architecture.json, plan.json, report.json and any ``extra`` JSON files."""
+    save_run(out, model, plan, model_spec, shape)
+    for name, obj in extra.items():
+        atomic_write_json(Path(out) / f"{name}.json", obj)
+    atomic_write_json(Path(out) / "report.json", report)
