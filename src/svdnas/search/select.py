@@ -2,23 +2,54 @@
 
 Each layer picks one candidate. ``select_within_budget`` maximises the summed logits (the
 search's learned preference; log-probabilities differ from them by a per-layer constant) subject
-to total cost <= budget: a Lagrangian relaxation, bisected on the price of cost, then a greedy
-fill that spends what the relaxation left over on the upgrades that gain most logit per unit cost.
+to total cost <= budget, by dynamic programming over costs rounded up to a fine grid (so the
+budget is never exceeded), then spends what rounding and the logits left over along each layer's
+family ranks, which are at least as accurate as the rank below them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+
+import numpy as np
 
 from svdnas.errors import BudgetError
 
 
-def _choose(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], price: float) -> list[int]:
-    return [max(range(len(s)), key=lambda c: (s[c] - price * k[c], -k[c])) for s, k in zip(scores, costs)]
-
-
 def _total(choice: list[int], costs: Sequence[Sequence[float]]) -> float:
     return sum(k[c] for c, k in zip(choice, costs))
+
+
+def _knapsack(scores: Sequence[Sequence[float]], costs: Sequence[Sequence[float]], room: float, bins: int) -> list[int]:
+    unit = room / bins
+    dp = np.full(bins + 1, -np.inf)
+    dp[0] = 0.0
+    dp = np.maximum.accumulate(dp)  # dp[b]: best score with total rounded cost <= b
+    picks = []
+    for s, k in zip(scores, costs):
+        new = np.full(bins + 1, -np.inf)
+        arg = np.zeros(bins + 1, dtype=np.int64)
+        for c, (score, cost) in enumerate(zip(s, k)):
+            w = math.ceil(cost / unit - 1e-9)
+            if w > bins:
+                continue
+            cand = np.full(bins + 1, -np.inf)
+            cand[w:] = dp[: bins + 1 - w] + score
+            better = cand > new
+            new[better] = cand[better]
+            arg[better] = c
+        dp = new
+        picks.append(arg)
+    b = int(np.argmax(dp))
+    if not np.isfinite(dp[b]):
+        raise BudgetError("budget cannot be met")
+    choice = []
+    for s, k, arg in zip(reversed(scores), reversed(costs), reversed(picks)):
+        c = int(arg[b])
+        choice.append(c)
+        b -= math.ceil(k[c] / unit - 1e-9)
+    return choice[::-1]
 
 
 def select_within_budget(
@@ -27,8 +58,10 @@ def select_within_budget(
     budget: float,
     fixed: float = 0.0,
     upgrades: Sequence[Sequence[int | None]] | None = None,
+    bins: int = 4000,
 ) -> list[int]:
-    """One candidate index per layer, total cost + ``fixed`` <= ``budget``, summed score maximal (approx.).
+    """One candidate index per layer with total cost + ``fixed`` <= ``budget`` and summed score maximal
+    (exactly, for costs rounded up to ``budget / bins``).
 
     Args:
         upgrades: per layer and candidate, a costlier candidate known to be at least as accurate
@@ -39,41 +72,9 @@ def select_within_budget(
         BudgetError: if even the cheapest candidate of every layer does not fit.
     """
     room = budget - fixed
-    cheapest = [min(range(len(k)), key=lambda c: k[c]) for k in costs]
-    if _total(cheapest, costs) > room + 1e-9:
+    if room <= 0 or sum(min(k) for k in costs) > room + 1e-9:
         raise BudgetError("budget cannot be met")
-    choice = _choose(scores, costs, 0.0)
-    if _total(choice, costs) > room:
-        lo, hi = 0.0, 1.0
-        while _total(_choose(scores, costs, hi), costs) > room:
-            hi *= 2.0
-            if hi > 1e30:
-                choice = cheapest
-                break
-        else:
-            for _ in range(100):
-                mid = (lo + hi) / 2
-                if _total(_choose(scores, costs, mid), costs) > room:
-                    lo = mid
-                else:
-                    hi = mid
-            choice = _choose(scores, costs, hi)
-    # greedy fill of the slack
-    while True:
-        slack = room - _total(choice, costs)
-        best, best_gain = None, 0.0
-        for layer, (s, k) in enumerate(zip(scores, costs)):
-            cur = choice[layer]
-            for c in range(len(s)):
-                extra = k[c] - k[cur]
-                gain = s[c] - s[cur]
-                if gain > 0 and extra <= slack:
-                    ratio = gain / max(extra, 1e-12)
-                    if best is None or ratio > best_gain:
-                        best, best_gain = (layer, c), ratio
-        if best is None:
-            break
-        choice[best[0]] = best[1]
+    choice = _knapsack(scores, costs, room, bins)
     if upgrades is None:
         return choice
     while True:
