@@ -87,3 +87,34 @@ def test_search_subset_is_fixed_by_seed_and_kept_apart(tiny_fmnist):
     assert not set(ip.tolist()) & set(ia.tolist())
     with pytest.raises(DataError, match="only"):
         search_subset(data.train, 10_000, seed=0)
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (300 + 20 * i, 260), color).save(tmp_path / split / cls / f"{i}.jpg")
+    data = load_data(f"imagefolder:{tmp_path}")
+    assert data.num_classes == 2 and data.input_shape == (3, 224, 224) and len(data.train) == 4
+    x, y = data.test[3]
+    assert x.shape == (3, 224, 224) and y == 1
+    assert x[2].mean() > 1.5 and x[0].mean() < -1.5  # blue image, ImageNet-normalised
+    with pytest.raises(DataError, match="needs"):
+        load_data(f"imagefolder:{tmp_path}/train")
+
+
+def test_torchvision_spec_without_torchvision_is_a_clear_error():
+    from svdnas.errors import SpecError
+    from svdnas.models import build_model
+
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        with pytest.raises(SpecError, match="needs an importable torchvision"):
+            build_model("torchvision:resnet18")
+    else:
+        model, _ = build_model("torchvision:resnet18")
+        assert sum(p.numel() for p in model.parameters()) == 11_689_512
