@@ -100,6 +100,10 @@ def test_compress_command_line(trained_tiny, tiny_fmnist, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["flops"]["reduction"] >= 0.49
+    for name in ("report.md", "layers.png", "history.png"):  # compress writes the report at the end
+        assert (out / name).stat().st_size > 0
+    table = (out / "report.md").read_text()
+    assert "`body.0`" in table and "`body.4`" in table and "left alone: `body.3`" in table
     again = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     both = subprocess.run(args + ["--beta", "4", "--overwrite"], capture_output=True, text=True, timeout=300)

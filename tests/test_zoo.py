@@ -51,3 +51,29 @@ def test_shipped_weights_load(name):
         pytest.skip(f"{name} weights not trained yet")
     model, info = build_model(f"zoo:{name}")
     assert info.weights is not None and not model.training
+
+
+FLOORS = {"resnet18": 92.0, "mobilenetv2": 91.0, "efficientnet_b0": 91.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FLOORS))
+def test_eval_command_meets_the_accuracy_floor(name):
+    import json
+    import subprocess
+    import sys
+
+    from svdnas.data import fmnist_dir
+    from svdnas.errors import DataError
+
+    if weights_path(name) is None:
+        pytest.skip(f"{name} weights not trained yet")
+    try:
+        fmnist_dir()
+    except DataError:
+        pytest.skip("Fashion-MNIST is not installed")
+    r = subprocess.run([sys.executable, "-m", "svdnas", "eval", f"zoo:{name}", "--data", "fmnist", "--json", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["top1"] >= FLOORS[name]

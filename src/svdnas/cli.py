@@ -183,6 +183,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     r = result.report
     print(f"{info.spec}: FLOPs -{100 * r['flops']['reduction']:.2f}%  params -{100 * r['params']['reduction']:.2f}%")
     print(f"top-1 {r['top1']['original']:.2f}% -> {r['top1']['compressed']:.2f}% (drop {r['top1']['drop_pp']:.2f}pp)")
+    _write_report_quietly(args.out)
     print(f"search {r['seconds']['search']:.1f}s, total {r['seconds']['total']:.1f}s; run directory {args.out}")
     return 0
 
@@ -204,8 +205,23 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         args.objective, args.search_images, device, args.seed, args.out, info.spec,
     )
     print(f"{args.method} ({r['split']}) on {info.spec}: FLOPs -{100 * r['flops']['reduction']:.2f}%  params -{100 * r['params']['reduction']:.2f}%")
+    _write_report_quietly(args.out)
     print(f"top-1 {r['top1']['original']:.2f}% -> {r['top1']['compressed']:.2f}% (drop {r['top1']['drop_pp']:.2f}pp); run directory {args.out}")
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from svdnas.plots import write_report
+
+    for path in write_report(args.dir):
+        print(path)
+    return 0
+
+
+def _write_report_quietly(out: str) -> None:
+    from svdnas.plots import write_report
+
+    write_report(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _common(p)
     p.set_defaults(func=cmd_baseline)
+
+    p = sub.add_parser("report", help="report.md and PNG plots of a run directory")
+    p.add_argument("dir")
+    _common(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("space", help="size of the LR-space of each target layer")
     _model_args(p)

@@ -1,0 +1,120 @@
+"""``svdnas report DIR``: a markdown table and PNG plots of a run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from svdnas.errors import SpecError
+from svdnas.rundir import atomic_write_bytes
+
+
+def _branch_text(branches: list[dict[str, Any]]) -> str:
+    if not branches:
+        return "kept"
+    parts = []
+    for b in branches:
+        g1, g2 = b["groups"]
+        groups = f"g{g1} first" if g1 > 1 else (f"g{g2} second" if g2 > 1 else "no groups")
+        parts.append(f"{b['first_kernel'][0]}x{b['first_kernel'][1]} first, {groups}, rank {b['rank']}")
+    return " + ".join(parts)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The run's summary and per-layer plan as markdown."""
+    lines = [f"# {report['method']} on {report['model']}", ""]
+    f, p = report["flops"], report["params"]
+    lines.append(f"- FLOPs: {f['original'] / 1e6:.2f} M -> {f['compressed'] / 1e6:.2f} M (-{100 * f['reduction']:.2f}%)")
+    lines.append(f"- params: {p['original'] / 1e6:.3f} M -> {p['compressed'] / 1e6:.3f} M (-{100 * p['reduction']:.2f}%)")
+    if report.get("top1"):
+        t = report["top1"]
+        lines.append(f"- top-1: {t['original']:.2f}% -> {t['compressed']:.2f}% (drop {t['drop_pp']:.2f}pp)")
+    if report.get("seconds"):
+        lines.append("- seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
+    lines += ["", "| layer | input | weight | plan | MFLOPs before | MFLOPs after |", "| --- | --- | --- | --- | ---: | ---: |"]
+    for layer in report.get("layers", []):
+        hw = "x".join(map(str, layer["input_hw"]))
+        w = "x".join(map(str, layer["weight_shape"]))
+        lines.append(
+            f"| `{layer['name']}` | {hw} | {w} | {_branch_text(layer['branches'])} | "
+            f"{layer['flops'][0] / 1e6:.2f} | {layer['flops'][1] / 1e6:.2f} |"
+        )
+    if report.get("skipped"):
+        lines.append("")
+        lines += [f"- left alone: `{s['name']}`: {s['reason']}" for s in report["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_report(directory: str | Path) -> list[Path]:
+    """Write report.md, layers.png and (after a search) history.png into ``directory``."""
+    d = Path(directory)
+    path = d / "report.json"
+    if not path.is_file():
+        raise SpecError(f"{d} holds no report.json: not a finished run directory")
+    report = json.loads(path.read_text())
+    written = [d / "report.md"]
+    atomic_write_bytes(written[0], markdown(report).encode())
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    layers = report.get("layers", [])
+    if layers:
+        fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers)), 4.5))
+        xs = range(len(layers))
+        before = [layer["flops"][0] / 1e6 for layer in layers]
+        after = [layer["flops"][1] / 1e6 for layer in layers]
+        ax.bar(xs, before, color="#cccccc", label="original")
+        colors = ["#4477aa" if layer["branches"] else "#aa3377" for layer in layers]
+        ax.bar(xs, after, color=colors, width=0.6, label="compressed (purple: kept)")
+        for x, layer, a in zip(xs, layers, after):
+            if layer["branches"]:
+                b = layer["branches"][0]
+                ax.text(x, a, f"{b['first_kernel'][0]}x{b['first_kernel'][1]} r{b['rank']}" + (f" g{max(b['groups'])}" if max(b["groups"]) > 1 else ""),
+                        rotation=90, ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([layer["name"] for layer in layers], rotation=70, ha="right", fontsize=6)
+        ax.set_ylabel("MFLOPs")
+        f = report["flops"]
+        acc = f", top-1 drop {report['top1']['drop_pp']:.2f}pp" if report.get("top1") else ""
+        ax.set_title(f"{report['method']}: FLOPs -{100 * f['reduction']:.1f}%{acc}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        _save(fig, d / "layers.png")
+        plt.close(fig)
+        written.append(d / "layers.png")
+    hist_path = d / "history.json"
+    if hist_path.is_file():
+        h = json.loads(hist_path.read_text())
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+        axes[0].plot(h["epoch"], h["ce"], label="cross-entropy")
+        axes[0].plot(h["epoch"], h["loss"], label="loss")
+        axes[0].legend(fontsize=7)
+        axes[1].plot(h["epoch"], h["expected_cost_ratio"])
+        if report.get("reduction_target") is not None:
+            axes[1].axhline(1 - report["reduction_target"], color="gray", ls="--", label="target")
+            axes[1].legend(fontsize=7)
+        axes[1].set_title("expected cost / original", fontsize=9)
+        axes[2].plot(h["epoch"], h["temperature"], label="temperature")
+        axes[2].plot(h["epoch"], h["multiplier"], label="budget multiplier")
+        axes[2].legend(fontsize=7)
+        for ax in axes:
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        _save(fig, d / "history.png")
+        plt.close(fig)
+        written.append(d / "history.png")
+    return written
