@@ -112,3 +112,22 @@ def test_compress_command_line(trained_tiny, tiny_fmnist, tmp_path):
                         capture_output=True, text=True, timeout=300)
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout.strip().splitlines()[-1])["top1"] == pytest.approx(report["top1"]["compressed"])
+
+
+def test_two_branches(trained_tiny, tmp_path):
+    model, data = trained_tiny
+    result = compress(model, data, _config(reduction=0.4, branches=2), filter_fn="convs", out=tmp_path)
+    r = result.report
+    assert set(r["branches"]) == {"b1", "b2"}
+    assert r["branches"]["b1"]["flops"]["reduction"] >= 0.39 and r["flops"]["reduction"] >= 0.39
+    assert any(len(specs) == 2 for specs in result.plan.layers.values())
+    for name, specs in result.plan.layers.items():
+        if len(specs) == 2:  # the first branch gave up rank, unless it had none to give
+            b1 = r["branches"]["b1"]["plan"]["layers"]
+            first = next(layer["branches"][0] for layer in b1 if layer["name"] == name)
+            assert specs[0].rank < first["rank"] or first["rank"] == 1
+    loaded = svdnas.load(str(tmp_path), base_model=TinyNet())
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.allclose(loaded(x), result.model(x), atol=1e-6)
+    hist = json.loads((tmp_path / "history.json").read_text())
+    assert set(hist) == {"b1", "b2"} and len(hist["b2"]["epoch"]) == 1  # half the first search's 3 epochs

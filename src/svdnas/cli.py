@@ -149,8 +149,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise SvdnasError("give --reduction R (share of the cost to remove) or --beta X")
     if args.mode != "post-training":
         raise SvdnasError(f"--mode {args.mode} is not available yet; use --mode post-training")
-    if args.branches != 1:
-        raise SvdnasError("--branches 2 is not available yet")
     device = _device(args.device)
     model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
     data = load_data(args.data)
@@ -163,7 +161,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = CompressConfig(
         reduction=args.reduction, beta=args.beta, objective=args.objective, filter=args.filter or info.default_filter,
         grid=_grid(args.grid), max_groups=None if args.max_groups == 0 else args.max_groups,
-        search_images=args.search_images, families=args.families, search=search,
+        search_images=args.search_images, families=args.families, branches=args.branches, search=search,
     )
     _prepare_out(args.out, args.overwrite)
     from tqdm import tqdm
@@ -183,6 +181,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     r = result.report
     print(f"{info.spec}: FLOPs -{100 * r['flops']['reduction']:.2f}%  params -{100 * r['params']['reduction']:.2f}%")
     print(f"top-1 {r['top1']['original']:.2f}% -> {r['top1']['compressed']:.2f}% (drop {r['top1']['drop_pp']:.2f}pp)")
+    if "branches" in r:
+        for b in ("b1", "b2"):
+            x = r["branches"][b]
+            print(f"  {b.upper()}: FLOPs -{100 * x['flops']['reduction']:.2f}%  top-1 drop {x['top1']['drop_pp']:.2f}pp")
     _write_report_quietly(args.out)
     print(f"search {r['seconds']['search']:.1f}s, total {r['seconds']['total']:.1f}s; run directory {args.out}")
     return 0

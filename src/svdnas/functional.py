@@ -114,3 +114,12 @@ def _prod(xs: torch.Size | tuple[int, ...]) -> int:
     for x in xs:
         out *= x
     return out
+
+
+def branches_weight(weight: Tensor, specs) -> Tensor:
+    """Dense weight of residual branches ``specs`` of ``weight``: each approximates what the ones before left."""
+    out = torch.zeros_like(weight)
+    for spec in specs:
+        f = svd(weight - out, spec.first_kernel, spec.groups)
+        out = out + reconstruct(f, spec.rank, weight.shape, spec.family())
+    return out

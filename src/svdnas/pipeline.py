@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,14 +14,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdnas.cost import count_params, model_macs
+from svdnas.cost import count_params, layer_cost, model_macs
 from svdnas.data import DataBundle, search_subset
 from svdnas.errors import BudgetError, SpecError
+from svdnas.evaluate import evaluate
 from svdnas.plan import Plan
-from svdnas.runreport import build_report, write_run
-from svdnas.search import MixedLayer, SearchConfig, fraction_grid, grid_candidates, search, select_within_budget
+from svdnas.runreport import accuracy_block, build_report, write_run
+from svdnas.search import (
+    MixedLayer,
+    SearchConfig,
+    SearchHistory,
+    fraction_grid,
+    grid_candidates,
+    search,
+    select_within_budget,
+)
 from svdnas.search.candidates import LayerCandidates
 from svdnas.search.proxy import capture_inputs, keep_families, output_errors
+from svdnas.spec import LowRankSpec
 from svdnas.surgery import FilterFn, apply_plan, example_input, select_targets, set_submodule, trace_layers
 
 log = logging.getLogger(__name__)
@@ -42,6 +53,7 @@ class CompressConfig:
         families: families (split and grouping) kept per layer by the output-error proxy (0: all).
         search_images: labelled training images the logits learn on.
         proxy_images: further training images, apart from the search images, for the proxy.
+        branches: 1, or 2 for the residual extension (a second search over the first's residual).
         search: the search loop's settings (its ``target``/``beta`` are filled in from above).
     """
 
@@ -54,6 +66,7 @@ class CompressConfig:
     families: int = 4
     search_images: int = 1000
     proxy_images: int = 256
+    branches: int = 1
     search: SearchConfig | None = None
 
     def __post_init__(self) -> None:
@@ -63,6 +76,8 @@ class CompressConfig:
             raise SpecError(f"--reduction must be in (0, 1), got {self.reduction}")
         if self.objective not in OBJECTIVES:
             raise SpecError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.branches not in (1, 2):
+            raise SpecError(f"--branches must be 1 or 2, got {self.branches}")
         if self.search_images < 1:
             raise SpecError("--search-images must be positive")
 
@@ -101,6 +116,108 @@ def _check_budget(candidates: dict[str, LayerCandidates], config: CompressConfig
             f"grid goes reaches {1 - floor / total:.3f}; lower the reduction, widen --grid or target more layers"
         )
     return costs
+
+
+def _search_once(
+    model: nn.Module,
+    candidates: dict[str, LayerCandidates],
+    costs: dict[str, list[float]],
+    fixed: float,
+    total: float,
+    config: CompressConfig,
+    sconf: SearchConfig,
+    subset,
+    device,
+    seed: int,
+    progress,
+    seconds: dict[str, float],
+    prefix: str,
+) -> tuple[dict[str, list[LowRankSpec]], SearchHistory]:
+    """Build the super model over ``candidates``, learn its logits, pick one candidate per layer."""
+    t0 = time.perf_counter()
+    supernet = copy.deepcopy(model)
+    mixed: dict[str, MixedLayer] = {}
+    for name, cands in candidates.items():
+        mixed[name] = MixedLayer(supernet.get_submodule(name), cands, sconf.sampling).to(device)
+        set_submodule(supernet, name, mixed[name])
+    seconds[prefix + "build"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    steps = -(-len(subset) // sconf.batch_size)
+
+    def on_step(step: int, epoch: int) -> None:
+        if progress is not None:
+            progress(prefix + "search", epoch * steps + step + 1, sconf.epochs * steps)
+
+    # the search's cost terms see the layers outside this search at their current cost
+    history = search(supernet, mixed, subset, sconf, costs, total, device, seed, on_step, fixed=fixed)
+    seconds[prefix + "search"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    names = list(mixed)
+    scores = [mixed[n].theta.detach().cpu().tolist() for n in names]
+    cost_lists = [costs[n] for n in names]
+    if config.reduction is not None:
+        budget = (1 - config.reduction) * total
+        choice = select_within_budget(scores, cost_lists, budget, fixed, [candidates[n].next_rank() for n in names])
+    else:
+        choice = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    chosen = {n: (candidates[n].base if c == 0 else [*candidates[n].prefix, candidates[n].specs[c - 1]]) for n, c in zip(names, choice)}
+    seconds[prefix + "select"] = time.perf_counter() - t0
+    return chosen, history
+
+
+def _second_branch_candidates(
+    model: nn.Module, infos, plan: Plan, costs: dict[str, list[float]], total: float, config: CompressConfig
+) -> tuple[dict[str, LayerCandidates], float]:
+    """Candidates of the second search: each compressed layer's first branch loses the ranks worth
+    20% of the original layer's cost (at least one), and second branches over its residual fill
+    between 5% and min(1 - first branch's share, 40%) of the original cost. Returns them and the
+    cost of everything outside the second search."""
+    cands2: dict[str, LayerCandidates] = {}
+    outside = total - sum(c[0] for c in costs.values())
+    for name, specs in plan.layers.items():
+        layer = model.get_submodule(name)
+        hw = infos[name].input_hw
+        pick = (lambda mp: mp[1]) if config.objective == "params" else (lambda mp: mp[0])
+        cost0 = pick(layer_cost(layer, hw))
+        if not specs:
+            outside += cost0 if name in costs else 0.0
+            continue
+        b1 = specs[0]
+        unit = pick(layer_cost(layer, hw, [b1.with_rank(2)])) - pick(layer_cost(layer, hw, [b1.with_rank(1)])) if b1.rank > 1 else pick(layer_cost(layer, hw, [b1]))
+        withdraw = max(1, math.ceil(0.2 * cost0 / max(unit, 1)))
+        relaxed = b1.with_rank(max(1, b1.rank - withdraw))
+        share = pick(layer_cost(layer, hw, [relaxed])) / cost0
+        top = min(1 - share, 0.40)
+        if top < 0.05:
+            outside += pick(layer_cost(layer, hw, [b1]))
+            continue
+        fractions = fraction_grid(0.05, math.floor(top / 0.05 + 1e-9) * 0.05)
+        cands = _limit_groups(grid_candidates(name, layer, hw, fractions, config.objective, prefix=[relaxed]), config.max_groups)
+        if cands.specs:
+            # index 0 is the first branch as the first search left it, not the original layer
+            cands.base = [b1]
+            cands.macs[0], cands.params[0] = layer_cost(layer, hw, [b1])
+            cands2[name] = cands
+        else:
+            outside += pick(layer_cost(layer, hw, [b1]))
+    return cands2, outside
+
+
+def _summary(original: nn.Module, compressed: nn.Module, data, shape, device, plan: Plan) -> dict[str, Any]:
+    macs0, macs1 = model_macs(original, shape), model_macs(compressed, shape)
+    p0, p1 = count_params(original), count_params(compressed)
+    out: dict[str, Any] = {
+        "flops": {"original": 2 * macs0, "compressed": 2 * macs1, "reduction": 1 - macs1 / macs0},
+        "params": {"original": p0, "compressed": p1, "reduction": 1 - p1 / p0},
+        "plan": plan.to_dict(),
+    }
+    if data is not None:
+        a0, a1 = evaluate(original, data.test, device), evaluate(compressed, data.test, device)
+        out["top1"] = accuracy_block(a0, a1, "top1")
+        out["top5"] = accuracy_block(a0, a1, "top5")
+    return out
 
 
 def compress(
@@ -169,46 +286,29 @@ def compress(
     fixed = total - sum(c[0] for c in costs.values())
     log.info("%d target layers, %d candidates (grid %s..%s)", len(candidates), sum(len(c) - 1 for c in candidates.values()), fractions[0], fractions[-1])
 
-    # 3. super model
-    t0 = time.perf_counter()
-    supernet = copy.deepcopy(model)
-    mixed: dict[str, MixedLayer] = {}
+    # 3-5. super model, search, selection within the budget
     sconf = copy.deepcopy(config.search) or SearchConfig(target=0.5)
     sconf.target = None if config.beta is not None else 1 - config.reduction  # type: ignore[operator]
     sconf.beta = config.beta
     sconf.__post_init__()
-    for name, cands in candidates.items():
-        mixed[name] = MixedLayer(supernet.get_submodule(name), cands, sconf.sampling).to(device)
-        set_submodule(supernet, name, mixed[name])
-    seconds["build"] = time.perf_counter() - t0
-
-    # 4. search
-    t0 = time.perf_counter()
-    steps = -(-len(subset) // sconf.batch_size)
-
-    def on_step(step: int, epoch: int) -> None:
-        if progress is not None:
-            progress("search", epoch * steps + step + 1, sconf.epochs * steps)
-
-    history = search(supernet, mixed, subset, sconf, costs, total, device, seed, on_step)
-    seconds["search"] = time.perf_counter() - t0
-
-    # 5. selection within the budget
-    t0 = time.perf_counter()
-    names = list(mixed)
-    scores = [mixed[n].theta.detach().cpu().tolist() for n in names]
-    cost_lists = [costs[n] for n in names]
-    if config.reduction is not None:
-        budget = (1 - config.reduction) * total
-        choice = select_within_budget(scores, cost_lists, budget, fixed, [candidates[n].next_rank() for n in names])
-    else:
-        choice = [max(range(len(s)), key=s.__getitem__) for s in scores]
-    plan = Plan({n: ([] if c == 0 else [candidates[n].specs[c - 1]]) for n, c in zip(names, choice)})
-    for n in targets:
-        plan.layers.setdefault(n, [])
-    plan = Plan({n: plan.layers[n] for n in targets})
+    chosen, history = _search_once(model, candidates, costs, fixed, total, config, sconf, subset, device, seed, progress, seconds, "")
+    plan = Plan({n: chosen.get(n, []) for n in targets})
+    branch_reports: dict[str, Any] = {}
+    if config.branches == 2:
+        t0 = time.perf_counter()
+        compressed_b1 = apply_plan(copy.deepcopy(model), plan)
+        branch_reports["b1"] = _summary(model, compressed_b1, data, shape, device, plan)
+        cands2, fixed2 = _second_branch_candidates(model, infos, plan, costs, total, config)
+        seconds["b1_evaluate"] = time.perf_counter() - t0
+        if cands2:
+            sconf2 = copy.deepcopy(sconf)
+            sconf2.epochs = max(1, sconf.epochs // 2)  # the paper: 50 epochs for the second branch, 100 for the first
+            costs2 = {n: c.cost(config.objective) for n, c in cands2.items()}
+            chosen2, history2 = _search_once(model, cands2, costs2, fixed2, total, config, sconf2, subset, device, seed + 1, progress, seconds, "b2_")
+            for n, specs in chosen2.items():
+                plan.layers[n] = specs
+            history = {"b1": history, "b2": history2}
     compressed = apply_plan(copy.deepcopy(model), plan)
-    seconds["select"] = time.perf_counter() - t0
 
     # 6. evaluation and report
     t0 = time.perf_counter()
@@ -228,9 +328,13 @@ def compress(
         "proxy_images": len(proxy_set) if config.families > 0 else 0, "proxy_split": "train, apart from the search images",
         "evaluation_images": len(data.test), "evaluation_split": "test",
     }
-    report["search"] = {"config": asdict(sconf), "grid": fractions, "candidates": sum(len(c) - 1 for c in candidates.values())}
+    report["search"] = {"config": asdict(sconf), "grid": fractions, "candidates": sum(len(c) - 1 for c in candidates.values()), "branches": config.branches}
     report["skipped"] = [{"name": n, "reason": r} for n, r in skipped.items()]
-    result = CompressResult(compressed, plan, report, history.to_dict())
+    if branch_reports:
+        branch_reports["b2"] = {k: report[k] for k in ("flops", "params", "top1", "top5")}
+        report["branches"] = branch_reports
+    hist = {k: v.to_dict() for k, v in history.items()} if isinstance(history, dict) else history.to_dict()
+    result = CompressResult(compressed, plan, report, hist)
     if out is not None:
-        write_run(out, compressed, plan, model_spec, shape, report, history=history.to_dict())
+        write_run(out, compressed, plan, model_spec, shape, report, history=hist)
     return result

@@ -98,17 +98,23 @@ def write_report(directory: str | Path) -> list[Path]:
     hist_path = d / "history.json"
     if hist_path.is_file():
         h = json.loads(hist_path.read_text())
+        runs = {"B1": h["b1"], "B2": h["b2"]} if "b1" in h else {"": h}
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-        axes[0].plot(h["epoch"], h["ce"], label="cross-entropy")
-        axes[0].plot(h["epoch"], h["loss"], label="loss")
+        offset = 0
+        for label, run in runs.items():
+            epochs = [offset + e for e in run["epoch"]]
+            tag = f"{label} " if label else ""
+            axes[0].plot(epochs, run["ce"], label=f"{tag}cross-entropy")
+            axes[0].plot(epochs, run["loss"], label=f"{tag}loss")
+            axes[1].plot(epochs, run["expected_cost_ratio"], label=f"{tag}expected")
+            axes[2].plot(epochs, run["temperature"], label=f"{tag}temperature")
+            axes[2].plot(epochs, run["multiplier"], label=f"{tag}budget multiplier")
+            offset = epochs[-1] if epochs else offset
         axes[0].legend(fontsize=7)
-        axes[1].plot(h["epoch"], h["expected_cost_ratio"])
         if report.get("reduction_target") is not None:
             axes[1].axhline(1 - report["reduction_target"], color="gray", ls="--", label="target")
-            axes[1].legend(fontsize=7)
+        axes[1].legend(fontsize=7)
         axes[1].set_title("expected cost / original", fontsize=9)
-        axes[2].plot(h["epoch"], h["temperature"], label="temperature")
-        axes[2].plot(h["epoch"], h["multiplier"], label="budget multiplier")
         axes[2].legend(fontsize=7)
         for ax in axes:
             ax.set_xlabel("epoch")

@@ -26,6 +26,8 @@ class LayerCandidates:
             second search of the residual extension).
         macs, params: per candidate, original first.
         prefix: branches fixed before this search (empty for the first branch).
+        base: what index 0 stands for: empty for the original layer, else branches (the second
+            search's "keep the first branch as it was").
     """
 
     name: str
@@ -34,6 +36,7 @@ class LayerCandidates:
     macs: list[int]
     params: list[int]
     prefix: list[LowRankSpec] = field(default_factory=list)
+    base: list[LowRankSpec] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.specs) + 1
@@ -46,7 +49,7 @@ class LayerCandidates:
         idx = [i for i, s in enumerate(self.specs) if keep(s)]
         return LayerCandidates(
             self.name, self.input_hw, [self.specs[i] for i in idx], [self.macs[0]] + [self.macs[i + 1] for i in idx],
-            [self.params[0]] + [self.params[i + 1] for i in idx], self.prefix,
+            [self.params[0]] + [self.params[i + 1] for i in idx], self.prefix, self.base,
         )
 
     def next_rank(self) -> list[int | None]:

@@ -95,13 +95,15 @@ def search(
     device: torch.device | str = "cpu",
     seed: int = 0,
     on_step: Callable[[int, int], None] | None = None,
+    fixed: float | None = None,
 ) -> SearchHistory:
     """Learn the logits of ``layers`` (already swapped into ``model``) on ``data``.
 
     Args:
         costs: per layer, the cost of each candidate (original first) on the objective.
         total_cost: the original model's whole cost on the objective (F0).
-        on_step: called with (step, steps per epoch) after every step, for progress bars.
+        on_step: called with (step, epoch) after every step, for progress bars.
+        fixed: cost of everything outside ``layers`` (default: F0 minus the layers' original costs).
     """
     model.eval()  # BatchNorm statistics stay those of the pre-trained model
     for p in model.parameters():
@@ -111,7 +113,9 @@ def search(
         t.requires_grad_(True)
     opt = torch.optim.Adam(thetas, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     cost_t = {n: torch.tensor(c, device=device) / total_cost for n, c in costs.items()}
-    fixed = (total_cost - sum(c[0] for c in costs.values())) / total_cost
+    if fixed is None:
+        fixed = total_cost - sum(c[0] for c in costs.values())
+    fixed = fixed / total_cost
     generator = torch.Generator().manual_seed(seed)
     history = SearchHistory()
     multiplier = 0.0

@@ -83,12 +83,11 @@ class MixedLayer(nn.Module):
         weight = layer.weight.detach()
         if isinstance(layer, nn.Linear):
             weight = weight[:, :, None, None]
-        self.register_buffer("weight", weight, persistent=False)
-        prefix = torch.zeros_like(weight)
-        for spec in candidates.prefix:  # fixed earlier branches: candidates approximate what they left
-            f = LF.svd(weight - prefix, *spec.family())
-            prefix = prefix + LF.reconstruct(f, spec.rank, weight.shape, spec.family())
+        # fixed earlier branches: candidates approximate what they left
+        prefix = LF.branches_weight(weight, candidates.prefix)
         self.register_buffer("prefix", prefix, persistent=False)
+        # index 0: the original layer, or the branches it stands for in a second search
+        self.register_buffer("weight", LF.branches_weight(weight, candidates.base) if candidates.base else weight, persistent=False)
         self.has_prefix = bool(candidates.prefix)
         groups: dict = {}
         for i, spec in enumerate(candidates.specs, start=1):
