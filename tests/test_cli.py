@@ -71,3 +71,19 @@ def test_space_command_counts(module_spec):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert [row["name"] for row in out["layers"]] == ["body.0", "body.4"]
     assert "body.3" in out["skipped"]
+
+
+def test_config_file_flags_override_and_resolved_config_is_saved(module_spec, tiny_fmnist, tmp_path):
+    spec, weights = module_spec
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: fmnist:{tiny_fmnist}\nreduction: 0.4\nepochs: 1\nsearch-images: 100\nfilter: convs\nout: {tmp_path / 'run'}\n")
+    r = run("compress", spec, "--weights", str(weights), "--config", str(cfg), "--epochs", "2", "--device", "cpu", "--quiet")
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["epochs"] == 2 and saved["reduction"] == 0.4 and saved["search_images"] == 100
+    assert len(json.loads((tmp_path / "run" / "history.json").read_text())["epoch"]) == 2
+    cfg.write_text("bogus: 1\n")
+    r = run("compress", spec, "--config", str(cfg))
+    assert r.returncode == 2 and "unknown option(s) for compress: bogus" in r.stderr
+    r = run("compress", spec, "--reduction", "0.5")
+    assert r.returncode == 2 and "needs --data, --out" in r.stderr

@@ -26,6 +26,7 @@ def _device(name: str | None) -> torch.device:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML (or JSON) file of this command's options; flags override it")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -67,6 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from svdnas.evaluate import evaluate
     from svdnas.models import build_model
 
+    _need(args, "data")
     device = _device(args.device)
     model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
     data = load_data(args.data)
@@ -137,12 +139,28 @@ def _prepare_out(out: str, overwrite: bool) -> None:
     d.mkdir(parents=True, exist_ok=True)
 
 
+def _need(args: argparse.Namespace, *names: str) -> None:
+    """Options that a command needs, from the command line or --config."""
+    missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is None]
+    if missing:
+        raise SvdnasError(f"{args.command} needs {', '.join(missing)} (on the command line or in --config)")
+
+
+def _save_config(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from svdnas.rundir import atomic_write_json
+
+    atomic_write_json(Path(args.out) / "config.json", resolved_config(args))
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from svdnas.data import load_data
     from svdnas.models import build_model
     from svdnas.pipeline import CompressConfig, compress
     from svdnas.search import SearchConfig
 
+    _need(args, "data", "out")
     if args.reduction is not None and args.beta is not None:
         raise SvdnasError("give --reduction or --beta, not both")
     if args.reduction is None and args.beta is None:
@@ -164,6 +182,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         search_images=args.search_images, families=args.families, branches=args.branches, search=search,
     )
     _prepare_out(args.out, args.overwrite)
+    _save_config(args)
     from tqdm import tqdm
 
     bar = tqdm(total=0, desc="search", unit="step", disable=args.quiet or not sys.stdout.isatty(), dynamic_ncols=True)
@@ -195,13 +214,15 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from svdnas.data import load_data
     from svdnas.models import build_model
 
+    _need(args, "data", "reduction", "out")
     device = _device(args.device)
-    model, info = build_model(args.model, args.weights)
+    model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
     data = load_data(args.data)
     if data is None:
         raise SvdnasError("baselines need real data: --data none has no labelled images")
     shape = _input_shape(args, info, data)
     _prepare_out(args.out, args.overwrite)
+    _save_config(args)
     _, _, r = run_baseline(
         args.method, model, data, args.reduction, shape, args.filter or info.default_filter, args.split,
         args.objective, args.search_images, device, args.seed, args.out, info.spec,
@@ -235,17 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="top-1, top-5, FLOPs and params of a model")
     _model_args(p)
-    p.add_argument("--data", required=True, help="fmnist, fmnist:DIR or imagefolder:DIR")
+    p.add_argument("--data", default=None, help="fmnist, fmnist:DIR or imagefolder:DIR")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     _common(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compress", help="the SVD-NAS pipeline: search, derive, evaluate, write a run directory")
     _model_args(p)
-    p.add_argument("--data", required=True, help="fmnist, fmnist:DIR, imagefolder:DIR (none: data-free only)")
+    p.add_argument("--data", default=None, help="fmnist, fmnist:DIR, imagefolder:DIR (none: data-free only)")
     p.add_argument("--reduction", type=float, default=None, help="share of the original cost to remove, 0 < R < 1")
     p.add_argument("--beta", type=float, default=None, help="the paper's fixed trade-off instead of --reduction")
-    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--out", default=None, help="run directory to write")
     p.add_argument("--mode", default="post-training", choices=["post-training", "synthetic", "few-shot", "full", "data-free"])
     p.add_argument("--objective", default="flops", choices=["flops", "params", "latency"])
     p.add_argument("--branches", type=int, default=1, choices=[1, 2])
@@ -265,9 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="a published competitor at the same budget, same outputs as compress")
     p.add_argument("method", choices=["uniform", "energy", "lrs2"])
     _model_args(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--reduction", type=float, required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", default=None)
+    p.add_argument("--reduction", type=float, default=None)
+    p.add_argument("--out", default=None)
     p.add_argument("--objective", default="flops", choices=["flops", "params"])
     p.add_argument("--split", default="kx1", help="kxk, 1x1, kx1, 1xk (what the first layer holds) or best")
     p.add_argument("--filter", default=None)
@@ -290,14 +311,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_config(path: str) -> dict:
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    try:
+        import yaml
+
+        data = yaml.safe_load(text)
+    except ImportError:
+        data = json.loads(text)
+    except yaml.YAMLError as e:  # type: ignore[name-defined]
+        raise SvdnasError(f"--config {path} is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SvdnasError(f"--config {path} must hold a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _apply_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None, args: argparse.Namespace) -> argparse.Namespace:
+    """Re-parse with the config file's values as defaults, so that flags given still win."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    values = _load_config(args.config)
+    known = {a.dest for a in sub._actions}
+    unknown = sorted(set(values) - known - {"command", "config"})
+    if unknown:
+        raise SvdnasError(f"--config {args.config}: unknown option(s) for {args.command}: {', '.join(unknown)}")
+    positional = {a.dest for a in sub._actions if not a.option_strings}
+    sub.set_defaults(**{k: v for k, v in values.items() if k not in positional})
+    return parser.parse_args(argv)
+
+
+def resolved_config(args: argparse.Namespace) -> dict:
+    """The options a command ran with (for the run directory)."""
+    return {k: v for k, v in vars(args).items() if k not in ("func",)}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    torch.manual_seed(args.seed)
     try:
+        if getattr(args, "config", None):
+            args = _apply_config(parser, argv, args)
+        torch.manual_seed(args.seed)
         return args.func(args)
-    except (SvdnasError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+    except (SvdnasError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
