@@ -247,6 +247,37 @@ def _write_report_quietly(out: str) -> None:
     write_report(out)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from svdnas.export import export_onnx
+    from svdnas.models import build_model
+
+    _need(args, "onnx")
+    model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
+    shape = _input_shape(args, info, None)
+    result = export_onnx(model, shape, args.onnx, opset=args.opset)
+    print(f"wrote {result['path']} (opset {result['opset']}); ONNX Runtime vs PyTorch max abs difference {result['max_abs_diff']:.2e}")
+    return 0
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    from svdnas.latency import onnx_latency, torch_latency
+    from svdnas.models import build_model
+
+    model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
+    shape = _input_shape(args, info, None)
+    kw = {"batch": args.batch, "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats}
+    result = {"model": info.spec, "batch": args.batch, "threads": args.threads or torch.get_num_threads(), "pytorch": torch_latency(model, shape, **kw)}
+    if args.onnx:
+        result["onnxruntime"] = onnx_latency(model, shape, **kw)
+    for engine in ("pytorch", "onnxruntime"):
+        if engine in result and not args.json:
+            r = result[engine]
+            print(f"{engine:12s} median {r['median_ms']:.3f} ms  (p10 {r['p10_ms']:.3f}, p90 {r['p90_ms']:.3f}; {r['repeats']} runs, batch {args.batch})")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from svdnas import __version__
 
@@ -301,6 +332,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     _common(p)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="ONNX export, checked in ONNX Runtime against PyTorch")
+    _model_args(p)
+    p.add_argument("--onnx", default=None, help="file to write")
+    p.add_argument("--opset", type=int, default=17)
+    _common(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("latency", help="measured inference latency (median of repeated runs)")
+    _model_args(p)
+    p.add_argument("--onnx", action="store_true", help="also measure ONNX Runtime")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--json", action="store_true")
+    _common(p)
+    p.set_defaults(func=cmd_latency)
 
     p = sub.add_parser("space", help="size of the LR-space of each target layer")
     _model_args(p)

@@ -29,8 +29,9 @@ def build_report(
     data: DataBundle | None,
     device: torch.device | str,
     header: dict[str, Any],
+    latency: bool = True,
 ) -> dict[str, Any]:
-    """Costs, accuracies (whole test split) and the per-layer plan; ``header`` goes first."""
+    """Costs, accuracies (whole test split), measured latency and the per-layer plan; ``header`` goes first."""
     macs0, macs1 = model_macs(original, shape), model_macs(compressed, shape)
     params0, params1 = count_params(original), count_params(compressed)
     report: dict[str, Any] = dict(header)
@@ -42,6 +43,16 @@ def build_report(
         report["top5"] = accuracy_block(acc0, acc1, "top5")
     else:
         report["top1"] = report["top5"] = None
+    if latency:
+        from svdnas.latency import torch_latency
+
+        # interleaved, so that load on a shared machine hits both alike
+        runs = [torch_latency(m, shape, repeats=10, warmup=3)["median_ms"] for _ in range(3) for m in (original, compressed)]
+        before, after = sorted(runs[0::2])[1], sorted(runs[1::2])[1]
+        report["latency"] = {
+            "engine": "pytorch", "device": "cpu", "batch": 1, "threads": torch.get_num_threads(),
+            "original_ms": before, "compressed_ms": after, "reduction": 1 - after / before,
+        }
     layers = []
     for name, specs in plan.layers.items():
         layer = original.get_submodule(name)

@@ -1,0 +1,56 @@
+"""Measured inference latency: warm-up, repeated runs, median and spread; PyTorch and ONNX Runtime."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def measure(fn: Callable[[], object], warmup: int = 5, repeats: int = 30) -> dict[str, float]:
+    """Run ``fn`` ``warmup`` times, then time ``repeats`` runs; milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1000 * (time.perf_counter() - t0))
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return {"median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1], "min_ms": min(times), "repeats": repeats}
+
+
+def torch_latency(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, threads: int | None = None, **kw: Any) -> dict[str, float]:
+    x = torch.randn(batch, *input_shape)
+    model = model.eval().cpu()
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            return measure(lambda: model(x), **kw)
+    finally:
+        torch.set_num_threads(old)
+
+
+def onnx_latency(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, threads: int | None = None, **kw: Any) -> dict[str, float]:
+    from svdnas.export import _require_onnx
+
+    _, ort = _require_onnx()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval().cpu(), (torch.randn(batch, *input_shape),), buf, dynamo=False, opset_version=17, input_names=["input"])
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+    x = torch.randn(batch, *input_shape).numpy()
+    return measure(lambda: session.run(None, {"input": x}), **kw)

@@ -1,0 +1,57 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from svdnas import LowRankSpec, Plan, apply_plan
+from svdnas.errors import SvdnasError
+from svdnas.export import export_onnx
+from svdnas.latency import measure, torch_latency
+from svdnas.rundir import save_run
+from svdnas.zoo import create_model
+
+pytest.importorskip("onnxruntime")
+
+
+def test_onnx_round_trip_of_a_compressed_model(tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = create_model("resnet18").eval()
+    plan = Plan({"layer1.0.conv1": [LowRankSpec((3, 1), (1, 1), 8), LowRankSpec((1, 3), (2, 1), 2)],
+                 "layer2.0.downsample.0": [LowRankSpec((1, 1), (1, 4), 4)], "fc": [LowRankSpec((1, 1), (1, 1), 5)]})
+    apply_plan(model, plan)
+    result = export_onnx(model, (1, 28, 28), tmp_path / "m.onnx")
+    assert result["max_abs_diff"] < 1e-4 and (tmp_path / "m.onnx").stat().st_size > 0
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 1, 28, 28)
+    assert abs(session.run(None, {"input": x.numpy()})[0] - model(x).detach().numpy()).max() < 1e-4
+
+
+def test_export_and_latency_commands(tmp_path):
+    model = create_model("mobilenetv2").eval()
+    plan = Plan({"features.2.conv.0.0": [LowRankSpec((1, 1), (1, 1), 4)]})
+    apply_plan(model, plan)
+    save_run(tmp_path / "run", model, plan, "zoo:mobilenetv2", (1, 28, 28))
+    r = subprocess.run([sys.executable, "-m", "svdnas", "export", str(tmp_path / "run"), "--onnx", str(tmp_path / "m.onnx")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "max abs difference" in r.stdout and (tmp_path / "m.onnx").is_file()
+    r = subprocess.run([sys.executable, "-m", "svdnas", "latency", str(tmp_path / "run"), "--onnx", "--repeats", "5", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["pytorch"]["median_ms"] > 0 and out["onnxruntime"]["median_ms"] > 0
+    assert out["pytorch"]["p10_ms"] <= out["pytorch"]["median_ms"] <= out["pytorch"]["p90_ms"]
+
+
+def test_measure_and_missing_onnx(monkeypatch):
+    calls = []
+    stats = measure(lambda: calls.append(1), warmup=2, repeats=7)
+    assert len(calls) == 9 and stats["repeats"] == 7 and stats["min_ms"] <= stats["median_ms"]
+    assert torch_latency(torch.nn.Linear(4, 2), (4,), repeats=3)["median_ms"] > 0
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(SvdnasError, match=r"pip install 'svdnas\[onnx\]'"):
+        export_onnx(torch.nn.Linear(4, 2), (4,), "/tmp/never.onnx")
