@@ -131,3 +131,32 @@ def test_two_branches(trained_tiny, tmp_path):
     assert torch.allclose(loaded(x), result.model(x), atol=1e-6)
     hist = json.loads((tmp_path / "history.json").read_text())
     assert set(hist) == {"b1", "b2"} and len(hist["b2"]["epoch"]) == 1  # half the first search's 3 epochs
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(trained_tiny, tiny_fmnist, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists() and shutil.which("torchrun") is None:
+        pytest.skip("torchrun not installed")
+    model, _ = trained_tiny
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    root = Path(__file__).parents[1]
+    factory = tmp_path / "factory.py"
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(root)!r})\nfrom tests.conftest import TinyNet\n\ndef make():\n    return TinyNet()\n")
+    common = ["compress", f"module:{factory}:make", "--weights", str(weights), "--data", f"fmnist:{tiny_fmnist}",
+              "--reduction", "0.5", "--epochs", "2", "--search-images", "256", "--filter", "convs", "--device", "cpu", "--quiet"]
+    launcher = [str(torchrun)] if torchrun.exists() else ["torchrun"]
+    r = subprocess.run([*launcher, "--nproc_per_node", "2", "--master_port", "29517", "-m", "svdnas", *common, "--out", str(tmp_path / "ddp")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("run directory") == 1  # only rank 0 prints and writes
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert report["data"]["processes"] == 2 and report["flops"]["reduction"] >= 0.49
+    single = subprocess.run([sys.executable, "-m", "svdnas", *common, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    # same seed: the processes draw the same noise and average their gradients, so the plans agree
+    assert (tmp_path / "ddp" / "plan.json").read_text() == (tmp_path / "one" / "plan.json").read_text()

@@ -167,7 +167,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise SvdnasError("give --reduction R (share of the cost to remove) or --beta X")
     if args.mode != "post-training":
         raise SvdnasError(f"--mode {args.mode} is not available yet; use --mode post-training")
+    from svdnas import distributed as ddp
+
     device = _device(args.device)
+    ddp.init(device)
     model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
     data = load_data(args.data)
     if data is None:
@@ -181,11 +184,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         grid=_grid(args.grid), max_groups=None if args.max_groups == 0 else args.max_groups,
         search_images=args.search_images, families=args.families, branches=args.branches, search=search,
     )
-    _prepare_out(args.out, args.overwrite)
-    _save_config(args)
+    if ddp.is_main():
+        _prepare_out(args.out, args.overwrite)
+        _save_config(args)
+    ddp.barrier()
     from tqdm import tqdm
 
-    bar = tqdm(total=0, desc="search", unit="step", disable=args.quiet or not sys.stdout.isatty(), dynamic_ncols=True)
+    bar = tqdm(total=0, desc="search", unit="step", disable=args.quiet or not sys.stdout.isatty() or not ddp.is_main(), dynamic_ncols=True)
 
     def progress(stage: str, done: int, total: int) -> None:
         bar.set_description(stage)
@@ -194,9 +199,17 @@ def cmd_compress(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        result = compress(model, data, config, shape, device=device, seed=args.seed, out=args.out, model_spec=info.spec, progress=progress)
+        result = compress(
+            model, data, config, shape, device=device, seed=args.seed, out=args.out if ddp.is_main() else None,
+            model_spec=info.spec, progress=progress,
+        )
     finally:
         bar.close()
+    main = ddp.is_main()
+    ddp.barrier()
+    ddp.shutdown()
+    if not main:
+        return 0
     r = result.report
     print(f"{info.spec}: FLOPs -{100 * r['flops']['reduction']:.2f}%  params -{100 * r['params']['reduction']:.2f}%")
     print(f"top-1 {r['top1']['original']:.2f}% -> {r['top1']['compressed']:.2f}% (drop {r['top1']['drop_pp']:.2f}pp)")

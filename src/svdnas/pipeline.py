@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from svdnas import distributed as ddp
 from svdnas.cost import count_params, layer_cost, model_macs
 from svdnas.data import DataBundle, search_subset
 from svdnas.errors import BudgetError, SpecError
@@ -296,8 +297,9 @@ def compress(
     branch_reports: dict[str, Any] = {}
     if config.branches == 2:
         t0 = time.perf_counter()
-        compressed_b1 = apply_plan(copy.deepcopy(model), plan)
-        branch_reports["b1"] = _summary(model, compressed_b1, data, shape, device, plan)
+        if ddp.is_main():
+            compressed_b1 = apply_plan(copy.deepcopy(model), plan)
+            branch_reports["b1"] = _summary(model, compressed_b1, data, shape, device, plan)
         cands2, fixed2 = _second_branch_candidates(model, infos, plan, costs, total, config)
         seconds["b1_evaluate"] = time.perf_counter() - t0
         if cands2:
@@ -309,6 +311,9 @@ def compress(
                 plan.layers[n] = specs
             history = {"b1": history, "b2": history2}
     compressed = apply_plan(copy.deepcopy(model), plan)
+    hist = {k: v.to_dict() for k, v in history.items()} if isinstance(history, dict) else history.to_dict()
+    if not ddp.is_main():  # under torchrun, rank 0 evaluates and writes
+        return CompressResult(compressed, plan, {}, hist)
 
     # 6. evaluation and report
     t0 = time.perf_counter()
@@ -326,6 +331,7 @@ def compress(
     report["data"] = {
         "spec": data.name, "search_images": len(subset), "search_split": "train (fixed subset drawn with --seed)",
         "proxy_images": len(proxy_set) if config.families > 0 else 0, "proxy_split": "train, apart from the search images",
+        "processes": ddp.world_size(),
         "evaluation_images": len(data.test), "evaluation_split": "test",
     }
     report["search"] = {"config": asdict(sconf), "grid": fractions, "candidates": sum(len(c) - 1 for c in candidates.values()), "branches": config.branches}
@@ -333,7 +339,6 @@ def compress(
     if branch_reports:
         branch_reports["b2"] = {k: report[k] for k in ("flops", "params", "top1", "top5")}
         report["branches"] = branch_reports
-    hist = {k: v.to_dict() for k, v in history.items()} if isinstance(history, dict) else history.to_dict()
     result = CompressResult(compressed, plan, report, hist)
     if out is not None:
         write_run(out, compressed, plan, model_spec, shape, report, history=hist)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from svdnas import distributed as ddp
 from svdnas.errors import SpecError
 from svdnas.evaluate import batches
 from svdnas.search.supernet import MixedLayer
@@ -126,6 +127,8 @@ def search(
             layer.temperature = temperature
         sums = {"loss": 0.0, "ce": 0.0, "cost": 0.0, "n": 0}
         for step, (x, y) in enumerate(batches(data, config.batch_size, shuffle=True, generator=generator)):
+            if ddp.active():  # every process sees the same global batch and takes its share
+                x, y = x[ddp.rank() :: ddp.world_size()], y[ddp.rank() :: ddp.world_size()]
             x, y = x.to(device), y.to(device)
             before = [t.detach().clone() for t in thetas] if config.sampling == "two" else None
             ce = F.cross_entropy(model(x), y)
@@ -136,15 +139,18 @@ def search(
                 loss = ce + multiplier * (ratio - config.target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            ddp.average_([t.grad for t in thetas])
             opt.step()
             if before is not None:
                 for layer, b in zip(layers.values(), before):
                     layer.rescale_sampled(b)
+            stats = torch.tensor([ratio.item(), loss.item(), ce.item()])
+            ddp.average_([stats])
             if config.target is not None:
-                multiplier = max(0.0, multiplier + config.penalty_lr * (ratio.item() - config.target))
-            sums["loss"] += loss.item()
-            sums["ce"] += ce.item()
-            sums["cost"] += ratio.item()
+                multiplier = max(0.0, multiplier + config.penalty_lr * (stats[0].item() - config.target))
+            sums["cost"] += stats[0].item()
+            sums["loss"] += stats[1].item()
+            sums["ce"] += stats[2].item()
             sums["n"] += 1
             if on_step is not None:
                 on_step(step, epoch)
