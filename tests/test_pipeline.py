@@ -160,3 +160,42 @@ def test_torchrun_two_processes_match_one(trained_tiny, tiny_fmnist, tmp_path):
     assert single.returncode == 0, single.stderr
     # same seed: the processes draw the same noise and average their gradients, so the plans agree
     assert (tmp_path / "ddp" / "plan.json").read_text() == (tmp_path / "one" / "plan.json").read_text()
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_to_the_same_plan(trained_tiny, tiny_fmnist, tmp_path):
+    import signal
+    import time
+    from pathlib import Path
+
+    model, _ = trained_tiny
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    root = Path(__file__).parents[1]
+    factory = tmp_path / "factory.py"
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(root)!r})\nfrom tests.conftest import TinyNet\n\ndef make():\n    return TinyNet()\n")
+    common = [sys.executable, "-m", "svdnas", "compress", f"module:{factory}:make", "--weights", str(weights),
+              "--data", f"fmnist:{tiny_fmnist}", "--reduction", "0.5", "--epochs", "40", "--search-images", "500",
+              "--batch-size", "16", "--filter", "convs", "--device", "cpu", "--quiet", "--branches", "2"]
+    whole = subprocess.run([*common, "--out", str(tmp_path / "whole")], capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*common, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "checkpoint-b1_search.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "report.json").exists() and any(out.glob("checkpoint-*.pt"))
+    again = subprocess.run([*common, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = subprocess.run([*common, "--out", str(out), "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "plan.json").read_text() == (tmp_path / "whole" / "plan.json").read_text()
+    h_whole = json.loads((tmp_path / "whole" / "history.json").read_text())
+    h_resumed = json.loads((out / "history.json").read_text())
+    assert h_whole["b1"]["loss"] == pytest.approx(h_resumed["b1"]["loss"], rel=1e-5)
+    assert not any(out.glob("checkpoint-*.pt"))  # removed once the run finished

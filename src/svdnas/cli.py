@@ -128,7 +128,7 @@ def _grid(text: str | None) -> tuple[float, float, float] | None:
     return (parts[0], parts[1], parts[2] if len(parts) == 3 else 0.05)
 
 
-def _prepare_out(out: str, overwrite: bool) -> None:
+def _prepare_out(out: str, overwrite: bool, resume: bool = False) -> None:
     from pathlib import Path
 
     d = Path(out)
@@ -136,6 +136,12 @@ def _prepare_out(out: str, overwrite: bool) -> None:
         raise SvdnasError(f"--out {out} exists and is not a directory")
     if (d / "report.json").exists() and not overwrite:
         raise SvdnasError(f"{out} already holds a finished run; pass --overwrite to replace it")
+    stale = list(d.glob("checkpoint-*.pt")) if d.is_dir() else []
+    if stale and not resume:
+        if not overwrite:
+            raise SvdnasError(f"{out} holds the checkpoints of an unfinished run; pass --resume to continue it or --overwrite to start again")
+        for path in stale:
+            path.unlink()
     d.mkdir(parents=True, exist_ok=True)
 
 
@@ -185,7 +191,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         search_images=args.search_images, families=args.families, branches=args.branches, search=search,
     )
     if ddp.is_main():
-        _prepare_out(args.out, args.overwrite)
+        _prepare_out(args.out, args.overwrite, args.resume)
         _save_config(args)
     ddp.barrier()
     from tqdm import tqdm
@@ -201,7 +207,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     try:
         result = compress(
             model, data, config, shape, device=device, seed=args.seed, out=args.out if ddp.is_main() else None,
-            model_spec=info.spec, progress=progress,
+            model_spec=info.spec, progress=progress, resume=True,
         )
     finally:
         bar.close()
@@ -324,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-groups", type=int, default=8, help="largest group count of a candidate (0: no limit)")
     p.add_argument("--families", type=int, default=4, help="families kept per layer by the output-error proxy (0: all)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoints in --out")
     _common(p)
     p.set_defaults(func=cmd_compress)
 

@@ -133,6 +133,7 @@ def _search_once(
     progress,
     seconds: dict[str, float],
     prefix: str,
+    checkpoint_dir: Path | None = None,
 ) -> tuple[dict[str, list[LowRankSpec]], SearchHistory]:
     """Build the super model over ``candidates``, learn its logits, pick one candidate per layer."""
     t0 = time.perf_counter()
@@ -151,7 +152,8 @@ def _search_once(
             progress(prefix + "search", epoch * steps + step + 1, sconf.epochs * steps)
 
     # the search's cost terms see the layers outside this search at their current cost
-    history = search(supernet, mixed, subset, sconf, costs, total, device, seed, on_step, fixed=fixed)
+    ckpt = Path(checkpoint_dir) / f"checkpoint-{prefix or 'b1_'}search.pt" if checkpoint_dir is not None else None
+    history = search(supernet, mixed, subset, sconf, costs, total, device, seed, on_step, fixed=fixed, checkpoint=ckpt)
     seconds[prefix + "search"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -232,6 +234,7 @@ def compress(
     out: str | Path | None = None,
     model_spec: str = "python:model",
     progress: Callable[[str, int, int], None] | None = None,
+    resume: bool = False,
 ) -> CompressResult:
     """Compress ``model`` by SVD-NAS; the original is not modified.
 
@@ -245,6 +248,8 @@ def compress(
         out: run directory to write, if any.
         model_spec: how ``model`` can be rebuilt (written into architecture.json).
         progress: called with (stage, done, total).
+        resume: checkpoint every search epoch in ``out`` and pick up from a checkpoint left
+            there by a run that was killed (the result equals an uninterrupted run's).
     """
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -274,8 +279,14 @@ def compress(
 
     # 2. pruning by the output-error proxy on images kept apart from the search images
     t0 = time.perf_counter()
+    available = len(data.train)  # type: ignore[arg-type]
+    if config.search_images > available:
+        raise SpecError(f"--search-images {config.search_images} exceeds the {available} training images")
     subset, search_idx = search_subset(data.train, config.search_images, seed)
-    proxy_set, _ = search_subset(data.train, config.proxy_images, seed + 1, exclude=search_idx)
+    n_proxy = min(config.proxy_images, available - config.search_images)
+    if config.families > 0 and n_proxy < 1:
+        raise SpecError(f"no training image is left for the proxy after {config.search_images} search images; lower --search-images or pass --families 0")
+    proxy_set, _ = search_subset(data.train, max(n_proxy, 1), seed + 1, exclude=search_idx) if config.families > 0 else (None, None)
     kept = 1 - config.reduction if config.reduction is not None else sum(fractions) / len(fractions)
     if config.families > 0:
         inputs = capture_inputs(model, list(candidates), proxy_set, device)
@@ -292,7 +303,8 @@ def compress(
     sconf.target = None if config.beta is not None else 1 - config.reduction  # type: ignore[operator]
     sconf.beta = config.beta
     sconf.__post_init__()
-    chosen, history = _search_once(model, candidates, costs, fixed, total, config, sconf, subset, device, seed, progress, seconds, "")
+    ckpt_dir = Path(out) if out is not None and resume else None
+    chosen, history = _search_once(model, candidates, costs, fixed, total, config, sconf, subset, device, seed, progress, seconds, "", ckpt_dir)
     plan = Plan({n: chosen.get(n, []) for n in targets})
     branch_reports: dict[str, Any] = {}
     if config.branches == 2:
@@ -306,7 +318,7 @@ def compress(
             sconf2 = copy.deepcopy(sconf)
             sconf2.epochs = max(1, sconf.epochs // 2)  # the paper: 50 epochs for the second branch, 100 for the first
             costs2 = {n: c.cost(config.objective) for n, c in cands2.items()}
-            chosen2, history2 = _search_once(model, cands2, costs2, fixed2, total, config, sconf2, subset, device, seed + 1, progress, seconds, "b2_")
+            chosen2, history2 = _search_once(model, cands2, costs2, fixed2, total, config, sconf2, subset, device, seed + 1, progress, seconds, "b2_", ckpt_dir)
             for n, specs in chosen2.items():
                 plan.layers[n] = specs
             history = {"b1": history, "b2": history2}
@@ -330,7 +342,7 @@ def compress(
     report["seconds"] = seconds
     report["data"] = {
         "spec": data.name, "search_images": len(subset), "search_split": "train (fixed subset drawn with --seed)",
-        "proxy_images": len(proxy_set) if config.families > 0 else 0, "proxy_split": "train, apart from the search images",
+        "proxy_images": len(proxy_set) if proxy_set is not None else 0, "proxy_split": "train, apart from the search images",
         "processes": ddp.world_size(),
         "evaluation_images": len(data.test), "evaluation_split": "test",
     }
@@ -342,4 +354,6 @@ def compress(
     result = CompressResult(compressed, plan, report, hist)
     if out is not None:
         write_run(out, compressed, plan, model_spec, shape, report, history=hist)
+        for ckpt in Path(out).glob("checkpoint-*.pt"):
+            ckpt.unlink()
     return result

@@ -7,6 +7,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,7 @@ def search(
     seed: int = 0,
     on_step: Callable[[int, int], None] | None = None,
     fixed: float | None = None,
+    checkpoint: Path | None = None,
 ) -> SearchHistory:
     """Learn the logits of ``layers`` (already swapped into ``model``) on ``data``.
 
@@ -105,6 +107,8 @@ def search(
         total_cost: the original model's whole cost on the objective (F0).
         on_step: called with (step, epoch) after every step, for progress bars.
         fixed: cost of everything outside ``layers`` (default: F0 minus the layers' original costs).
+        checkpoint: file written atomically after every epoch; if it exists when the search
+            starts, the search resumes from it and ends as an uninterrupted one would.
     """
     model.eval()  # BatchNorm statistics stay those of the pre-trained model
     for p in model.parameters():
@@ -121,8 +125,22 @@ def search(
     history = SearchHistory()
     multiplier = 0.0
     temperature = config.temperature
-    start = time.perf_counter()
-    for epoch in range(config.epochs):
+    first_epoch = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if state["names"] != list(layers) or state["epochs"] != config.epochs:
+            raise SpecError(f"{checkpoint} belongs to a different search; remove it or use --overwrite")
+        with torch.no_grad():
+            for t, saved in zip(thetas, state["thetas"]):
+                t.copy_(saved)
+        opt.load_state_dict(state["optimizer"])
+        multiplier, temperature, first_epoch = state["multiplier"], state["temperature"], state["epoch"]
+        history = SearchHistory(**state["history"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        log.info("resuming the search at epoch %d from %s", first_epoch + 1, checkpoint)
+    start = time.perf_counter() - (history.seconds[-1] if history.seconds else 0.0)
+    for epoch in range(first_epoch, config.epochs):
         for layer in layers.values():
             layer.temperature = temperature
         sums = {"loss": 0.0, "ce": 0.0, "cost": 0.0, "n": 0}
@@ -167,4 +185,21 @@ def search(
             epoch + 1, history.loss[-1], history.ce[-1], history.expected_cost_ratio[-1], temperature, multiplier,
         )
         temperature *= config.decay
+        if checkpoint is not None and ddp.is_main():
+            _save_checkpoint(checkpoint, {
+                "names": list(layers), "epochs": config.epochs, "epoch": epoch + 1,
+                "thetas": [t.detach().cpu() for t in thetas], "optimizer": opt.state_dict(),
+                "multiplier": multiplier, "temperature": temperature, "history": history.to_dict(),
+                "generator": generator.get_state(), "rng": torch.get_rng_state(),
+            })
     return history
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    import io
+
+    from svdnas.rundir import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
