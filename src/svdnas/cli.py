@@ -188,7 +188,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = CompressConfig(
         reduction=args.reduction, beta=args.beta, objective=args.objective, filter=args.filter or info.default_filter,
         grid=_grid(args.grid), max_groups=None if args.max_groups == 0 else args.max_groups,
-        search_images=args.search_images, families=args.families, branches=args.branches, search=search,
+        search_images=args.search_images, families=args.families, branches=args.branches, search_loss=args.search_loss, search=search,
     )
     if ddp.is_main():
         _prepare_out(args.out, args.overwrite, args.resume)
@@ -324,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", default="mixed", choices=["mixed", "two"], help="mixed: all candidates in one weight (default); two: the release's scheme")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the logits")
+    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the logits (the paper: 0.01 over 100 epochs)")
     p.add_argument("--search-images", type=int, default=1000)
+    p.add_argument("--search-loss", default="ce", choices=["ce", "kd"], help="ce: labels (the paper); kd: the original model's soft labels")
     p.add_argument("--grid", default=None, help="START:STOP[:STEP] of kept-cost fractions per layer (default: around the target)")
     p.add_argument("--max-groups", type=int, default=8, help="largest group count of a candidate (0: no limit)")
     p.add_argument("--families", type=int, default=4, help="families kept per layer by the output-error proxy (0: all)")

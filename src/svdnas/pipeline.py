@@ -18,7 +18,7 @@ from svdnas import distributed as ddp
 from svdnas.cost import count_params, layer_cost, model_macs
 from svdnas.data import DataBundle, search_subset
 from svdnas.errors import BudgetError, SpecError
-from svdnas.evaluate import evaluate
+from svdnas.evaluate import batches, evaluate
 from svdnas.plan import Plan
 from svdnas.runreport import accuracy_block, build_report, write_run
 from svdnas.search import (
@@ -55,6 +55,8 @@ class CompressConfig:
         search_images: labelled training images the logits learn on.
         proxy_images: further training images, apart from the search images, for the proxy.
         branches: 1, or 2 for the residual extension (a second search over the first's residual).
+        search_loss: ``ce`` on the labels (the paper), or ``kd``: cross-entropy against the original
+            model's softmax on the same images (its soft labels).
         search: the search loop's settings (its ``target``/``beta`` are filled in from above).
     """
 
@@ -68,6 +70,7 @@ class CompressConfig:
     search_images: int = 1000
     proxy_images: int = 256
     branches: int = 1
+    search_loss: str = "ce"
     search: SearchConfig | None = None
 
     def __post_init__(self) -> None:
@@ -77,6 +80,8 @@ class CompressConfig:
             raise SpecError(f"--reduction must be in (0, 1), got {self.reduction}")
         if self.objective not in OBJECTIVES:
             raise SpecError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.search_loss not in ("ce", "kd"):
+            raise SpecError(f"--search-loss must be ce or kd, got {self.search_loss!r}")
         if self.branches not in (1, 2):
             raise SpecError(f"--branches must be 1 or 2, got {self.branches}")
         if self.search_images < 1:
@@ -117,6 +122,16 @@ def _check_budget(candidates: dict[str, LayerCandidates], config: CompressConfig
             f"grid goes reaches {1 - floor / total:.3f}; lower the reduction, widen --grid or target more layers"
         )
     return costs
+
+
+@torch.no_grad()
+def _soft_labelled(model: nn.Module, subset, device) -> torch.utils.data.TensorDataset:
+    """The search images with the original model's softmax as (probability) targets."""
+    xs, ps = [], []
+    for x, _ in batches(subset, 256):
+        xs.append(x)
+        ps.append(torch.softmax(model(x.to(device)), 1).cpu())
+    return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ps))
 
 
 def _search_once(
@@ -298,6 +313,9 @@ def compress(
     fixed = total - sum(c[0] for c in costs.values())
     log.info("%d target layers, %d candidates (grid %s..%s)", len(candidates), sum(len(c) - 1 for c in candidates.values()), fractions[0], fractions[-1])
 
+    if config.search_loss == "kd":
+        subset = _soft_labelled(model, subset, device)
+
     # 3-5. super model, search, selection within the budget
     sconf = copy.deepcopy(config.search) or SearchConfig(target=0.5)
     sconf.target = None if config.beta is not None else 1 - config.reduction  # type: ignore[operator]
@@ -331,7 +349,7 @@ def compress(
     t0 = time.perf_counter()
     header = {
         "model": model_spec, "method": "svdnas", "mode": "post-training", "objective": config.objective, "seed": seed,
-        "reduction_target": config.reduction, "beta": config.beta, "sampling": sconf.sampling,
+        "reduction_target": config.reduction, "beta": config.beta, "sampling": sconf.sampling, "search_loss": config.search_loss,
     }
     report = build_report(model, compressed, plan, infos, shape, data, device, header)
     seconds["evaluate"] = time.perf_counter() - t0
