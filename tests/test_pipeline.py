@@ -31,6 +31,20 @@ def trained_tiny(tiny_fmnist):
     return model.eval(), data
 
 
+@pytest.fixture
+def tiny_module(trained_tiny, tmp_path):
+    """The trained TinyNet as a module: spec and a weights file, for the command line."""
+    from pathlib import Path
+
+    model, _ = trained_tiny
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    factory = tmp_path / "factory.py"
+    root = Path(__file__).parents[1]
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(root)!r})\nfrom tests.conftest import TinyNet\n\ndef make():\n    return TinyNet()\n")
+    return f"module:{factory}:make", weights
+
+
 def _config(**kw):
     base = {"reduction": 0.5, "search_images": 200, "proxy_images": 64, "search": SearchConfig(epochs=3, batch_size=64, target=0.5)}
     base.update(kw)
@@ -84,16 +98,10 @@ def test_same_seed_same_plan(trained_tiny):
     assert a.plan == b.plan
 
 
-def test_compress_command_line(trained_tiny, tiny_fmnist, tmp_path):
-    model, _ = trained_tiny
-    weights = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-    factory = tmp_path / "factory.py"
-    factory.write_text(f"import sys\nsys.path.insert(0, {str(tmp_path.parents[0])!r})\n"
-                       f"sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parents[1])!r})\n"
-                       "from tests.conftest import TinyNet\n\ndef make():\n    return TinyNet()\n")
+def test_compress_command_line(tiny_module, tiny_fmnist, tmp_path):
+    spec, weights = tiny_module
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "svdnas", "compress", f"module:{factory}:make", "--weights", str(weights),
+    args = [sys.executable, "-m", "svdnas", "compress", spec, "--weights", str(weights),
             "--data", f"fmnist:{tiny_fmnist}", "--reduction", "0.5", "--out", str(out), "--epochs", "2",
             "--search-images", "200", "--filter", "convs", "--device", "cpu", "--quiet"]
     r = subprocess.run(args, capture_output=True, text=True, timeout=300)
@@ -134,20 +142,15 @@ def test_two_branches(trained_tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one(trained_tiny, tiny_fmnist, tmp_path):
+def test_torchrun_two_processes_match_one(tiny_module, tiny_fmnist, tmp_path):
     import shutil
     from pathlib import Path
 
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists() and shutil.which("torchrun") is None:
         pytest.skip("torchrun not installed")
-    model, _ = trained_tiny
-    weights = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-    root = Path(__file__).parents[1]
-    factory = tmp_path / "factory.py"
-    factory.write_text(f"import sys\nsys.path.insert(0, {str(root)!r})\nfrom tests.conftest import TinyNet\n\ndef make():\n    return TinyNet()\n")
-    common = ["compress", f"module:{factory}:make", "--weights", str(weights), "--data", f"fmnist:{tiny_fmnist}",
+    spec, weights = tiny_module
+    common = ["compress", spec, "--weights", str(weights), "--data", f"fmnist:{tiny_fmnist}",
               "--reduction", "0.5", "--epochs", "2", "--search-images", "256", "--filter", "convs", "--device", "cpu", "--quiet"]
     launcher = [str(torchrun)] if torchrun.exists() else ["torchrun"]
     r = subprocess.run([*launcher, "--nproc_per_node", "2", "--master_port", "29517", "-m", "svdnas", *common, "--out", str(tmp_path / "ddp")],
@@ -163,18 +166,12 @@ def test_torchrun_two_processes_match_one(trained_tiny, tiny_fmnist, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_search_resumes_to_the_same_plan(trained_tiny, tiny_fmnist, tmp_path):
+def test_killed_search_resumes_to_the_same_plan(tiny_module, tiny_fmnist, tmp_path):
     import signal
     import time
-    from pathlib import Path
 
-    model, _ = trained_tiny
-    weights = tmp_path / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-    root = Path(__file__).parents[1]
-    factory = tmp_path / "factory.py"
-    factory.write_text(f"import sys\nsys.path.insert(0, {str(root)!r})\nfrom tests.conftest import TinyNet\n\ndef make():\n    return TinyNet()\n")
-    common = [sys.executable, "-m", "svdnas", "compress", f"module:{factory}:make", "--weights", str(weights),
+    spec, weights = tiny_module
+    common = [sys.executable, "-m", "svdnas", "compress", spec, "--weights", str(weights),
               "--data", f"fmnist:{tiny_fmnist}", "--reduction", "0.5", "--epochs", "40", "--search-images", "500",
               "--batch-size", "16", "--filter", "convs", "--device", "cpu", "--quiet", "--branches", "2"]
     whole = subprocess.run([*common, "--out", str(tmp_path / "whole")], capture_output=True, text=True, timeout=600)

@@ -62,22 +62,28 @@ def _input_shape(args: argparse.Namespace, info, data) -> tuple[int, int, int]:
     raise SvdnasError(f"cannot tell the input shape of {info.spec}; give --input-shape C,H,W")
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from svdnas.cost import count_params, model_macs
+def _model_and_data(args: argparse.Namespace, device: torch.device):
+    """The MODEL and the labelled DATA of a command, checked against each other."""
     from svdnas.data import load_data
-    from svdnas.evaluate import evaluate
     from svdnas.models import build_model
 
-    _need(args, "data")
-    device = _device(args.device)
     model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
     data = load_data(args.data)
     if data is None:
-        raise SvdnasError("eval needs real data: --data none has no labelled images")
+        raise SvdnasError(f"{args.command} needs real data: --data none works only with --mode data-free")
     shape = _input_shape(args, info, data)
     if tuple(shape) != tuple(data.input_shape):
         raise SvdnasError(f"{args.model} expects inputs {tuple(shape)}, but {args.data} has {data.input_shape}")
-    model.to(device)
+    return model.to(device), info, data, shape
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from svdnas.cost import count_params, model_macs
+    from svdnas.evaluate import evaluate
+
+    _need(args, "data")
+    device = _device(args.device)
+    model, info, data, shape = _model_and_data(args, device)
     with _progress(args, len(data.test), "eval") as bar:  # type: ignore[arg-type]
         acc = evaluate(model, data.test, device, progress=bar.update)
     result = {"top1": acc["top1"], "top5": acc["top5"], "flops": 2 * model_macs(model, shape), "params": count_params(model)}
@@ -161,8 +167,6 @@ def _save_config(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from svdnas.data import load_data
-    from svdnas.models import build_model
     from svdnas.pipeline import CompressConfig, compress
     from svdnas.search import SearchConfig
 
@@ -177,11 +181,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     ddp.init(device)
-    model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
-    data = load_data(args.data)
-    if data is None:
-        raise SvdnasError("--data none works only with --mode data-free")
-    shape = _input_shape(args, info, data)
+    model, info, data, shape = _model_and_data(args, device)
     search = SearchConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sampling=args.sampling, target=0.5,
     )
@@ -230,16 +230,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_baseline(args: argparse.Namespace) -> int:
     from svdnas.baselines import run_baseline
-    from svdnas.data import load_data
-    from svdnas.models import build_model
 
     _need(args, "data", "reduction", "out")
     device = _device(args.device)
-    model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
-    data = load_data(args.data)
-    if data is None:
-        raise SvdnasError("baselines need real data: --data none has no labelled images")
-    shape = _input_shape(args, info, data)
+    model, info, data, shape = _model_and_data(args, device)
     _prepare_out(args.out, args.overwrite)
     _save_config(args)
     _, _, r = run_baseline(
