@@ -40,6 +40,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, info = build_model(args.model)
     data = load_data(args.data)
+    from svdnas.evaluate import evaluate
+
+    reference = evaluate(model, data.test)  # the original's accuracy, measured once for every row
     methods = ["svdnas"] + [f"uniform-{s}" for s in SPLITS] + [f"energy-{s}" for s in SPLITS] + ["lrs2"]
     rows = []
     for r in args.reductions:
@@ -47,10 +50,11 @@ def main() -> None:
             t0 = time.perf_counter()
             if method == "svdnas":
                 config = CompressConfig(reduction=r, families=args.families, search=SearchConfig(epochs=args.epochs, target=1 - r))
-                rep = compress(model, data, config, info.input_shape, info.default_filter, seed=args.seed, model_spec=info.spec).report
+                rep = compress(model, data, config, info.input_shape, info.default_filter, seed=args.seed, model_spec=info.spec, reference=reference).report
             else:
                 name, _, split = method.partition("-")
-                _, _, rep = run_baseline(name, model, data, r, info.input_shape, info.default_filter, split or "kx1", seed=args.seed, model_spec=info.spec)
+                _, _, rep = run_baseline(name, model, data, r, info.input_shape, info.default_filter, split or "kx1", seed=args.seed,
+                                        model_spec=info.spec, reference=reference)
             rows.append({
                 "reduction_target": r, "method": method, "flops_reduction": rep["flops"]["reduction"],
                 "params_reduction": rep["params"]["reduction"], "top1": rep["top1"]["compressed"],

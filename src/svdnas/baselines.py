@@ -162,6 +162,7 @@ def run_baseline(
     seed: int = 0,
     out=None,
     model_spec: str = "python:model",
+    reference: dict[str, float] | None = None,
 ):
     """A baseline end to end: plan, derivation, evaluation, report and run directory.
 
@@ -206,7 +207,7 @@ def run_baseline(
     seconds = {"search": time.perf_counter() - t_start, "finetune": 0.0}
     header = {"model": model_spec, "method": method, "mode": "post-training", "objective": objective, "seed": seed,
               "reduction_target": reduction, "split": sp}
-    report = build_report(model, compressed, plan, infos, shape, data, device, header)
+    report = build_report(model, compressed, plan, infos, shape, data, device, header, reference=reference)
     if tried:
         report["split_search"] = {"search_images": search_images, "top1_on_search_images": tried}
     seconds["total"] = time.perf_counter() - t_start

@@ -250,6 +250,7 @@ def compress(
     model_spec: str = "python:model",
     progress: Callable[[str, int, int], None] | None = None,
     resume: bool = False,
+    reference: dict[str, float] | None = None,
 ) -> CompressResult:
     """Compress ``model`` by SVD-NAS; the original is not modified.
 
@@ -263,6 +264,7 @@ def compress(
         out: run directory to write, if any.
         model_spec: how ``model`` can be rebuilt (written into architecture.json).
         progress: called with (stage, done, total).
+        reference: the original model's top-1/top-5 on the test split, if already measured.
         resume: checkpoint every search epoch in ``out`` and pick up from a checkpoint left
             there by a run that was killed (the result equals an uninterrupted run's).
     """
@@ -351,7 +353,7 @@ def compress(
         "model": model_spec, "method": "svdnas", "mode": "post-training", "objective": config.objective, "seed": seed,
         "reduction_target": config.reduction, "beta": config.beta, "sampling": sconf.sampling, "search_loss": config.search_loss,
     }
-    report = build_report(model, compressed, plan, infos, shape, data, device, header)
+    report = build_report(model, compressed, plan, infos, shape, data, device, header, reference=reference)
     seconds["evaluate"] = time.perf_counter() - t0
     seconds["finetune"] = 0.0
     seconds["total"] = time.perf_counter() - t_start

@@ -30,15 +30,21 @@ def build_report(
     device: torch.device | str,
     header: dict[str, Any],
     latency: bool = True,
+    reference: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Costs, accuracies (whole test split), measured latency and the per-layer plan; ``header`` goes first."""
+    """Costs, accuracies (whole test split), measured latency and the per-layer plan; ``header`` goes first.
+
+    Args:
+        reference: the original model's accuracy on ``data.test`` if already measured.
+    """
     macs0, macs1 = model_macs(original, shape), model_macs(compressed, shape)
     params0, params1 = count_params(original), count_params(compressed)
     report: dict[str, Any] = dict(header)
     report["flops"] = {"original": 2 * macs0, "compressed": 2 * macs1, "reduction": 1 - macs1 / macs0}
     report["params"] = {"original": params0, "compressed": params1, "reduction": 1 - params1 / params0}
     if data is not None:
-        acc0, acc1 = evaluate(original, data.test, device), evaluate(compressed, data.test, device)
+        acc0 = reference or evaluate(original, data.test, device)
+        acc1 = evaluate(compressed, data.test, device)
         report["top1"] = accuracy_block(acc0, acc1, "top1")
         report["top5"] = accuracy_block(acc0, acc1, "top5")
     else:
