@@ -1,0 +1,79 @@
+"""One search epoch of an ImageNet-size ResNet-18 (random weights, 224x224, random images) on this
+machine: does it fit in memory, and how long does it take?
+
+    .venv/bin/python benchmarks/imagenet_search.py [--images 256] [--batch 32] [--max-groups 1]
+
+Prints time per stage and the process's peak resident memory; writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+from svdnas.cost import model_macs
+from svdnas.models import build_model
+from svdnas.pipeline import CompressConfig, _limit_groups
+from svdnas.search import MixedLayer, SearchConfig, grid_candidates, search
+from svdnas.surgery import example_input, select_targets, set_submodule, trace_layers
+
+
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max-groups", type=int, default=1)
+    p.add_argument("--reduction", type=float, default=0.6)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results/imagenet_search.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    stages = {}
+    t0 = time.perf_counter()
+    model, info = build_model("zoo:resnet18_imagenet")
+    shape = info.input_shape
+    infos = trace_layers(model, example_input(model, shape))
+    targets, _ = select_targets(model, infos, "all-but-first")
+    fractions = CompressConfig(reduction=args.reduction).fractions()
+    candidates = {n: _limit_groups(grid_candidates(n, model.get_submodule(n), infos[n].input_hw, fractions), args.max_groups) for n in targets}
+    total = float(model_macs(model, shape))
+    stages["candidates_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    net = copy.deepcopy(model)
+    layers = {}
+    for n, c in candidates.items():
+        layers[n] = MixedLayer(net.get_submodule(n), c)
+        set_submodule(net, n, layers[n])
+    stages["build_s"] = time.perf_counter() - t0
+    data = TensorDataset(torch.randn(args.images, *shape), torch.randint(0, 1000, (args.images,)))
+    costs = {n: c.cost("flops") for n, c in candidates.items()}
+    t0 = time.perf_counter()
+    search(net, layers, data, SearchConfig(epochs=1, batch_size=args.batch, target=1 - args.reduction), costs, total)
+    stages["search_epoch_s"] = time.perf_counter() - t0
+    result = {
+        "model": "zoo:resnet18_imagenet (random weights)", "images": args.images, "batch": args.batch,
+        "candidates": sum(len(c) - 1 for c in candidates.values()), "max_groups": args.max_groups, **stages,
+        "peak_rss_gib": peak_gib(), "threads": args.threads, "machine": platform.machine(), "date": date.today().isoformat(),
+    }
+    for k, v in result.items():
+        print(f"{k:16s} {v:.2f}" if isinstance(v, float) else f"{k:16s} {v}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
