@@ -52,6 +52,11 @@ def test_eval_json_on_module_model(module_spec, tiny_fmnist):
         (["eval", "zoo:resnet18", "--weights", "/nonexistent.safetensors", "--data", "fmnist"], "does not exist"),
         (["eval", "zoo:resnet18", "--data", "fmnist:/nonexistent"], "Fashion-MNIST not found"),
         (["eval", "zoo:resnet18", "--data", "fmnist", "--device", "cuda"], "no CUDA GPU"),
+        (["baseline", "alds", "zoo:resnet18"], "invalid choice: 'alds'"),
+        (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--beta", "4"], "not both"),
+        (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "1.5"], "(0, 1)"),
+        (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--objective", "latency"], "--objective must be one of"),
+        (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--mode", "synthetic"], "not available yet"),
     ],
 )
 def test_bad_input_gives_one_error_line(args, message):

@@ -291,10 +291,18 @@ def cmd_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``error: ...`` line and exit code 2, like every other bad input."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from svdnas import __version__
 
-    parser = argparse.ArgumentParser(prog="svdnas", description="Low-rank compression of CNNs found by neural architecture search (SVD-NAS).")
+    parser = _Parser(prog="svdnas", description="Low-rank compression of CNNs found by neural architecture search (SVD-NAS).")
     parser.add_argument("--version", action="version", version=f"svdnas {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
