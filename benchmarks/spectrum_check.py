@@ -1,0 +1,51 @@
+"""How far a zoo model survives one rank fraction in every target layer (and that full rank is exact).
+
+    .venv/bin/python benchmarks/spectrum_check.py [--model zoo:resnet18] [--images 2000]
+
+Every target layer gets the same split at the same fraction of its full rank; prints top-1 on the
+first N test images per fraction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from torch.utils.data import Subset
+
+from svdnas.data import load_data
+from svdnas.evaluate import evaluate
+from svdnas.models import build_model
+from svdnas.plan import Plan
+from svdnas.spec import LowRankSpec, family_max_rank
+from svdnas.surgery import apply_plan, example_input, select_targets, trace_layers
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="zoo:resnet18")
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
+    args = p.parse_args()
+    model, info = build_model(args.model)
+    data = load_data("fmnist")
+    sub = Subset(data.test, list(range(args.images)))
+    print(f"{args.model}: original top-1 {evaluate(model, sub)['top1']:.2f} on {args.images} test images")
+    infos = trace_layers(model, example_input(model, info.input_shape))
+    targets, _ = select_targets(model, infos, info.default_filter)
+    for frac in args.fractions:
+        plan = Plan()
+        for name in targets:
+            w = model.get_submodule(name).weight
+            kernel = tuple(w.shape[2:]) if w.dim() == 4 else (1, 1)
+            spec = LowRankSpec((kernel[0], 1), (1, 1), 1)
+            full = family_max_rank(spec, w.shape[0], w.shape[1], kernel)
+            plan.layers[name] = [spec.with_rank(max(1, int(frac * full)))]
+        acc = evaluate(apply_plan(copy.deepcopy(model), plan), sub)["top1"]
+        print(f"rank {frac:.2f} x full rank, (k,1)-first split, every target layer: top-1 {acc:.2f}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main()
