@@ -92,3 +92,14 @@ def test_upgrades_spend_the_slack_along_family_ranks():
     assert select_within_budget(scores, costs, 8.0) == [1, 1]
     assert sorted(select_within_budget(scores, costs, 8.0, upgrades=upgrades)) == [1, 2]
     assert select_within_budget(scores, costs, 20.0, upgrades=upgrades) == [0, 0]
+
+
+@pytest.mark.parametrize("sampling", ["mixed", "two"])
+def test_super_block_moves_with_the_model(sampling):
+    """Every tensor a super block uses is a buffer, so .to() (here: to float64) carries it along."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 12, 3, padding=1)
+    mixed = MixedLayer(layer, _candidates(layer), sampling).double()
+    out = mixed(torch.randn(2, 8, 8, 8, dtype=torch.float64))
+    assert out.dtype == torch.float64
+    assert mixed.candidate_weight(len(mixed.candidates) - 1).dtype == torch.float64

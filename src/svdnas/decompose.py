@@ -58,7 +58,7 @@ def conv_geometry(conv: nn.Conv2d) -> ConvGeometry:
     Raises:
         SpecError: for grouped or depthwise convs, or 'same' padding that is not symmetric.
     """
-    if type(conv) is not nn.Conv2d and not isinstance(conv, nn.Conv2d):
+    if not isinstance(conv, nn.Conv2d):
         raise SpecError(f"expected nn.Conv2d, got {type(conv).__name__}")
     if conv.groups != 1:
         kind = "depthwise" if conv.groups == conv.in_channels else "grouped"

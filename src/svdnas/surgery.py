@@ -51,7 +51,7 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 
 def _is_plain_conv(m: nn.Module) -> bool:
-    return type(m) is nn.Conv2d or (isinstance(m, nn.Conv2d) and not isinstance(m, nn.LazyConv2d))
+    return isinstance(m, nn.Conv2d) and not isinstance(m, nn.LazyConv2d)
 
 
 def _pointwise(m: nn.Module, name: str) -> bool:

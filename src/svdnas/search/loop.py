@@ -82,7 +82,7 @@ class SearchHistory:
 
 
 def expected_cost(layers: dict[str, MixedLayer], costs: dict[str, torch.Tensor], fixed: float) -> torch.Tensor:
-    total = torch.tensor(fixed)
+    total = torch.tensor(fixed, device=next(iter(costs.values())).device)
     for name, layer in layers.items():
         total = total + (layer.last_weights * costs[name]).sum()
     return total

@@ -30,19 +30,19 @@ class _FamilyMix(nn.Module):
         ranks = [ranks[i] for i in order]
         self.family = family
         self.register_buffer("indices", torch.tensor([indices[i] for i in order]), persistent=False)
-        factors = LF.svd(residual, *family)
+        u, sv, vh = LF.svd(residual, *family)
         r_min, r_max = ranks[0], ranks[-1]
-        self.register_buffer("base", LF.reconstruct(factors, r_min, residual.shape, family), persistent=False)
-        u, s, vh = factors
-        self.register_buffer("u", u[:, :, r_min:r_max].contiguous(), persistent=False)
-        self.register_buffer("s", s[:, r_min:r_max].contiguous(), persistent=False)
-        self.register_buffer("vh", vh[:, r_min:r_max].contiguous(), persistent=False)
+        self.r_min, self.r_max = r_min, r_max
+        self.register_buffer("base", LF.reconstruct(LF.SVDFactors(u, sv, vh), r_min, residual.shape, family), persistent=False)
+        # the top r_max triplets: the window r_min..r_max is mixed each step, all of them make dense candidates
+        self.register_buffer("u", u[:, :, :r_max].contiguous(), persistent=False)
+        self.register_buffer("s", sv[:, :r_max].contiguous(), persistent=False)
+        self.register_buffer("vh", vh[:, :r_max].contiguous(), persistent=False)
         # triplet k (0-based, in the window) belongs to every candidate of rank > r_min + k;
         # slot j of the reverse cumulative sum holds the weight of candidates j.. (ascending rank)
         slot = [next(j for j, r in enumerate(ranks) if r > r_min + k) for k in range(r_max - r_min)]
         self.register_buffer("slot", torch.tensor(slot, dtype=torch.long), persistent=False)
         self.shape = tuple(residual.shape)
-        self.factors = factors  # kept for the two-sample mode and the final derivation
         self.ranks = ranks
 
     def mixed(self, weights: Tensor) -> Tensor:
@@ -50,13 +50,14 @@ class _FamilyMix(nn.Module):
         tail = w.flip(0).cumsum(0).flip(0)  # tail[j] = total weight of candidates j..end
         out = tail[0] * self.base
         if self.slot.numel():
-            m = tail[self.slot] * self.s  # (g, window)
-            mats = (self.u * m[:, None, :]) @ self.vh
+            lo, hi = self.r_min, self.r_max
+            m = tail[self.slot] * self.s[:, lo:hi]  # (g, window)
+            mats = (self.u[:, :, lo:hi] * m[:, None, :]) @ self.vh[:, lo:hi]
             out = out + LF.fold(mats, self.shape, *self.family)
         return out
 
     def dense(self, rank: int) -> Tensor:
-        return LF.reconstruct(self.factors, rank, self.shape, self.family)
+        return LF.reconstruct(LF.SVDFactors(self.u, self.s, self.vh), rank, self.shape, self.family)
 
 
 class MixedLayer(nn.Module):
