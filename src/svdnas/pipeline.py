@@ -18,9 +18,9 @@ from svdnas import distributed as ddp
 from svdnas.cost import count_params, layer_cost, model_macs
 from svdnas.data import DataBundle, search_subset
 from svdnas.errors import BudgetError, SpecError
-from svdnas.evaluate import batches, evaluate
+from svdnas.evaluate import batches
 from svdnas.plan import Plan
-from svdnas.runreport import accuracy_block, build_report, write_run
+from svdnas.runreport import build_report, write_run
 from svdnas.search import (
     MixedLayer,
     SearchConfig,
@@ -223,21 +223,6 @@ def _second_branch_candidates(
     return cands2, outside
 
 
-def _summary(original: nn.Module, compressed: nn.Module, data, shape, device, plan: Plan) -> dict[str, Any]:
-    macs0, macs1 = model_macs(original, shape), model_macs(compressed, shape)
-    p0, p1 = count_params(original), count_params(compressed)
-    out: dict[str, Any] = {
-        "flops": {"original": 2 * macs0, "compressed": 2 * macs1, "reduction": 1 - macs1 / macs0},
-        "params": {"original": p0, "compressed": p1, "reduction": 1 - p1 / p0},
-        "plan": plan.to_dict(),
-    }
-    if data is not None:
-        a0, a1 = evaluate(original, data.test, device), evaluate(compressed, data.test, device)
-        out["top1"] = accuracy_block(a0, a1, "top1")
-        out["top5"] = accuracy_block(a0, a1, "top5")
-    return out
-
-
 def compress(
     model: nn.Module,
     data: DataBundle,
@@ -331,7 +316,8 @@ def compress(
         t0 = time.perf_counter()
         if ddp.is_main():
             compressed_b1 = apply_plan(copy.deepcopy(model), plan)
-            branch_reports["b1"] = _summary(model, compressed_b1, data, shape, device, plan)
+            b1 = build_report(model, compressed_b1, plan, infos, shape, data, device, {}, latency=False, reference=reference)
+            branch_reports["b1"] = {k: b1[k] for k in ("flops", "params", "top1", "top5")} | {"plan": plan.to_dict()}
         cands2, fixed2 = _second_branch_candidates(model, infos, plan, costs, total, config)
         seconds["b1_evaluate"] = time.perf_counter() - t0
         if cands2:
