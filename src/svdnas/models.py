@@ -10,9 +10,9 @@ from pathlib import Path
 
 from torch import nn
 
-from svdnas.errors import SpecError
+from svdnas.errors import SpecError, WeightsError
 from svdnas.weights import load_weights
-from svdnas.zoo.registry import INPUT_SHAPES, create_model, weights_path
+from svdnas.zoo.registry import INPUT_SHAPES, WEIGHTS_DIR, create_model, weights_path
 
 # The layers the paper compresses in each architecture.
 _ZOO_FILTERS = {"resnet18": "all-but-first", "mobilenetv2": "pointwise", "efficientnet_b0": "pointwise"}
@@ -38,6 +38,8 @@ class ModelInfo:
 def _zoo(name: str, pretrained: bool) -> tuple[nn.Module, ModelInfo]:
     model = create_model(name)
     path = weights_path(name)
+    if pretrained and path is None and not name.endswith("_imagenet"):
+        raise WeightsError(f"zoo:{name} has no shipped weights in this installation ({WEIGHTS_DIR})")
     if pretrained and path is not None:
         load_weights(model, path)
     base = name.removesuffix("_imagenet")
