@@ -9,7 +9,6 @@ Prints time per stage and the process's peak resident memory; writes JSON.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import resource
@@ -23,8 +22,8 @@ from torch.utils.data import TensorDataset
 from svdnas.cost import model_macs
 from svdnas.models import build_model
 from svdnas.pipeline import CompressConfig, _limit_groups
-from svdnas.search import MixedLayer, SearchConfig, grid_candidates, search
-from svdnas.surgery import example_input, select_targets, set_submodule, trace_layers
+from svdnas.search import SearchConfig, build_supernet, grid_candidates, search
+from svdnas.surgery import example_input, select_targets, trace_layers
 
 
 def peak_gib() -> float:
@@ -53,11 +52,7 @@ def main() -> None:
     total = float(model_macs(model, shape))
     stages["candidates_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    net = copy.deepcopy(model)
-    layers = {}
-    for n, c in candidates.items():
-        layers[n] = MixedLayer(net.get_submodule(n), c)
-        set_submodule(net, n, layers[n])
+    net, layers = build_supernet(model, candidates)
     stages["build_s"] = time.perf_counter() - t0
     data = TensorDataset(torch.randn(args.images, *shape), torch.randint(0, 1000, (args.images,)))
     costs = {n: c.cost("flops") for n, c in candidates.items()}

@@ -24,22 +24,17 @@ import torch.nn.functional as F
 from svdnas.cost import model_macs
 from svdnas.models import build_model
 from svdnas.pipeline import CompressConfig, _limit_groups
-from svdnas.search import MixedLayer, grid_candidates
-from svdnas.surgery import example_input, select_targets, set_submodule, trace_layers
+from svdnas.search import MixedLayer, build_supernet, grid_candidates
+from svdnas.surgery import example_input, select_targets, trace_layers
 
 
-def build_supernet(model, shape, filt, fractions, max_groups, sampling):
+def supernet_for(model, shape, filt, fractions, max_groups, sampling):
     infos = trace_layers(model, example_input(model, shape))
     targets, _ = select_targets(model, infos, filt)
-    net = copy.deepcopy(model)
-    n = 0
     t0 = time.perf_counter()
-    for name in targets:
-        layer = net.get_submodule(name)
-        cands = _limit_groups(grid_candidates(name, layer, infos[name].input_hw, fractions), max_groups)
-        n += len(cands) - 1
-        set_submodule(net, name, MixedLayer(layer, cands, sampling))
-    return net, n, time.perf_counter() - t0
+    cands = {n: _limit_groups(grid_candidates(n, model.get_submodule(n), infos[n].input_hw, fractions), max_groups) for n in targets}
+    net, _ = build_supernet(model, cands, sampling)
+    return net, sum(len(c) - 1 for c in cands.values()), time.perf_counter() - t0
 
 
 def main() -> None:
@@ -71,7 +66,7 @@ def main() -> None:
 
     nets, build = {}, {}
     for sampling in ("mixed", "two"):
-        net, n, secs = build_supernet(model, shape, info.default_filter, fractions, args.max_groups, sampling)
+        net, n, secs = supernet_for(model, shape, info.default_filter, fractions, args.max_groups, sampling)
         net.eval()
         for prm in net.parameters():
             prm.requires_grad_(False)

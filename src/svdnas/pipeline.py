@@ -22,9 +22,9 @@ from svdnas.evaluate import batches
 from svdnas.plan import Plan
 from svdnas.runreport import build_report, write_run
 from svdnas.search import (
-    MixedLayer,
     SearchConfig,
     SearchHistory,
+    build_supernet,
     fraction_grid,
     grid_candidates,
     search,
@@ -33,7 +33,7 @@ from svdnas.search import (
 from svdnas.search.candidates import LayerCandidates
 from svdnas.search.proxy import capture_inputs, keep_families, output_errors
 from svdnas.spec import LowRankSpec
-from svdnas.surgery import FilterFn, apply_plan, example_input, select_targets, set_submodule, trace_layers
+from svdnas.surgery import FilterFn, apply_plan, example_input, select_targets, trace_layers
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("flops", "params")
@@ -152,11 +152,8 @@ def _search_once(
 ) -> tuple[dict[str, list[LowRankSpec]], SearchHistory]:
     """Build the super model over ``candidates``, learn its logits, pick one candidate per layer."""
     t0 = time.perf_counter()
-    supernet = copy.deepcopy(model)
-    mixed: dict[str, MixedLayer] = {}
-    for name, cands in candidates.items():
-        mixed[name] = MixedLayer(supernet.get_submodule(name), cands, sconf.sampling).to(device)
-        set_submodule(supernet, name, mixed[name])
+    supernet, mixed = build_supernet(model, candidates, sconf.sampling)
+    supernet.to(device)
     seconds[prefix + "build"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

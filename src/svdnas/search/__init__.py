@@ -3,9 +3,16 @@
 from svdnas.search.candidates import LayerCandidates, fraction_grid, grid_candidates
 from svdnas.search.loop import SearchConfig, SearchHistory, search
 from svdnas.search.select import select_within_budget
-from svdnas.search.supernet import MixedLayer
+from svdnas.search.supernet import MixedLayer, build_supernet
 
 __all__ = [
-    "LayerCandidates", "MixedLayer", "SearchConfig", "SearchHistory", "fraction_grid", "grid_candidates", "search",
+    "LayerCandidates",
+    "MixedLayer",
+    "SearchConfig",
+    "SearchHistory",
+    "build_supernet",
+    "fraction_grid",
+    "grid_candidates",
+    "search",
     "select_within_budget",
 ]

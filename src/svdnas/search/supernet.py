@@ -146,3 +146,19 @@ class MixedLayer(nn.Module):
         old = torch.logsumexp(before[idx], 0)
         new = torch.logsumexp(self.theta[idx], 0)
         self.theta[idx] -= new - old
+
+
+def build_supernet(
+    model: nn.Module, candidates: dict[str, LayerCandidates], sampling: str = "mixed"
+) -> tuple[nn.Module, dict[str, MixedLayer]]:
+    """A copy of ``model`` whose layers named in ``candidates`` are super blocks (the original is untouched)."""
+    import copy
+
+    from svdnas.surgery import set_submodule
+
+    net = copy.deepcopy(model)
+    layers: dict[str, MixedLayer] = {}
+    for name, cands in candidates.items():
+        layers[name] = MixedLayer(net.get_submodule(name), cands, sampling)
+        set_submodule(net, name, layers[name])
+    return net, layers
