@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -62,17 +63,17 @@ def _input_shape(args: argparse.Namespace, info, data) -> tuple[int, int, int]:
     raise SvdnasError(f"cannot tell the input shape of {info.spec}; give --input-shape C,H,W")
 
 
-def _model_and_data(args: argparse.Namespace, device: torch.device):
-    """The MODEL and the labelled DATA of a command, checked against each other."""
+def _model_and_data(args: argparse.Namespace, device: torch.device, data_free: bool = False):
+    """The MODEL and the labelled DATA of a command, checked against each other (DATA may be none only when ``data_free``)."""
     from svdnas.data import load_data
     from svdnas.models import build_model
 
     model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
     data = load_data(args.data)
-    if data is None:
+    if data is None and not data_free:
         raise SvdnasError(f"{args.command} needs real data: --data none works only with --mode data-free")
     shape = _input_shape(args, info, data)
-    if tuple(shape) != tuple(data.input_shape):
+    if data is not None and tuple(shape) != tuple(data.input_shape):
         raise SvdnasError(f"{args.model} expects inputs {tuple(shape)}, but {args.data} has {data.input_shape}")
     return model.to(device), info, data, shape
 
@@ -142,12 +143,12 @@ def _prepare_out(out: str, overwrite: bool, resume: bool = False) -> None:
         raise SvdnasError(f"--out {out} exists and is not a directory")
     if (d / "report.json").exists() and not overwrite:
         raise SvdnasError(f"{out} already holds a finished run; pass --overwrite to replace it")
-    stale = list(d.glob("checkpoint-*.pt")) if d.is_dir() else []
+    stale = [*d.glob("checkpoint-*.pt"), *d.glob("*.partial")] if d.is_dir() else []
     if stale and not resume:
         if not overwrite:
             raise SvdnasError(f"{out} holds the checkpoints of an unfinished run; pass --resume to continue it or --overwrite to start again")
         for path in stale:
-            path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     d.mkdir(parents=True, exist_ok=True)
 
 
@@ -175,13 +176,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise SvdnasError("give --reduction or --beta, not both")
     if args.reduction is None and args.beta is None:
         raise SvdnasError("give --reduction R (share of the cost to remove) or --beta X")
-    if args.mode != "post-training":
-        raise SvdnasError(f"--mode {args.mode} is not available yet; use --mode post-training")
     from svdnas import distributed as ddp
 
     device = _device(args.device)
     ddp.init(device)
-    model, info, data, shape = _model_and_data(args, device)
+    model, info, data, shape = _model_and_data(args, device, data_free=args.mode == "data-free")
     search = SearchConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sampling=args.sampling, target=0.5,
     )
@@ -189,6 +188,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         reduction=args.reduction, beta=args.beta, objective=args.objective, filter=args.filter or info.default_filter,
         grid=_grid(args.grid), max_groups=None if args.max_groups == 0 else args.max_groups,
         search_images=args.search_images, families=args.families, branches=args.branches, search_loss=args.search_loss, search=search,
+        mode=args.mode, finetune=_finetune_config(args), synth=_synth_config(args, args.synth_images),
+        synthetic_path=args.synthetic, synth_val=args.synth_val, synth_test=args.synth_test,
     )
     if ddp.is_main():
         _prepare_out(args.out, args.overwrite, args.resume)
@@ -206,7 +207,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     try:
         result = compress(
-            model, data, config, shape, device=device, seed=args.seed, out=args.out if ddp.is_main() else None,
+            model, data, config, shape, device=device, seed=args.seed, out=args.out,
             model_spec=info.spec, progress=progress, resume=True,
         )
     finally:
@@ -218,13 +219,136 @@ def cmd_compress(args: argparse.Namespace) -> int:
         return 0
     r = result.report
     print(f"{info.spec}: FLOPs -{100 * r['flops']['reduction']:.2f}%  params -{100 * r['params']['reduction']:.2f}%")
-    print(f"top-1 {r['top1']['original']:.2f}% -> {r['top1']['compressed']:.2f}% (drop {r['top1']['drop_pp']:.2f}pp)")
+    _print_outcome(r)
     if "branches" in r:
         for b in ("b1", "b2"):
             x = r["branches"][b]
             print(f"  {b.upper()}: FLOPs -{100 * x['flops']['reduction']:.2f}%  top-1 drop {x['top1']['drop_pp']:.2f}pp")
     _write_report_quietly(args.out)
     print(f"search {r['seconds']['search']:.1f}s, total {r['seconds']['total']:.1f}s; run directory {args.out}")
+    return 0
+
+
+def _print_outcome(r: dict) -> None:
+    """Accuracy (before and after recovery) and fidelity lines of a report."""
+    rec = r.get("recovery")
+    if r.get("top1"):
+        if rec and "before" in rec:
+            print(f"top-1 after compression {rec['before']['top1']:.2f}%, after {rec['mode']} recovery {r['top1']['compressed']:.2f}%")
+        print(f"top-1 {r['top1']['original']:.2f}% -> {r['top1']['compressed']:.2f}% (drop {r['top1']['drop_pp']:.2f}pp)")
+    if r.get("fidelity"):
+        f = r["fidelity"]
+        print(f"top-1 agreement with the original on {f['images']} held-out synthetic images: {f['top1_agreement']:.2f}%")
+
+
+def _finetune_config(args: argparse.Namespace):
+    from svdnas.distill import FinetuneConfig
+
+    if args.mode == "post-training":
+        return None
+    mode = "synthetic" if args.mode == "data-free" else args.mode
+    return FinetuneConfig(
+        mode=mode, epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.finetune_batch_size,
+        shots=args.shots, val_images=args.val_images,
+    )
+
+
+def _synth_config(args: argparse.Namespace, num: int):
+    from svdnas.synthetic import SynthConfig
+
+    return SynthConfig(
+        num=num, batch_size=args.synth_batch_size, iterations=args.synth_iterations, lr=args.synth_lr,
+        image_weight=args.image_weight, channel_mean=not args.no_channel_mean,
+    )
+
+
+def _recovery_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shots", type=int, default=1000, help="few-shot: labelled training images to learn on")
+    p.add_argument("--val-images", type=int, default=1000, help="training images held out to steer the fine-tuning schedule")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="most epochs of fine-tuning (default: 60, or 3 with --mode full)")
+    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--finetune-batch-size", type=int, default=64)
+    p.add_argument("--synthetic", default=None, help="reuse synthetic images written by `svdnas synth` (a .safetensors file)")
+    p.add_argument("--synth-images", type=int, default=1384, help="synthetic images to make (learning + --synth-val + --synth-test)")
+    p.add_argument("--synth-val", type=int, default=128, help="synthetic images held out to steer the schedule")
+    p.add_argument("--synth-test", type=int, default=256, help="synthetic images held out for the fidelity figure")
+    _synth_args(p)
+
+
+def _synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--synth-batch-size", type=int, default=32, help="images optimised together")
+    p.add_argument("--synth-iterations", type=int, default=500)
+    p.add_argument("--synth-lr", type=float, default=0.5)
+    p.add_argument("--image-weight", type=float, default=1.0, help="lambda, the weight of the per-image mean/std term")
+    p.add_argument("--no-channel-mean", action="store_true", help="sum each BatchNorm layer's term over channels (ZeroQ) instead of averaging")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from svdnas.models import build_model
+    from svdnas.synthetic import generate, meta_path, require_batchnorm, save_synthetic
+
+    _need(args, "num", "out")
+    device = _device(args.device)
+    model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
+    shape = _input_shape(args, info, None)
+    require_batchnorm(model, info.spec)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise SvdnasError(f"--out must name a .safetensors file, got {args.out}")
+    if meta_path(out).exists() and not args.overwrite:
+        raise SvdnasError(f"{out} already holds synthetic images; pass --overwrite to replace them")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.with_name(out.stem + ".partial")
+    if args.overwrite:
+        shutil.rmtree(work, ignore_errors=True)
+    config = _synth_config(args, args.num)
+    with _progress(args, -(-args.num // config.batch_size), "synthetic") as bar:
+        synthetic = generate(model.to(device), shape, config, args.seed, device, work, lambda d, t: bar.update(d - bar.n))
+    paths = save_synthetic(out, synthetic)
+    shutil.rmtree(work, ignore_errors=True)
+    finals = [c[-1] for c in synthetic.meta["loss"]]
+    print(f"{len(synthetic.images)} synthetic images from {info.spec} in {synthetic.meta['seconds']:.1f}s; "
+          f"statistics loss {sum(finals) / len(finals):.4f} (mean final); wrote {', '.join(str(p) for p in paths)} and {meta_path(out)}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from svdnas.data import load_data
+    from svdnas.models import build_model
+    from svdnas.recovery import finetune
+
+    _need(args, "data", "out", "mode")
+    device = _device(args.device)
+    data = load_data(args.data)
+    if data is None and args.mode != "data-free":
+        raise SvdnasError(f"--mode {args.mode} needs real data: --data none works only with --mode data-free")
+    teacher = None
+    if args.teacher is not None:
+        teacher, _ = build_model(args.teacher, args.teacher_weights, allow_code=args.allow_code)
+    _prepare_out(args.out, args.overwrite, args.resume)
+    _save_config(args)
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, desc="finetune", unit="step", disable=args.quiet or not sys.stdout.isatty(), dynamic_ncols=True)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar.set_description(stage)
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    try:
+        _, r = finetune(
+            args.dir, args.mode, data, args.out, _finetune_config(args), _synth_config(args, args.synth_images), args.synthetic,
+            args.synth_val, args.synth_test, teacher, device, args.seed, args.allow_code, resume=True, progress=progress,
+        )
+    finally:
+        bar.close()
+    print(f"{args.dir} fine-tuned ({args.mode}): FLOPs -{100 * r['flops']['reduction']:.2f}%")
+    _print_outcome(r)
+    _write_report_quietly(args.out)
+    print(f"fine-tuning {r['seconds']['finetune']:.1f}s; run directory {args.out}")
     return 0
 
 
@@ -334,8 +458,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--families", type=int, default=4, help="families kept per layer by the output-error proxy (0: all)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoints in --out")
+    _recovery_args(p)
     _common(p)
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("synth", help="synthetic images from the model's BatchNorm statistics")
+    _model_args(p)
+    p.add_argument("--num", type=int, default=None, help="images to make")
+    p.add_argument("--out", default=None, help=".safetensors file to write (shards beside it when large)")
+    p.add_argument("--overwrite", action="store_true")
+    _synth_args(p)
+    _common(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("finetune", help="knowledge-distillation recovery of a compressed run directory")
+    p.add_argument("dir", help="a run directory written by compress or baseline")
+    p.add_argument("--data", default=None, help="fmnist, fmnist:DIR, imagefolder:DIR (none: data-free only)")
+    p.add_argument("--mode", default=None, choices=["synthetic", "few-shot", "full", "data-free"])
+    p.add_argument("--out", default=None, help="run directory to write")
+    p.add_argument("--teacher", default=None, help="the original model (default: the run's base model with its weights)")
+    p.add_argument("--teacher-weights", default=None)
+    p.add_argument("--allow-code", action="store_true", help="let a module: base be rebuilt (runs its code)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue a killed fine-tuning from its checkpoint in --out")
+    _recovery_args(p)
+    _common(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("baseline", help="a published competitor at the same budget, same outputs as compress")
     p.add_argument("method", choices=["uniform", "energy", "lrs2"])

@@ -17,9 +17,20 @@ from torch import nn
 from svdnas import distributed as ddp
 from svdnas.cost import count_params, layer_cost, model_macs
 from svdnas.data import DataBundle, search_subset
-from svdnas.errors import BudgetError, SpecError
-from svdnas.evaluate import batches
+from svdnas.distill import FinetuneConfig
+from svdnas.errors import BudgetError, DataError, SpecError
+from svdnas.evaluate import batches, evaluate
 from svdnas.plan import Plan
+from svdnas.recovery import (
+    RECOVERY_MODES,
+    SyntheticSplits,
+    fidelity,
+    obtain_synthetic,
+    recover,
+    soft_labels,
+    split_synthetic,
+    synthetic_summary,
+)
 from svdnas.runreport import build_report, write_run
 from svdnas.search import (
     SearchConfig,
@@ -34,9 +45,11 @@ from svdnas.search.candidates import LayerCandidates
 from svdnas.search.proxy import capture_inputs, keep_families, output_errors
 from svdnas.spec import LowRankSpec
 from svdnas.surgery import FilterFn, apply_plan, example_input, select_targets, trace_layers
+from svdnas.synthetic import SynthConfig, require_batchnorm
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("flops", "params")
+MODES = ("post-training", *RECOVERY_MODES)
 
 
 @dataclass
@@ -58,6 +71,13 @@ class CompressConfig:
         search_loss: ``ce`` on the labels (the paper), or ``kd``: cross-entropy against the original
             model's softmax on the same images (its soft labels).
         search: the search loop's settings (its ``target``/``beta`` are filled in from above).
+        mode: ``post-training`` (no recovery), ``synthetic``, ``few-shot``, ``full`` or ``data-free``
+            (search on synthetic images with the original model's soft labels, then synthetic recovery).
+        finetune: the recovery's settings (None: the paper's for the mode).
+        synth: how synthetic images are made (synthetic and data-free modes).
+        synthetic_path: reuse images written by ``svdnas synth`` instead of making new ones.
+        synth_val, synth_test: synthetic images held out for the recovery's schedule and for the
+            fidelity figure (top-1 agreement with the original).
     """
 
     reduction: float | None = None
@@ -72,8 +92,18 @@ class CompressConfig:
     branches: int = 1
     search_loss: str = "ce"
     search: SearchConfig | None = None
+    mode: str = "post-training"
+    finetune: FinetuneConfig | None = None
+    synth: SynthConfig | None = None
+    synthetic_path: str | None = None
+    synth_val: int = 128
+    synth_test: int = 256
 
     def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise SpecError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.synth_val < 1 or self.synth_test < 1:
+            raise SpecError("synthetic validation and fidelity image counts must be positive")
         if (self.reduction is None) == (self.beta is None):
             raise SpecError("give exactly one of --reduction and --beta")
         if self.reduction is not None and not 0 < self.reduction < 1:
@@ -132,6 +162,44 @@ def _soft_labelled(model: nn.Module, subset, device) -> torch.utils.data.TensorD
         xs.append(x)
         ps.append(torch.softmax(model(x.to(device)), 1).cpu())
     return torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ps))
+
+
+def _search_data(data: DataBundle, config: CompressConfig, seed: int):
+    """The labelled search subset and, apart from it, the proxy's images (None when the proxy is off)."""
+    available = len(data.train)  # type: ignore[arg-type]
+    if config.search_images > available:
+        raise SpecError(f"--search-images {config.search_images} exceeds the {available} training images")
+    subset, search_idx = search_subset(data.train, config.search_images, seed)
+    n_proxy = min(config.proxy_images, available - config.search_images)
+    if config.families > 0 and n_proxy < 1:
+        raise SpecError(f"no training image is left for the proxy after {config.search_images} search images; lower --search-images or pass --families 0")
+    proxy_set, _ = search_subset(data.train, n_proxy, seed + 1, exclude=search_idx) if config.families > 0 else (None, None)
+    return subset, proxy_set
+
+
+def _synthetic(model, shape, config: CompressConfig, seed: int, device, out, progress, seconds: dict[str, float]) -> SyntheticSplits:
+    """The run's synthetic images (made, resumably in ``out``, or reused), split for learning, validation and fidelity."""
+    t0 = time.perf_counter()
+    synth = config.synth or SynthConfig()
+    synthetic = obtain_synthetic(
+        model, shape, synth, seed, device, Path(out) if out is not None else None, config.synthetic_path,
+        (lambda d, t: progress("synthetic", d, t)) if progress is not None else None,
+    )
+    seconds["synthetic"] = time.perf_counter() - t0
+    return split_synthetic(synthetic, config.synth_val, config.synth_test)
+
+
+def _synthetic_search_data(model, splits: SyntheticSplits, config: CompressConfig, device):
+    """Data-free search images (the original model's soft labels) and proxy images, both synthetic."""
+    n = len(splits.train)
+    n_search = min(config.search_images, n)
+    subset = soft_labels(model, splits.train[:n_search], device)
+    proxy = splits.train[n_search : n_search + config.proxy_images]
+    if config.families > 0 and len(proxy) == 0:
+        log.warning("every synthetic training image is a search image; the proxy reuses them (make more with --synth-images)")
+        proxy = splits.train[: config.proxy_images]
+    proxy_set = torch.utils.data.TensorDataset(proxy, torch.zeros(len(proxy), dtype=torch.long)) if config.families > 0 else None
+    return subset, proxy_set
 
 
 def _search_once(
@@ -222,7 +290,7 @@ def _second_branch_candidates(
 
 def compress(
     model: nn.Module,
-    data: DataBundle,
+    data: DataBundle | None,
     config: CompressConfig,
     input_shape: tuple[int, int, int] | None = None,
     filter_fn: FilterFn | str | None = None,
@@ -239,6 +307,7 @@ def compress(
     Args:
         model: a pre-trained model.
         data: labelled data; search images come from its training split, accuracy from its test split.
+            None only in ``data-free`` mode (accuracies are then None; ``fidelity`` is reported).
         config: budget, objective and search settings.
         input_shape: (C, H, W) of one input; defaults to the data's.
         filter_fn: which layers to compress (a preset name or a function); defaults to the config's,
@@ -252,7 +321,11 @@ def compress(
     """
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
-    shape = tuple(input_shape or data.input_shape)
+    if data is None and config.mode != "data-free":
+        raise DataError(f"--mode {config.mode} needs real data: --data none works only with --mode data-free")
+    if input_shape is None and data is None:
+        raise SpecError("without data, give the input shape (--input-shape C,H,W)")
+    shape = tuple(input_shape or data.input_shape)  # type: ignore[union-attr]
     model = model.to(device).eval()
     torch.manual_seed(seed)
 
@@ -277,15 +350,15 @@ def compress(
     seconds["candidates"] = time.perf_counter() - t0
 
     # 2. pruning by the output-error proxy on images kept apart from the search images
+    splits: SyntheticSplits | None = None
+    if config.mode in ("synthetic", "data-free") and config.synthetic_path is None:
+        require_batchnorm(model, model_spec)  # fail before the search, not after it
+    if config.mode == "data-free":
+        splits = _synthetic(model, shape, config, seed, device, out, progress, seconds)
+        subset, proxy_set = _synthetic_search_data(model, splits, config, device)
+    else:
+        subset, proxy_set = _search_data(data, config, seed)
     t0 = time.perf_counter()
-    available = len(data.train)  # type: ignore[arg-type]
-    if config.search_images > available:
-        raise SpecError(f"--search-images {config.search_images} exceeds the {available} training images")
-    subset, search_idx = search_subset(data.train, config.search_images, seed)
-    n_proxy = min(config.proxy_images, available - config.search_images)
-    if config.families > 0 and n_proxy < 1:
-        raise SpecError(f"no training image is left for the proxy after {config.search_images} search images; lower --search-images or pass --families 0")
-    proxy_set, _ = search_subset(data.train, max(n_proxy, 1), seed + 1, exclude=search_idx) if config.families > 0 else (None, None)
     kept = 1 - config.reduction if config.reduction is not None else sum(fractions) / len(fractions)
     if config.families > 0:
         inputs = capture_inputs(model, list(candidates), proxy_set, device)
@@ -297,7 +370,7 @@ def compress(
     fixed = total - sum(c[0] for c in costs.values())
     log.info("%d target layers, %d candidates (grid %s..%s)", len(candidates), sum(len(c) - 1 for c in candidates.values()), fractions[0], fractions[-1])
 
-    if config.search_loss == "kd":
+    if config.search_loss == "kd" and config.mode != "data-free":
         subset = _soft_labelled(model, subset, device)
 
     # 3-5. super model, search, selection within the budget
@@ -327,27 +400,54 @@ def compress(
             history = {"b1": history, "b2": history2}
     compressed = apply_plan(copy.deepcopy(model), plan)
     hist = {k: v.to_dict() for k, v in history.items()} if isinstance(history, dict) else history.to_dict()
+
+    # 6. recovery by distillation
+    recovery: dict[str, Any] | None = None
+    seconds["finetune"] = 0.0
+    if config.mode != "post-training":
+        before = evaluate(compressed, data.test, device) if data is not None and ddp.is_main() else None
+        if config.mode == "synthetic":
+            splits = _synthetic(model, shape, config, seed, device, out, progress, seconds)
+        ckpt = Path(out) / "checkpoint-finetune.pt" if out is not None and resume else None
+        fconf = config.finetune or FinetuneConfig(mode="synthetic" if config.mode == "data-free" else config.mode)
+        recovery = recover(
+            model, compressed, plan, config.mode, fconf, data, splits, device, seed, ckpt,
+            (lambda d, t: progress("finetune", d, t)) if progress is not None else None,
+        )
+        seconds["finetune"] = recovery["seconds"]
+        if before is not None:
+            recovery["before"] = before
     if not ddp.is_main():  # under torchrun, rank 0 evaluates and writes
         return CompressResult(compressed, plan, {}, hist)
 
-    # 6. evaluation and report
+    # 7. evaluation and report
     t0 = time.perf_counter()
     header = {
-        "model": model_spec, "method": "svdnas", "mode": "post-training", "objective": config.objective, "seed": seed,
-        "reduction_target": config.reduction, "beta": config.beta, "sampling": sconf.sampling, "search_loss": config.search_loss,
+        "model": model_spec, "method": "svdnas", "mode": config.mode, "objective": config.objective, "seed": seed,
+        "reduction_target": config.reduction, "beta": config.beta, "sampling": sconf.sampling,
+        "search_loss": "kd" if config.mode == "data-free" else config.search_loss,
     }
     report = build_report(model, compressed, plan, infos, shape, data, device, header, reference=reference)
+    if recovery is not None:
+        if data is not None:
+            recovery["after"] = {"top1": report["top1"]["compressed"], "top5": report["top5"]["compressed"]}
+        report["recovery"] = recovery
+    if splits is not None:
+        report["fidelity"] = fidelity(compressed, model, splits.test, device)
+        report["synthetic"] = synthetic_summary(splits.meta) | {"images": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}}
     seconds["evaluate"] = time.perf_counter() - t0
-    seconds["finetune"] = 0.0
     seconds["total"] = time.perf_counter() - t_start
     for entry in report["layers"]:
         entry["candidates"] = len(candidates[entry["name"]]) - 1 if entry["name"] in candidates else 0
     report["seconds"] = seconds
+    synthetic_search = config.mode == "data-free"
     report["data"] = {
-        "spec": data.name, "search_images": len(subset), "search_split": "train (fixed subset drawn with --seed)",
-        "proxy_images": len(proxy_set) if proxy_set is not None else 0, "proxy_split": "train, apart from the search images",
+        "spec": data.name if data is not None else "none", "search_images": len(subset),
+        "search_split": "synthetic images with the original model's soft labels" if synthetic_search else "train (fixed subset drawn with --seed)",
+        "proxy_images": len(proxy_set) if proxy_set is not None else 0,
+        "proxy_split": "synthetic images, apart from the search images" if synthetic_search else "train, apart from the search images",
         "processes": ddp.world_size(),
-        "evaluation_images": len(data.test), "evaluation_split": "test",
+        "evaluation_images": len(data.test) if data is not None else 0, "evaluation_split": "test" if data is not None else None,
     }
     report["search"] = {"config": asdict(sconf), "grid": fractions, "candidates": sum(len(c) - 1 for c in candidates.values()), "branches": config.branches}
     report["skipped"] = [{"name": n, "reason": r} for n, r in skipped.items()]

@@ -1,0 +1,262 @@
+"""Synthetic images from BatchNorm statistics, distillation, and the recovery modes of compress/finetune."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from svdnas.data import load_data
+from svdnas.distill import FinetuneConfig, NonFiniteError, distill, distill_loss
+from svdnas.errors import DataError, SpecError
+from svdnas.pipeline import CompressConfig, compress
+from svdnas.recovery import split_synthetic
+from svdnas.search import SearchConfig
+from svdnas.synthetic import SynthConfig, SyntheticSet, generate, load_synthetic, save_synthetic, statistics_loss
+from tests.conftest import TinyNet
+from tests.test_pipeline import trained_tiny, tiny_module  # noqa: F401  (fixtures)
+
+FAST = SynthConfig(num=40, batch_size=16, iterations=30, lr=0.2)
+
+
+def test_statistics_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).eval()
+    bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    bn.running_var.copy_(torch.tensor([4.0, 0.25, 1.0]))
+    x = torch.randn(5, 3, 4, 4) * 1.5 + 0.3
+    mean = x.mean((0, 2, 3))
+    std = (x.var((0, 2, 3), unbiased=False) + bn.eps).sqrt()
+    per_channel = (mean - bn.running_mean) ** 2 + (std - (bn.running_var + bn.eps).sqrt()) ** 2
+    prior = (x.flatten(2).mean(2) ** 2 + (x.flatten(2).std(2) - 1) ** 2).sum(1).mean()
+    for channel_mean, reduce in ((True, per_channel.mean()), (False, per_channel.sum())):
+        cfg = SynthConfig(image_weight=0.7, channel_mean=channel_mean)
+        got = statistics_loss(bn, [("bn", bn)], x, cfg)
+        torch.testing.assert_close(got, reduce + 0.7 * prior)
+
+
+def test_generation_lowers_the_loss_and_is_reproducible(trained_tiny):
+    model, _ = trained_tiny
+    a = generate(model, (1, 28, 28), FAST, seed=3)
+    b = generate(model, (1, 28, 28), FAST, seed=3)
+    assert a.images.shape == (40, 1, 28, 28) and a.images.dtype == torch.float32
+    assert torch.equal(a.images, b.images)
+    for curve in a.meta["loss"]:
+        assert curve[-1] < 0.5 * curve[0]
+    assert all(p.requires_grad for p in model.parameters()) or not any(p.requires_grad for p in model.parameters())
+
+
+def test_killed_generation_resumes_to_the_same_images(trained_tiny, tmp_path):
+    model, _ = trained_tiny
+    whole = generate(model, (1, 28, 28), FAST, seed=1)
+
+    def die(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(model, (1, 28, 28), FAST, seed=1, workdir=tmp_path / "w", progress=die)
+    assert len(list((tmp_path / "w").glob("batch-*.safetensors"))) == 2
+    resumed = generate(model, (1, 28, 28), FAST, seed=1, workdir=tmp_path / "w")
+    assert torch.equal(whole.images, resumed.images)
+    with pytest.raises(SpecError, match="different generation"):
+        generate(model, (1, 28, 28), FAST, seed=2, workdir=tmp_path / "w")
+
+
+def test_save_and_load_in_shards(tmp_path):
+    images = torch.randn(10, 1, 4, 4)
+    cfg = SynthConfig(num=10, shard_size=4)
+    paths = save_synthetic(tmp_path / "s.safetensors", SyntheticSet(images, {"format": "svdnas-synthetic/1", "config": vars(cfg), "loss": []}))
+    assert [p.name for p in paths] == [f"s-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert torch.equal(load_synthetic(tmp_path / "s.safetensors").images, images)
+    paths[1].unlink()
+    with pytest.raises(DataError, match="cannot read synthetic shard"):
+        load_synthetic(tmp_path / "s.safetensors")
+    with pytest.raises(DataError, match="missing"):
+        load_synthetic(tmp_path / "other.safetensors")
+
+
+def test_split_keeps_parts_apart():
+    s = SyntheticSet(torch.arange(20.0).view(20, 1, 1, 1), {})
+    parts = split_synthetic(s, 3, 5)
+    assert (len(parts.train), len(parts.val), len(parts.test)) == (12, 3, 5)
+    assert torch.equal(torch.cat([parts.train, parts.val, parts.test]), s.images)
+    with pytest.raises(SpecError):
+        split_synthetic(s, 10, 10)
+
+
+def test_few_shot_loss_reduces_to_ce_when_student_equals_teacher():
+    z = torch.randn(6, 10)
+    y = torch.randint(0, 10, (6,))
+    out = {"a": torch.randn(6, 3)}
+    cfg = FinetuneConfig(mode="few-shot")
+    got = distill_loss("few-shot", z, z.clone(), out, {"a": out["a"].clone()}, y, cfg)
+    torch.testing.assert_close(got, 0.05 * nn.functional.cross_entropy(z, y))
+    shifted = distill_loss("synthetic", z, z, {"a": out["a"] + 1}, out, y, cfg)
+    torch.testing.assert_close(shifted, torch.tensor(1.0))
+
+
+def _compressed(model):
+    from svdnas.plan import Plan
+    from svdnas.spec import LowRankSpec
+    from svdnas.surgery import apply_plan
+    import copy
+
+    plan = Plan({"body.0": [LowRankSpec((3, 1), (1, 1), 2)], "body.4": [LowRankSpec((1, 1), (1, 1), 3)]})
+    return apply_plan(copy.deepcopy(model), plan), plan
+
+
+def _layer_error(student, teacher, x):
+    from svdnas.distill import _Outputs
+
+    hs, ht = _Outputs(student, ["body.4"]), _Outputs(teacher, ["body.4"])
+    with torch.no_grad():
+        student(x), teacher(x)
+    err = nn.functional.mse_loss(hs.out["body.4"], ht.out["body.4"]).item()
+    hs.remove(), ht.remove()
+    return err
+
+
+def test_synthetic_distillation_brings_layers_back(trained_tiny):
+    model, data = trained_tiny
+    student, plan = _compressed(model)
+    x = data.test.tensors[0][:200]
+    before = _layer_error(student, model, x)
+    synth = generate(model, (1, 28, 28), SynthConfig(num=96, batch_size=32, iterations=40, lr=0.2), seed=0)
+    parts = split_synthetic(synth, 16, 16)
+    train = torch.utils.data.TensorDataset(parts.train, torch.zeros(len(parts.train), dtype=torch.long))
+    val = torch.utils.data.TensorDataset(parts.val, torch.zeros(len(parts.val), dtype=torch.long))
+    hist = distill(student, model, ["body.0", "body.4"], train, val, FinetuneConfig(mode="synthetic", epochs=15, batch_size=16))
+    assert hist.metric == "agreement" and len(hist.val) >= 1
+    assert _layer_error(student, model, x) < 0.7 * before  # measured on real images it never saw
+
+
+def test_schedule_drops_the_rate_and_stops(trained_tiny):
+    model, data = trained_tiny
+    student, _ = _compressed(model)
+    x, y = data.train.tensors
+    train = torch.utils.data.TensorDataset(x[:64], y[:64])
+    val = torch.utils.data.TensorDataset(x[64:96], y[64:96])
+    cfg = FinetuneConfig(mode="few-shot", epochs=50, lr=2e-4, patience=0, batch_size=64)  # too small a rate to improve much
+    hist = distill(student, model, ["body.0", "body.4"], train, val, cfg)
+    assert hist.lr[0] == pytest.approx(2e-4)
+    assert len(hist.epoch) < 50 and "learning rate below" in hist.stopped
+
+
+def test_non_finite_loss_stops_with_the_step(trained_tiny, tmp_path):
+    model, data = trained_tiny
+    student, _ = _compressed(model)
+    with torch.no_grad():
+        student.head.weight[0, 0] = float("nan")
+    x, y = data.train.tensors
+    ds = torch.utils.data.TensorDataset(x[:32], y[:32])
+    with pytest.raises(NonFiniteError, match="epoch 1, step 1"):
+        distill(student, model, ["body.4"], ds, ds, FinetuneConfig(mode="full", epochs=2, batch_size=32))
+
+
+def test_killed_finetuning_resumes_to_the_same_weights(trained_tiny, tmp_path):
+    model, data = trained_tiny
+    x, y = data.train.tensors
+    train, val = torch.utils.data.TensorDataset(x[:128], y[:128]), torch.utils.data.TensorDataset(x[128:192], y[128:192])
+    cfg = FinetuneConfig(mode="few-shot", epochs=4, batch_size=32)
+    ref, _ = _compressed(model)
+    distill(ref, model, ["body.0", "body.4"], train, val, cfg, seed=5)
+
+    def die(done, total):
+        if done == 9:  # in the third epoch
+            raise KeyboardInterrupt
+
+    student, _ = _compressed(model)
+    ckpt = tmp_path / "ft.pt"
+    with pytest.raises(KeyboardInterrupt):
+        distill(student, model, ["body.0", "body.4"], train, val, cfg, seed=5, checkpoint=ckpt, progress=die)
+    student, _ = _compressed(model)
+    hist = distill(student, model, ["body.0", "body.4"], train, val, cfg, seed=5, checkpoint=ckpt)
+    assert hist.epoch == [1, 2, 3, 4]
+    for (k, a), b in zip(ref.state_dict().items(), student.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def _config(mode, **kw):
+    base = {
+        "reduction": 0.5, "search_images": 100, "proxy_images": 32, "mode": mode,
+        "search": SearchConfig(epochs=2, batch_size=50, target=0.5),
+        "finetune": FinetuneConfig(mode="synthetic" if mode == "data-free" else mode, epochs=3, shots=100, val_images=100, batch_size=50, lr=3e-4),
+        "synth": SynthConfig(num=200, batch_size=50, iterations=20, lr=0.2), "synth_val": 32, "synth_test": 32,
+    }
+    base.update(kw)
+    return CompressConfig(**base)
+
+
+@pytest.mark.parametrize("mode", ["few-shot", "synthetic"])
+def test_compress_with_recovery(trained_tiny, tmp_path, mode):
+    model, data = trained_tiny
+    r = compress(model, data, _config(mode), filter_fn="convs+linear", out=tmp_path).report
+    assert r["mode"] == mode and r["recovery"]["mode"] == mode
+    assert r["recovery"]["after"]["top1"] == r["top1"]["compressed"]
+    assert "before" in r["recovery"] and r["seconds"]["finetune"] > 0
+    assert r["flops"]["reduction"] >= 0.49
+    if mode == "synthetic":
+        assert (tmp_path / "synthetic.safetensors").is_file() and not (tmp_path / "synthetic.partial").exists()
+        assert r["synthetic"]["images"] == {"train": 136, "val": 32, "test": 32}
+        assert len(r["synthetic"]["loss_per_iteration"]) == 20
+        assert 0 <= r["fidelity"]["top1_agreement"] <= 100
+
+
+def test_data_free_reads_no_real_image(trained_tiny, tmp_path):
+    model, _ = trained_tiny
+    r = compress(model, None, _config("data-free"), input_shape=(1, 28, 28), filter_fn="convs+linear", out=tmp_path).report
+    assert r["top1"] is None and r["top5"] is None
+    assert r["data"]["spec"] == "none" and "synthetic" in r["data"]["search_split"]
+    assert r["fidelity"]["images"] == 32 and r["fidelity"]["top1_agreement"] > 10
+    with pytest.raises(DataError, match="data-free"):
+        compress(model, None, _config("few-shot"), input_shape=(1, 28, 28))
+
+
+def test_model_without_batchnorm_is_refused_before_the_search(trained_tiny):
+    _, data = trained_tiny
+    plain = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(10))
+    plain(torch.zeros(1, 1, 28, 28))
+    with pytest.raises(DataError, match="no BatchNorm.*post-training, few-shot or full"):
+        compress(plain, data, _config("synthetic"), filter_fn="convs")
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "svdnas", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_synth_then_finetune(tiny_module, tiny_fmnist, tmp_path):
+    spec, weights = tiny_module
+    data = f"fmnist:{tiny_fmnist}"
+    out = tmp_path / "s.safetensors"
+    p = _cli("synth", spec, "--weights", str(weights), "--input-shape", "1,28,28", "--num", "64", "--out", str(out),
+             "--synth-iterations", "5", "--synth-batch-size", "32")
+    assert p.returncode == 0, p.stderr
+    assert load_synthetic(out).images.shape == (64, 1, 28, 28)
+    p = _cli("synth", spec, "--weights", str(weights), "--input-shape", "1,28,28", "--num", "64", "--out", str(out))
+    assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "--overwrite" in p.stderr
+
+    run = tmp_path / "run"
+    p = _cli("compress", spec, "--weights", str(weights), "--data", data, "--reduction", "0.5", "--out", str(run),
+             "--filter", "convs+linear", "--epochs", "2", "--search-images", "100", "--quiet")
+    assert p.returncode == 0, p.stderr
+    ft = tmp_path / "ft"
+    p = _cli("finetune", str(run), "--data", data, "--mode", "synthetic", "--out", str(ft), "--synthetic", str(out),
+             "--synth-val", "16", "--synth-test", "16", "--finetune-epochs", "2", "--teacher", spec, "--teacher-weights", str(weights),
+             "--allow-code")
+    assert p.returncode == 0, p.stderr
+    r = json.loads((ft / "report.json").read_text())
+    assert r["mode"] == "synthetic" and r["recovery"]["history"]["epoch"] == [1, 2]
+    assert r["plan" if "plan" in r else "layers"]
+    assert (ft / "plan.json").read_text() == (run / "plan.json").read_text()
+
+
+def test_cli_synth_refuses_a_model_without_batchnorm(tmp_path):
+    factory = tmp_path / "plain.py"
+    factory.write_text("from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())\n")
+    p = _cli("synth", f"module:{factory}:make", "--input-shape", "1,8,8", "--num", "4", "--out", str(tmp_path / "x.safetensors"))
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no BatchNorm" in lines[0] and "Traceback" not in p.stderr
