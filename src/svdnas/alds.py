@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from svdnas import functional as LF
 from svdnas.cost import layer_cost, rank_cost
+from svdnas.decompose import conv_weight
 from svdnas.errors import BudgetError
 from svdnas.plan import Plan
 from svdnas.space import divisors
@@ -37,11 +38,6 @@ from svdnas.spec import LowRankSpec
 from svdnas.surgery import LayerInfo
 
 logger = logging.getLogger(__name__)
-
-
-def _matrix_weight(layer: nn.Module) -> Tensor:
-    weight = layer.weight.detach()
-    return weight if weight.dim() == 4 else weight[:, :, None, None]
 
 
 def _worst_singular_values(weight: Tensor, k: int) -> Tensor:
@@ -69,7 +65,7 @@ def relative_error(layer: nn.Module, specs: Sequence[LowRankSpec]) -> float:
     if not specs:
         return 0.0
     (spec,) = specs
-    return float(subspace_errors(_matrix_weight(layer), spec.groups[0])[spec.rank])
+    return float(subspace_errors(conv_weight(layer).detach(), spec.groups[0])[spec.rank])
 
 
 def max_relative_error(model: nn.Module, plan: Plan) -> float:
@@ -82,7 +78,7 @@ class _Frontier:
     """A layer's options sorted by error, with the cheapest option among those up to each error."""
 
     name: str
-    options: list[tuple[int, int]]  # (k, rank) by ascending error; rank 0 = the layer left as it is
+    options: list[LowRankSpec | None]  # by ascending error; None: the layer left as it is
     errors: Tensor  # the options' errors, ascending
     cheapest: Tensor  # cheapest[p]: cost of the cheapest of the first p + 1 options
     which: Tensor  # which[p]: position of that option
@@ -93,22 +89,24 @@ class _Frontier:
 
 
 def _frontier(name: str, layer: nn.Module, hw: tuple[int, int], objective: str) -> _Frontier:
-    weight = _matrix_weight(layer)
+    weight = conv_weight(layer).detach()
     macs0, params0 = layer_cost(layer, hw)
     cost0 = float(params0 if objective == "params" else macs0)
     kernel = (weight.shape[2], weight.shape[3])
     ks = divisors(weight.shape[1]) if isinstance(layer, nn.Conv2d) else [1]
-    options, errors, costs = [(1, 0)], [torch.zeros(1, dtype=torch.float64)], [torch.tensor([cost0], dtype=torch.float64)]
+    options: list[LowRankSpec | None] = [None]
+    errors, costs = [torch.zeros(1, dtype=torch.float64)], [torch.tensor([cost0], dtype=torch.float64)]
     worst = {k: _worst_singular_values(weight, k) for k in ks}
     norm = worst[1][0].clamp_min(1e-300)  # ||W||_2
     for k in ks:
         err = worst[k] / norm
-        base, unit = rank_cost(layer, hw, LowRankSpec(kernel, (k, 1)), objective)
+        family = LowRankSpec(kernel, (k, 1))
+        base, unit = rank_cost(layer, hw, family, objective)
         top = min(len(err) - 1, math.ceil((cost0 - base) / unit) - 1)  # ranks costing less than the layer
         if top < 1:
             continue
         ranks = torch.arange(1, top + 1)
-        options += [(k, int(j)) for j in ranks]
+        options += [family.with_rank(int(j)) for j in ranks]
         errors.append(err[ranks])
         costs.append(base + unit * ranks.double())
     err_all, cost_all = torch.cat(errors), torch.cat(costs)
@@ -161,9 +159,8 @@ def alds_plan(
     worst = 0.0
     for f in frontiers:
         chosen = int(f.which[f.at(bound)])
-        k, rank = f.options[chosen]
-        kernel = tuple(_matrix_weight(model.get_submodule(f.name)).shape[2:])
-        plan.layers[f.name] = [LowRankSpec(kernel, (k, 1), rank)] if rank else []  # type: ignore[arg-type]
+        spec = f.options[chosen]
+        plan.layers[f.name] = [spec] if spec else []
         worst = max(worst, float(f.errors[chosen]))
     logger.info("ALDS: largest relative error %.4f over %d layers", worst, len(frontiers))
     return plan, worst

@@ -29,6 +29,7 @@ from torch import nn
 from svdnas import functional as LF
 from svdnas.alds import alds_plan
 from svdnas.cost import layer_cost, rank_cost
+from svdnas.decompose import conv_weight
 from svdnas.errors import BudgetError, SpecError
 from svdnas.fgroup import fgroup_pattern
 from svdnas.plan import Plan
@@ -64,10 +65,6 @@ class _Layer:
         return self.base + self.unit * rank
 
 
-def _weight(m: nn.Module) -> torch.Tensor:
-    return m.weight if isinstance(m, nn.Conv2d) else m.weight[:, :, None, None]
-
-
 def _make_layer(m: nn.Module, name: str, hw: tuple[int, int], family: LowRankSpec, max_rank: int, objective: str) -> _Layer:
     macs0, params0 = layer_cost(m, hw)
     base, unit = rank_cost(m, hw, family, objective)
@@ -78,7 +75,7 @@ def _prepare(model: nn.Module, infos: dict[str, LayerInfo], targets: Sequence[st
     layers = []
     for name in targets:
         m = model.get_submodule(name)
-        weight = _weight(m)
+        weight = conv_weight(m)
         first = split_kernel(split, (weight.shape[2], weight.shape[3]))
         s = LF.svd(weight, first, (1, 1)).s[0].double()
         layer = _make_layer(m, name, infos[name].input_hw, LowRankSpec(first), len(s), objective)
@@ -97,7 +94,7 @@ def _prepare_fgroup(model: nn.Module, infos: dict[str, LayerInfo], targets: Sequ
         if spare_last and stage == last:
             continue
         m = model.get_submodule(name)
-        o, i, kh, kw = _weight(m).shape
+        o, i, kh, kw = conv_weight(m).shape
         layer = _make_layer(m, name, infos[name].input_hw, spec, family_max_rank(spec, o, i, (kh, kw)), objective)
         layer.pattern_rank = spec.rank
         layers.append(layer)
@@ -186,22 +183,22 @@ def _bisect(layers: list[_Layer], rule: Callable[[_Layer, float], int], budget: 
 def _fgroup(model: nn.Module, infos: dict[str, LayerInfo], targets: Sequence[str], layers_budget: float,
             objective: str) -> tuple[Plan, dict[str, Any]]:
     """F-Group's plan: the last stage left alone as published, unless the budget needs it too."""
-    for spare_last in (True, False):
-        layers = _prepare_fgroup(model, infos, targets, objective, spare_last)
-        kept = {layer.name for layer in layers}
-        spared = [n for n in targets if n not in kept]
-        budget = layers_budget - sum(_costs0(model, infos, spared, objective))
-        try:
-            plan, knob = _bisect(layers, _rank_rule("fgroup", layers, {}), budget)
-        except _OverBudget:
-            if not spare_last:
-                raise
-            logger.warning("fgroup: the budget cannot be met with the last stage left alone; compressing it too")
-            continue
-        plan.layers.update({n: [] for n in spared})
-        plan.layers = {n: plan.layers[n] for n in targets}
-        return plan, {"rank_scale": knob * _fgroup_reach(layers), "last_stage_left_alone": spare_last}
-    raise AssertionError("unreachable")
+    try:
+        return _fgroup_at(model, infos, targets, layers_budget, objective, spare_last=True)
+    except _OverBudget:
+        logger.warning("fgroup: the budget cannot be met with the last stage left alone; compressing it too")
+        return _fgroup_at(model, infos, targets, layers_budget, objective, spare_last=False)
+
+
+def _fgroup_at(model: nn.Module, infos: dict[str, LayerInfo], targets: Sequence[str], layers_budget: float,
+               objective: str, spare_last: bool) -> tuple[Plan, dict[str, Any]]:
+    layers = _prepare_fgroup(model, infos, targets, objective, spare_last)
+    kept = {layer.name for layer in layers}
+    spared = [n for n in targets if n not in kept]
+    budget = layers_budget - sum(_costs0(model, infos, spared, objective))
+    plan, knob = _bisect(layers, _rank_rule("fgroup", layers, {}), budget)
+    plan.layers = {n: plan.layers.get(n, []) for n in targets}
+    return plan, {"rank_scale": knob * _fgroup_reach(layers), "last_stage_left_alone": spare_last}
 
 
 def _costs0(model: nn.Module, infos: dict[str, LayerInfo], names: Sequence[str], objective: str) -> list[float]:
@@ -232,7 +229,7 @@ def _plan_and_notes(
         if method == "fgroup":
             return _fgroup(model, infos, targets, layers_budget, objective)
         layers = _prepare(model, infos, targets, split, objective)
-        macs0 = {n: float(layer_cost(model.get_submodule(n), infos[n].input_hw)[0]) for n in targets}
+        macs0 = dict(zip(targets, _costs0(model, infos, targets, "flops")))
         plan, knob = _bisect(layers, _rank_rule(method, layers, macs0), layers_budget)
         return plan, {"knob": knob}
     except BudgetError as e:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from torch import nn
 
+from svdnas.decompose import conv_weight
 from svdnas.space import divisors
 from svdnas.spec import LowRankSpec, family_max_rank
 from svdnas.surgery import LayerInfo
@@ -52,8 +53,7 @@ def fgroup_pattern(model: nn.Module, infos: dict[str, LayerInfo], targets: Seque
     out = {}
     for name, stage in stages(infos, targets).items():
         layer = model.get_submodule(name)
-        weight = layer.weight if layer.weight.dim() == 4 else layer.weight[:, :, None, None]
-        o, i, kh, kw = weight.shape
+        o, i, kh, kw = conv_weight(layer).shape
         stage_groups = STAGE_GROUPS[stage] if stage < len(STAGE_GROUPS) else 1
         rank = max(1, round(o / stage_groups))
         groups = _nearest_divisor(i, i / rank) if isinstance(layer, nn.Conv2d) else 1
