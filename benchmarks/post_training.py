@@ -43,7 +43,7 @@ def main() -> None:
     from svdnas.evaluate import evaluate
 
     reference = evaluate(model, data.test)  # the original's accuracy, measured once for every row
-    methods = ["svdnas"] + [f"uniform-{s}" for s in SPLITS] + [f"energy-{s}" for s in SPLITS] + ["lrs2"]
+    methods = ["svdnas"] + [f"uniform-{s}" for s in SPLITS] + [f"energy-{s}" for s in SPLITS] + ["lrs2", "alds", "fgroup"]
     rows = []
     for r in args.reductions:
         for method in methods:

@@ -52,7 +52,7 @@ def test_eval_json_on_module_model(module_spec, tiny_fmnist):
         (["eval", "zoo:resnet18", "--weights", "/nonexistent.safetensors", "--data", "fmnist"], "does not exist"),
         (["eval", "zoo:resnet18", "--data", "fmnist:/nonexistent"], "Fashion-MNIST not found"),
         (["eval", "zoo:resnet18", "--data", "fmnist", "--device", "cuda"], "no CUDA GPU"),
-        (["baseline", "alds", "zoo:resnet18"], "invalid choice: 'alds'"),
+        (["baseline", "pca", "zoo:resnet18"], "invalid choice: 'pca'"),
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--beta", "4"], "not both"),
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "1.5"], "(0, 1)"),
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--objective", "latency"], "--objective must be one of"),

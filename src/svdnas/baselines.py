@@ -1,33 +1,46 @@
-"""The competitors the paper compares with, each tuned by one knob to meet the same budget.
+"""The competitors the paper compares with, each meeting the same budget.
 
 - ``uniform``: one rank fraction (of each layer's full rank) for every layer.
 - ``energy`` (TRP-style): per layer, the smallest rank keeping a share of sum(sigma^2); one share for all.
 - ``lrs2`` (Idelbayev and Carreira-Perpinan 2020, data-free as SVD-NAS ran it): the spatially
   separable split, and per layer the singular values with sigma^2 >= lambda x the layer's MACs.
+- ``alds`` (Liebenwein et al. 2021): per layer k channel subspaces and a rank, minimising the
+  largest relative error over the layers (:mod:`svdnas.alds`).
+- ``fgroup`` (Peng et al. 2018): the published filter-group pattern (:mod:`svdnas.fgroup`), its
+  ranks scaled by one common factor.
 
 ``uniform`` and ``energy`` take a kernel split (``kxk``, ``1x1``, ``kx1``, ``1xk``: what the first
-layer holds) or ``best`` (each split in turn, keeping the most accurate on the search images).
-The knob is bisected so that the whole model's reduction reaches the target; a layer whose
-decomposition would cost more than the layer itself is left as it is.
+layer holds) or ``best`` (each split in turn, keeping the most accurate on the search images); the
+other three have the split their papers fix. Except for ``alds``, which solves its problem
+directly, one knob is bisected so that the whole model's reduction reaches the target; a layer
+whose decomposition would cost at least as much as the layer itself is left as it is.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from svdnas import functional as LF
-from svdnas.cost import layer_cost
+from svdnas.alds import alds_plan
+from svdnas.cost import layer_cost, rank_cost
+from svdnas.decompose import conv_weight
 from svdnas.errors import BudgetError, SpecError
+from svdnas.fgroup import fgroup_pattern
 from svdnas.plan import Plan
-from svdnas.spec import LowRankSpec
+from svdnas.spec import LowRankSpec, family_max_rank
 from svdnas.surgery import LayerInfo
 
-METHODS = ("uniform", "energy", "lrs2")
+logger = logging.getLogger(__name__)
+
+METHODS = ("uniform", "energy", "lrs2", "alds", "fgroup")
 SPLITS = ("kxk", "1x1", "kx1", "1xk")
+FIXED_SPLITS = {"lrs2": "kx1", "alds": "kxk", "fgroup": "kxk"}  # methods whose paper fixes the split
 
 
 def split_kernel(split: str, kernel: tuple[int, int]) -> tuple[int, int]:
@@ -40,38 +53,63 @@ def split_kernel(split: str, kernel: tuple[int, int]) -> tuple[int, int]:
 @dataclass
 class _Layer:
     name: str
-    module: nn.Module
-    hw: tuple[int, int]
-    first: tuple[int, int]
-    sigma2: torch.Tensor  # squared singular values, descending
+    family: LowRankSpec  # split and groups; the rank is what the knob sets
+    max_rank: int
     cost0: float
     unit: float  # cost of one more rank
     base: float  # cost at rank 0 (a bias counted in params)
+    sigma2: torch.Tensor | None = None  # squared singular values, descending (uniform, energy, lrs2)
+    pattern_rank: int = 0  # fgroup: the rank of the published pattern
 
     def cost(self, rank: int) -> float:
         return self.base + self.unit * rank
+
+
+def _make_layer(m: nn.Module, name: str, hw: tuple[int, int], family: LowRankSpec, max_rank: int, objective: str) -> _Layer:
+    macs0, params0 = layer_cost(m, hw)
+    base, unit = rank_cost(m, hw, family, objective)
+    return _Layer(name, family, max_rank, float(params0 if objective == "params" else macs0), unit, base)
 
 
 def _prepare(model: nn.Module, infos: dict[str, LayerInfo], targets: Sequence[str], split: str, objective: str) -> list[_Layer]:
     layers = []
     for name in targets:
         m = model.get_submodule(name)
-        weight = m.weight if isinstance(m, nn.Conv2d) else m.weight[:, :, None, None]
-        kernel = (weight.shape[2], weight.shape[3])
-        first = split_kernel(split, kernel)
+        weight = conv_weight(m)
+        first = split_kernel(split, (weight.shape[2], weight.shape[3]))
         s = LF.svd(weight, first, (1, 1)).s[0].double()
-        macs0, params0 = layer_cost(m, infos[name].input_hw)
-        m1, p1 = layer_cost(m, infos[name].input_hw, [LowRankSpec(first, (1, 1), 1)])
-        m2, p2 = layer_cost(m, infos[name].input_hw, [LowRankSpec(first, (1, 1), 2)]) if len(s) > 1 else (2 * m1, 2 * p1)
-        cost0, c1, unit = (params0, p1, p2 - p1) if objective == "params" else (macs0, m1, m2 - m1)
-        layers.append(_Layer(name, m, infos[name].input_hw, first, s.pow(2), float(cost0), float(unit), float(c1 - unit)))
+        layer = _make_layer(m, name, infos[name].input_hw, LowRankSpec(first), len(s), objective)
+        layer.sigma2 = s.pow(2)
+        layers.append(layer)
     return layers
+
+
+def _prepare_fgroup(model: nn.Module, infos: dict[str, LayerInfo], targets: Sequence[str], objective: str,
+                    spare_last: bool) -> list[_Layer]:
+    """The layers F-Group compresses; with ``spare_last`` the last stage is left alone, as published."""
+    pattern = fgroup_pattern(model, infos, targets)
+    last = max(p.stage for p in pattern.values())
+    layers = []
+    for name, (stage, spec) in pattern.items():
+        if spare_last and stage == last:
+            continue
+        m = model.get_submodule(name)
+        o, i, kh, kw = conv_weight(m).shape
+        layer = _make_layer(m, name, infos[name].input_hw, spec, family_max_rank(spec, o, i, (kh, kw)), objective)
+        layer.pattern_rank = spec.rank
+        layers.append(layer)
+    return layers
+
+
+def _fgroup_reach(layers: list[_Layer]) -> float:
+    """The largest factor by which a published rank can grow before reaching its layer's full rank."""
+    return max((layer.max_rank / layer.pattern_rank for layer in layers), default=1.0)
 
 
 def _rank_rule(method: str, layers: list[_Layer], macs0: dict[str, float]) -> Callable[[_Layer, float], int]:
     """knob in [0, 1] -> rank; non-decreasing in the knob for every method."""
     if method == "uniform":
-        return lambda layer, t: max(1, round(t * len(layer.sigma2)))
+        return lambda layer, t: max(1, round(t * layer.max_rank))
     if method == "energy":
         shares = {layer.name: layer.sigma2.cumsum(0) / layer.sigma2.sum().clamp_min(1e-30) for layer in layers}
 
@@ -92,6 +130,10 @@ def _rank_rule(method: str, layers: list[_Layer], macs0: dict[str, float]) -> Ca
             return max(1, int((ratios[layer.name] >= log_lam - 1e-9).sum()))
 
         return lrs2
+    if method == "fgroup":
+        # one factor, knob x reach, scales every published rank; knob 1 puts each layer at its full rank
+        reach = _fgroup_reach(layers)
+        return lambda layer, t: min(layer.max_rank, max(1, round(t * reach * layer.pattern_rank)))
     raise SpecError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
 
 
@@ -101,12 +143,101 @@ def _plan_at(layers: list[_Layer], rule: Callable[[_Layer, float], int], knob: f
     for layer in layers:
         r = rule(layer, knob)
         if layer.cost(r) < layer.cost0:
-            plan.layers[layer.name] = [LowRankSpec(layer.first, (1, 1), r)]
+            plan.layers[layer.name] = [layer.family.with_rank(r)]
             kept += layer.cost(r)
         else:
             plan.layers[layer.name] = []
             kept += layer.cost0
     return plan, kept
+
+
+class _OverBudget(Exception):
+    """The cheapest plan of a method costs more than its budget."""
+
+    def __init__(self, cheapest: float, what: str) -> None:
+        super().__init__(what)
+        self.cheapest, self.what = cheapest, what
+
+
+def _bisect(layers: list[_Layer], rule: Callable[[_Layer, float], int], budget: float) -> tuple[Plan, float]:
+    """The plan at the largest knob whose layers cost at most ``budget``, and that knob.
+
+    Raises:
+        _OverBudget: if the smallest knob already costs more.
+    """
+    lo_plan, lo_kept = _plan_at(layers, rule, 0.0)
+    if lo_kept > budget:
+        raise _OverBudget(lo_kept, "rank 1 everywhere")
+    lo, hi = 0.0, 1.0
+    best = lo_plan
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        plan, kept = _plan_at(layers, rule, mid)
+        if kept <= budget:
+            lo, best = mid, plan
+        else:
+            hi = mid
+    return best, lo
+
+
+def _fgroup(model: nn.Module, infos: dict[str, LayerInfo], targets: Sequence[str], layers_budget: float,
+            objective: str) -> tuple[Plan, dict[str, Any]]:
+    """F-Group's plan: the last stage left alone as published, unless the budget needs it too."""
+    try:
+        return _fgroup_at(model, infos, targets, layers_budget, objective, spare_last=True)
+    except _OverBudget:
+        logger.warning("fgroup: the budget cannot be met with the last stage left alone; compressing it too")
+        return _fgroup_at(model, infos, targets, layers_budget, objective, spare_last=False)
+
+
+def _fgroup_at(model: nn.Module, infos: dict[str, LayerInfo], targets: Sequence[str], layers_budget: float,
+               objective: str, spare_last: bool) -> tuple[Plan, dict[str, Any]]:
+    layers = _prepare_fgroup(model, infos, targets, objective, spare_last)
+    kept = {layer.name for layer in layers}
+    spared = [n for n in targets if n not in kept]
+    budget = layers_budget - sum(_costs0(model, infos, spared, objective))
+    plan, knob = _bisect(layers, _rank_rule("fgroup", layers, {}), budget)
+    plan.layers = {n: plan.layers.get(n, []) for n in targets}
+    return plan, {"rank_scale": knob * _fgroup_reach(layers), "last_stage_left_alone": spare_last}
+
+
+def _costs0(model: nn.Module, infos: dict[str, LayerInfo], names: Sequence[str], objective: str) -> list[float]:
+    """The original costs of layers ``names``."""
+    return [float(layer_cost(model.get_submodule(n), infos[n].input_hw)[1 if objective == "params" else 0]) for n in names]
+
+
+def _plan_and_notes(
+    method: str,
+    model: nn.Module,
+    infos: dict[str, LayerInfo],
+    targets: Sequence[str],
+    reduction: float,
+    total: float,
+    split: str,
+    objective: str,
+) -> tuple[Plan, dict[str, Any]]:
+    """The plan of ``method`` and what the method chose on the way (for the report)."""
+    if method not in METHODS:
+        raise SpecError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    split = FIXED_SPLITS.get(method, split)
+    fixed = total - sum(_costs0(model, infos, targets, objective))  # what the filter leaves out
+    layers_budget = (1 - reduction) * total - fixed
+    try:
+        if method == "alds":
+            plan, worst = alds_plan(model, infos, targets, layers_budget, objective)
+            return plan, {"max_relative_error": worst}
+        if method == "fgroup":
+            return _fgroup(model, infos, targets, layers_budget, objective)
+        layers = _prepare(model, infos, targets, split, objective)
+        macs0 = dict(zip(targets, _costs0(model, infos, targets, "flops")))
+        plan, knob = _bisect(layers, _rank_rule(method, layers, macs0), layers_budget)
+        return plan, {"knob": knob}
+    except BudgetError as e:
+        raise BudgetError(f"--reduction {reduction} cannot be met by {method}: {e}") from None
+    except _OverBudget as e:
+        raise BudgetError(
+            f"--reduction {reduction} cannot be met by {method}: {e.what} reaches {1 - (e.cheapest + fixed) / total:.3f}"
+        ) from None
 
 
 def baseline_plan(
@@ -123,29 +254,9 @@ def baseline_plan(
 
     Args:
         total: the original model's whole cost on the objective (MACs or params).
+        split: the kernel split of ``uniform`` and ``energy``; the other methods fix their own.
     """
-    if method == "lrs2":
-        split = "kx1"
-    layers = _prepare(model, infos, targets, split, objective)
-    macs0 = {n: float(layer_cost(model.get_submodule(n), infos[n].input_hw)[0]) for n in targets}
-    rule = _rank_rule(method, layers, macs0)
-    fixed = total - sum(layer.cost0 for layer in layers)
-    budget = (1 - reduction) * total - fixed
-    lo_plan, lo_kept = _plan_at(layers, rule, 0.0)
-    if lo_kept > budget:
-        raise BudgetError(
-            f"--reduction {reduction} cannot be met by {method}: rank 1 everywhere reaches {1 - (lo_kept + fixed) / total:.3f}"
-        )
-    lo, hi = 0.0, 1.0
-    best = lo_plan
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        plan, kept = _plan_at(layers, rule, mid)
-        if kept <= budget:
-            lo, best = mid, plan
-        else:
-            hi = mid
-    return best
+    return _plan_and_notes(method, model, infos, targets, reduction, total, split, objective)[0]
 
 
 def run_baseline(
@@ -190,11 +301,15 @@ def run_baseline(
     if not targets:
         raise SpecError("no layer of the model matches the layer filter: nothing to compress")
     total = float(model_macs(model, shape) if objective == "flops" else count_params(model))
-    splits = list(SPLITS) if split == "best" and method != "lrs2" else [split]
+    if method in FIXED_SPLITS:
+        splits = [FIXED_SPLITS[method]]
+    else:
+        splits = list(SPLITS) if split == "best" else [split]
     chosen = None
     tried = {}
+    notes: dict[str, dict[str, Any]] = {}
     for sp in splits:
-        plan = baseline_plan(method, model, infos, targets, reduction, total, sp, objective)
+        plan, notes[sp] = _plan_and_notes(method, model, infos, targets, reduction, total, sp, objective)
         compressed = apply_plan(copy.deepcopy(model), plan)
         if len(splits) > 1:
             subset, _ = search_subset(data.train, search_images, seed)
@@ -208,6 +323,7 @@ def run_baseline(
     header = {"model": model_spec, "method": method, "mode": "post-training", "objective": objective, "seed": seed,
               "reduction_target": reduction, "split": sp}
     report = build_report(model, compressed, plan, infos, shape, data, device, header, reference=reference)
+    report["method_choices"] = notes[sp]
     if tried:
         report["split_search"] = {"search_images": search_images, "top1_on_search_images": tried}
     seconds["total"] = time.perf_counter() - t_start

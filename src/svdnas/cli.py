@@ -486,13 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("baseline", help="a published competitor at the same budget, same outputs as compress")
-    p.add_argument("method", choices=["uniform", "energy", "lrs2"])
+    p.add_argument("method", choices=["uniform", "energy", "lrs2", "alds", "fgroup"])
     _model_args(p)
     p.add_argument("--data", default=None)
     p.add_argument("--reduction", type=float, default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--objective", default="flops", choices=["flops", "params"])
-    p.add_argument("--split", default="kx1", help="kxk, 1x1, kx1, 1xk (what the first layer holds) or best")
+    p.add_argument("--split", default="kx1", help="uniform and energy: kxk, 1x1, kx1, 1xk (what the first layer holds) "
+                   "or best; lrs2 (kx1), alds and fgroup (kxk) fix their own")
     p.add_argument("--filter", default=None)
     p.add_argument("--search-images", type=int, default=1000, help="images that pick the split for --split best")
     p.add_argument("--overwrite", action="store_true")

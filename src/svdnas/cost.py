@@ -88,3 +88,20 @@ def model_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def rank_cost(layer: nn.Module, input_hw: tuple[int, int], family: LowRankSpec, objective: str = "flops") -> tuple[float, float]:
+    """(cost at rank 0, cost of each further rank) of one branch of ``family``'s kind.
+
+    Both MACs and params are affine in the rank (the bias is the only fixed part), so a layer's
+    cost at any rank follows from these two numbers.
+
+    Args:
+        family: any member of the family (its rank is ignored).
+        objective: ``"flops"`` for MACs, ``"params"`` for parameters.
+    """
+    macs, params = layer_cost(layer, input_hw, [family.with_rank(1)])
+    if objective == "params":
+        base = float(layer.bias.numel()) if getattr(layer, "bias", None) is not None else 0.0
+        return base, params - base
+    return 0.0, float(macs)

@@ -81,6 +81,11 @@ def conv_geometry(conv: nn.Conv2d) -> ConvGeometry:
     )
 
 
+def conv_weight(layer: nn.Module) -> torch.Tensor:
+    """A conv's weight (O, I, kh, kw), or a linear layer's as that of a 1x1 conv."""
+    return layer.weight[:, :, None, None] if isinstance(layer, nn.Linear) else layer.weight
+
+
 def _linear_as_geometry(linear: nn.Linear) -> ConvGeometry:
     return ConvGeometry(linear.out_features, linear.in_features, (1, 1), (1, 1), (0, 0), (1, 1), "zeros", linear.bias is not None)
 
@@ -139,9 +144,7 @@ def decompose(layer: nn.Module, specs: Sequence[LowRankSpec] | LowRankSpec) -> L
     """
     specs = [specs] if isinstance(specs, LowRankSpec) else list(specs)
     block = empty_block(layer, specs)
-    weight = layer.weight
-    if isinstance(layer, nn.Linear):
-        weight = weight[:, :, None, None]
+    weight = conv_weight(layer)
     kernel = (weight.shape[2], weight.shape[3])
     residual = weight.detach().clone()
     for n, (branch, spec) in enumerate(zip(block.branches, specs)):
