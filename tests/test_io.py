@@ -118,3 +118,28 @@ def test_torchvision_spec_without_torchvision_is_a_clear_error():
     else:
         model, _ = build_model("torchvision:resnet18")
         assert sum(p.numel() for p in model.parameters()) == 11_689_512
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    state = tiny_net().state_dict()
+    state["body.4.weight"][2, 3] = float("-inf")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "inf.safetensors")
+    with pytest.raises(WeightsError, match=r"inf.safetensors: 'body.4.weight' holds inf \(1 of 384 values\)"):
+        load_weights(tiny_net(), tmp_path / "inf.safetensors")
+    state["body.4.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "both.pt")
+    with pytest.raises(WeightsError, match=r"'body.4.weight' holds NaN and inf \(2 of 384 values\)"):
+        load_weights(tiny_net(), tmp_path / "both.pt")
+
+
+def test_corrupt_pt_files_are_one_line_errors(tmp_path):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(tiny_net().state_dict(), buf)
+    (tmp_path / "half.pt").write_bytes(buf.getvalue()[:1000])
+    (tmp_path / "text.pt").write_text("hello\n")
+    for name in ("half.pt", "text.pt"):
+        with pytest.raises(WeightsError, match="not a plain weights file") as info:
+            read_state_dict(tmp_path / name)
+        assert "\n" not in str(info.value) and "weights_only" not in str(info.value)

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def describe(e: BaseException) -> str:
+    """Another library's (or the user's) exception as one line: its type and its message's first line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 class SvdnasError(Exception):
     """Base of every error svdnas raises for bad input."""
 
@@ -21,3 +27,4 @@ class WeightsError(SvdnasError, ValueError):
 
 class BudgetError(SvdnasError, ValueError):
     """A budget that cannot be met."""
+
