@@ -28,3 +28,19 @@ class WeightsError(SvdnasError, ValueError):
 class BudgetError(SvdnasError, ValueError):
     """A budget that cannot be met."""
 
+
+class WriteError(SvdnasError, OSError):
+    """A file of the output that could not be written (disk full, no permission); names the file.
+
+    Attributes:
+        errno: the operating system's error number, as for any ``OSError``.
+        filename: the file that could not be written.
+    """
+
+    def __init__(self, path: object, cause: OSError) -> None:
+        super().__init__(f"cannot write {path}: {cause.strerror or cause}")
+        self.errno = cause.errno
+        self.filename = str(path)
+
+    def __str__(self) -> str:  # OSError's own would print the errno instead of the message
+        return str(self.args[0])
