@@ -29,6 +29,10 @@ class BudgetError(SvdnasError, ValueError):
     """A budget that cannot be met."""
 
 
+class NonFiniteError(SvdnasError, ArithmeticError):
+    """A NaN or inf met while searching or training: the run stops instead of going on with garbage."""
+
+
 class WriteError(SvdnasError, OSError):
     """A file of the output that could not be written (disk full, no permission); names the file.
 
