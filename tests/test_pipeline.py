@@ -96,6 +96,9 @@ def test_same_seed_same_plan(trained_tiny):
     a = compress(model, data, _config(), filter_fn="convs+linear", seed=3)
     b = compress(model, data, _config(), filter_fn="convs+linear", seed=3)
     assert a.plan == b.plan
+    # not only the same choice: the same search, step for step (the noise and the search images are seeded)
+    for key in ("loss", "ce", "expected_cost_ratio", "multiplier"):
+        assert a.history[key] == b.history[key], key
 
 
 def test_compress_command_line(tiny_module, tiny_fmnist, tmp_path):
