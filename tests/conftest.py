@@ -4,7 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
+
+from svdnas.data import load_data
 
 
 def write_idx(path: Path, tensor: torch.Tensor) -> None:
@@ -60,3 +63,33 @@ def tiny_net() -> nn.Module:
 @pytest.fixture
 def tiny() -> nn.Module:
     return tiny_net().eval()
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_fmnist):
+    """TinyNet trained for a few seconds on the learnable tiny data set."""
+    torch.manual_seed(0)
+    data = load_data(f"fmnist:{tiny_fmnist}")
+    x, y = data.train.tensors
+    model = TinyNet()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(60):
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), data
+
+
+@pytest.fixture
+def tiny_module(trained_tiny, tmp_path):
+    """The trained TinyNet as a module: spec and a weights file, for the command line."""
+    from pathlib import Path
+
+    model, _ = trained_tiny
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    factory = tmp_path / "factory.py"
+    root = Path(__file__).parents[1]
+    factory.write_text(f"import sys\nsys.path.insert(0, {str(root)!r})\nfrom tests.conftest import TinyNet\n\ndef make():\n    return TinyNet()\n")
+    return f"module:{factory}:make", weights

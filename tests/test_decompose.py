@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -118,6 +120,53 @@ def test_linear_full_rank_and_bias_once():
 def test_invalid_specs_name_the_rule(spec, message):
     with pytest.raises(SpecError, match=message):
         decompose(nn.Conv2d(8, 6, 3), spec)
+
+
+@st.composite
+def conv_and_broken_rule(draw):
+    """A conv layer, a rule of the LR-space, and a spec (or spec arguments) breaking that rule,
+    with the words the error must say."""
+    o = draw(st.integers(1, 12))
+    i = draw(st.integers(1, 12))
+    kernel = (draw(st.integers(1, 5)), draw(st.integers(1, 5)))
+    conv = nn.Conv2d(i, o, kernel, bias=False)
+    first = draw(st.sampled_from(kernel_splits(kernel)))
+    rule = draw(st.sampled_from(["both-groups", "in-groups", "out-groups", "rank-not-positive", "rank-above", "kernel-split"]))
+    if rule == "both-groups":
+        g = (draw(st.integers(2, 8)), draw(st.integers(2, 8)))
+        return conv, (first, g, 1), f"groups on both layers is not allowed (groups={g})"
+    if rule == "in-groups":
+        g = draw(st.integers(2, 16).filter(lambda g: i % g))
+        return conv, (first, (g, 1), 1), f"first-layer groups {g} do not divide the {i} input channels"
+    if rule == "out-groups":
+        g = draw(st.integers(2, 16).filter(lambda g: o % g))
+        return conv, (first, (1, g), 1), f"second-layer groups {g} do not divide the {o} output channels"
+    if rule == "rank-not-positive":
+        rank = draw(st.one_of(st.integers(-3, 0), st.just(1.5)))
+        return conv, (first, (1, 1), rank), f"rank must be a positive int, got {rank!r}"
+    if rule == "rank-above":
+        spec = LowRankSpec(first, (1, 1), 1)
+        top = family_max_rank(spec, o, i, kernel)
+        rank = top + draw(st.integers(1, 10))
+        return conv, (first, (1, 1), rank), f"rank {rank} is above the maximum {top}"
+    d = draw(st.integers(0, 1))
+    bad = draw(st.integers(2, 7).filter(lambda a: a != kernel[d]))
+    split = tuple(bad if j == d else first[j] for j in range(2))
+    return conv, (split, (1, 1), 1), f"first_kernel[{d}]={bad} must be 1 or the kernel size {kernel[d]}"
+
+
+@SETTINGS
+@given(conv_and_broken_rule())
+def test_invalid_specs_raise_value_error_naming_the_rule(case):
+    """Whether the spec itself is malformed or does not fit the layer, decompose and layer_cost
+    refuse it with a ValueError saying which rule it breaks."""
+    from svdnas.cost import layer_cost
+
+    conv, (first, groups, rank), message = case
+    with pytest.raises(ValueError, match=re.escape(message)):
+        decompose(conv, LowRankSpec(first, groups, rank))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        layer_cost(conv, (8, 8), [LowRankSpec(first, groups, rank)])
 
 
 def test_spec_rules():

@@ -118,3 +118,100 @@ def test_torchvision_spec_without_torchvision_is_a_clear_error():
     else:
         model, _ = build_model("torchvision:resnet18")
         assert sum(p.numel() for p in model.parameters()) == 11_689_512
+
+
+def _write_compressed_run(out, rank: int, report: dict) -> None:
+    import copy
+
+    from svdnas import LowRankSpec, Plan, apply_plan
+    from svdnas.runreport import write_run
+
+    plan = Plan({"body.0": [LowRankSpec((3, 1), (1, 1), rank)], "body.4": []})
+    write_run(out, apply_plan(copy.deepcopy(tiny_net()), plan), plan, "python:model", (1, 28, 28), report)
+
+
+def test_disk_full_names_the_file_and_keeps_earlier_results(tmp_path, monkeypatch):
+    """A full disk while writing report.json: the files written before it are complete, the
+    earlier report.json is intact, no temporary file is left, and the error names the file."""
+    import errno
+    import os
+
+    import svdnas
+    from svdnas.errors import SvdnasError, WriteError
+
+    _write_compressed_run(tmp_path, 2, {"run": 1})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 4:  # model.safetensors, architecture.json, plan.json, then report.json
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(WriteError) as info:
+        _write_compressed_run(tmp_path, 3, {"run": 2})
+    assert str(info.value) == f"cannot write {tmp_path / 'report.json'}: No space left on device"
+    assert isinstance(info.value, OSError) and isinstance(info.value, SvdnasError) and info.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # no temporary file left
+    assert (tmp_path / "report.json").read_bytes() == before["report.json"]
+    assert (tmp_path / "plan.json").read_bytes() != before["plan.json"]  # written in full before the failure
+    model = svdnas.load(str(tmp_path), base_model=tiny_net())
+    assert model.body[0].branches[0].spec.rank == 3
+
+
+def test_read_only_run_directory(tmp_path):
+    import os
+
+    from svdnas.errors import WriteError
+    from svdnas.rundir import atomic_write_json
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into any directory whatever its permissions")
+    atomic_write_json(tmp_path / "plan.json", {"layers": []})
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(WriteError, match=f"cannot write {tmp_path / 'plan.json'}: Permission denied"):
+            atomic_write_json(tmp_path / "plan.json", {"layers": [1]})
+    finally:
+        tmp_path.chmod(0o700)
+    assert (tmp_path / "plan.json").read_text() == '{\n "layers": []\n}\n'
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from svdnas.rundir import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    state = tiny_net().state_dict()
+    state["body.4.weight"][2, 3] = float("-inf")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "inf.safetensors")
+    with pytest.raises(WeightsError, match=r"inf.safetensors: 'body.4.weight' holds inf \(1 of 384 values\)"):
+        load_weights(tiny_net(), tmp_path / "inf.safetensors")
+    state["body.4.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "both.pt")
+    with pytest.raises(WeightsError, match=r"'body.4.weight' holds NaN and inf \(2 of 384 values\)"):
+        load_weights(tiny_net(), tmp_path / "both.pt")
+
+
+def test_corrupt_pt_files_are_one_line_errors(tmp_path):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(tiny_net().state_dict(), buf)
+    (tmp_path / "half.pt").write_bytes(buf.getvalue()[:1000])
+    (tmp_path / "text.pt").write_text("hello\n")
+    for name in ("half.pt", "text.pt"):
+        with pytest.raises(WeightsError, match="not a plain weights file") as info:
+            read_state_dict(tmp_path / name)
+        assert "\n" not in str(info.value) and "weights_only" not in str(info.value)

@@ -8,15 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from svdnas.data import load_data
 from svdnas.distill import FinetuneConfig, NonFiniteError, distill, distill_loss
 from svdnas.errors import DataError, SpecError
 from svdnas.pipeline import CompressConfig, compress
 from svdnas.recovery import split_synthetic
 from svdnas.search import SearchConfig
 from svdnas.synthetic import SynthConfig, SyntheticSet, generate, load_synthetic, save_synthetic, statistics_loss
-from tests.conftest import TinyNet
-from tests.test_pipeline import trained_tiny, tiny_module  # noqa: F401  (fixtures)
 
 FAST = SynthConfig(num=40, batch_size=16, iterations=30, lr=0.2)
 
@@ -99,10 +96,11 @@ def test_few_shot_loss_reduces_to_ce_when_student_equals_teacher():
 
 
 def _compressed(model):
+    import copy
+
     from svdnas.plan import Plan
     from svdnas.spec import LowRankSpec
     from svdnas.surgery import apply_plan
-    import copy
 
     plan = Plan({"body.0": [LowRankSpec((3, 1), (1, 1), 2)], "body.4": [LowRankSpec((1, 1), (1, 1), 3)]})
     return apply_plan(copy.deepcopy(model), plan), plan
@@ -121,7 +119,7 @@ def _layer_error(student, teacher, x):
 
 def test_synthetic_distillation_brings_layers_back(trained_tiny):
     model, data = trained_tiny
-    student, plan = _compressed(model)
+    student, _ = _compressed(model)
     x = data.test.tensors[0][:200]
     before = _layer_error(student, model, x)
     synth = generate(model, (1, 28, 28), SynthConfig(num=96, batch_size=32, iterations=40, lr=0.2), seed=0)

@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from svdnas.cost import count_params, layer_cost, model_macs
 from svdnas.decompose import decompose
-from svdnas.errors import BudgetError, DataError, SpecError, SvdnasError, WeightsError
+from svdnas.errors import BudgetError, DataError, NonFiniteError, SpecError, SvdnasError, WeightsError, WriteError
 from svdnas.modules import LowRankBlock, LowRankBranch
 from svdnas.plan import Plan
 from svdnas.rundir import load_run
@@ -28,7 +28,7 @@ def load(directory: str, base_model=None, allow_code: bool = False):
 
 
 __all__ = [
-    "PRESETS", "BudgetError", "DataError", "LowRankBlock", "LowRankBranch", "LowRankSpec", "Plan", "SpecError",
-    "SvdnasError", "WeightsError", "apply_plan", "count_params", "count_space", "decompose", "enumerate_space",
+    "PRESETS", "BudgetError", "DataError", "LowRankBlock", "LowRankBranch", "LowRankSpec", "NonFiniteError", "Plan",
+    "SpecError", "SvdnasError", "WeightsError", "WriteError", "apply_plan", "count_params", "count_space", "decompose", "enumerate_space",
     "layer_cost", "load", "model_macs", "select_targets", "trace_layers",
 ]

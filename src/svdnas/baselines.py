@@ -287,7 +287,8 @@ def run_baseline(
     from svdnas.data import search_subset
     from svdnas.evaluate import evaluate
     from svdnas.runreport import build_report, write_run
-    from svdnas.surgery import apply_plan, example_input, select_targets, trace_layers
+    from svdnas.surgery import apply_plan, example_input, require_targets, trace_layers
+    from svdnas.weights import check_finite
 
     if method not in METHODS:
         raise SpecError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
@@ -296,10 +297,9 @@ def run_baseline(
     t_start = time.perf_counter()
     shape = tuple(input_shape or data.input_shape)
     model = model.to(device).eval()
+    check_finite(model.state_dict(), "the model")
     infos = trace_layers(model, example_input(model, shape))
-    targets, skipped = select_targets(model, infos, filter_fn)
-    if not targets:
-        raise SpecError("no layer of the model matches the layer filter: nothing to compress")
+    targets, skipped = require_targets(model, infos, filter_fn)
     total = float(model_macs(model, shape) if objective == "flops" else count_params(model))
     if method in FIXED_SPLITS:
         splits = [FIXED_SPLITS[method]]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from svdnas.errors import SvdnasError
+from svdnas.errors import SvdnasError, WriteError
 
 log = logging.getLogger("svdnas")
 
@@ -67,6 +67,7 @@ def _model_and_data(args: argparse.Namespace, device: torch.device, data_free: b
     """The MODEL and the labelled DATA of a command, checked against each other (DATA may be none only when ``data_free``)."""
     from svdnas.data import load_data
     from svdnas.models import build_model
+    from svdnas.surgery import check_input
 
     model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
     data = load_data(args.data)
@@ -75,7 +76,9 @@ def _model_and_data(args: argparse.Namespace, device: torch.device, data_free: b
     shape = _input_shape(args, info, data)
     if data is not None and tuple(shape) != tuple(data.input_shape):
         raise SvdnasError(f"{args.model} expects inputs {tuple(shape)}, but {args.data} has {data.input_shape}")
-    return model.to(device), info, data, shape
+    model = model.to(device)
+    check_input(model, shape)
+    return model, info, data, shape
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -149,7 +152,10 @@ def _prepare_out(out: str, overwrite: bool, resume: bool = False) -> None:
             raise SvdnasError(f"{out} holds the checkpoints of an unfinished run; pass --resume to continue it or --overwrite to start again")
         for path in stale:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(d, e) from e
 
 
 def _need(args: argparse.Namespace, *names: str) -> None:
@@ -178,19 +184,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise SvdnasError("give --reduction R (share of the cost to remove) or --beta X")
     from svdnas import distributed as ddp
 
-    device = _device(args.device)
-    ddp.init(device)
-    model, info, data, shape = _model_and_data(args, device, data_free=args.mode == "data-free")
+    # options first: a bad one is reported before a model or data set is loaded
     search = SearchConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sampling=args.sampling, target=0.5,
     )
     config = CompressConfig(
-        reduction=args.reduction, beta=args.beta, objective=args.objective, filter=args.filter or info.default_filter,
+        reduction=args.reduction, beta=args.beta, objective=args.objective, filter=args.filter,
         grid=_grid(args.grid), max_groups=None if args.max_groups == 0 else args.max_groups,
         search_images=args.search_images, families=args.families, branches=args.branches, search_loss=args.search_loss, search=search,
         mode=args.mode, finetune=_finetune_config(args), synth=_synth_config(args, args.synth_images),
         synthetic_path=args.synthetic, synth_val=args.synth_val, synth_test=args.synth_test,
     )
+    config.fractions()  # checks --grid
+    device = _device(args.device)
+    ddp.init(device)
+    model, info, data, shape = _model_and_data(args, device, data_free=args.mode == "data-free")
+    config.filter = config.filter or info.default_filter
     if ddp.is_main():
         _prepare_out(args.out, args.overwrite, args.resume)
         _save_config(args)
@@ -535,15 +544,24 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_config(path: str) -> dict:
     from pathlib import Path
 
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SvdnasError(f"cannot read --config {path}: {getattr(e, 'strerror', None) or e}") from e
     try:
         import yaml
-
-        data = yaml.safe_load(text)
     except ImportError:
-        data = json.loads(text)
-    except yaml.YAMLError as e:  # type: ignore[name-defined]
-        raise SvdnasError(f"--config {path} is not valid YAML: {e}") from e
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SvdnasError(f"--config {path} is not valid JSON (install PyYAML for YAML): {e}") from e
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise SvdnasError(f"--config {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -569,6 +587,11 @@ def resolved_config(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("func",)}
 
 
+def _one_line(message: str) -> str:
+    """A message that spans lines (some libraries' do) as the one line the contract promises."""
+    return "; ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -579,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         return args.func(args)
     except (SvdnasError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

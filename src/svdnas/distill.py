@@ -28,17 +28,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from svdnas import distributed as ddp
-from svdnas.errors import SpecError, SvdnasError
+from svdnas.errors import NonFiniteError, SpecError
 from svdnas.evaluate import batches
 
 log = logging.getLogger(__name__)
 MODES = ("synthetic", "few-shot", "full")
 # Epoch caps when none is given: the plateau schedule usually stops first on the small sets.
 DEFAULT_EPOCHS = {"synthetic": 60, "few-shot": 60, "full": 3}
-
-
-class NonFiniteError(SvdnasError, FloatingPointError):
-    """A loss or weight became NaN or infinite."""
 
 
 @dataclass

@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from svdnas.errors import SpecError, WeightsError
+from svdnas.errors import SpecError, WeightsError, describe
 from svdnas.weights import load_weights
 from svdnas.zoo.registry import INPUT_SHAPES, WEIGHTS_DIR, create_model, weights_path
 
@@ -59,6 +60,15 @@ def _torchvision(name: str) -> nn.Module:
         raise SpecError(f"torchvision has no model {name!r}") from e
 
 
+def _describe_user_error(e: BaseException) -> str:
+    """An exception from user code as one line: its type, message and where in the user's file."""
+    text = describe(e)
+    if isinstance(e, SyntaxError):  # its message already says where
+        return text
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename != __file__ and not f.filename.startswith("<")]
+    return f"{text} ({frames[-1].filename}, line {frames[-1].lineno})" if frames else text
+
+
 def _module(target: str) -> nn.Module:
     where, sep, func = target.rpartition(":")
     if not sep or not where or not func:
@@ -73,16 +83,25 @@ def _module(target: str) -> nn.Module:
             raise SpecError(f"cannot import {where}")
         mod = importlib.util.module_from_spec(spec)
         sys.modules[mod_name] = mod
-        spec.loader.exec_module(mod)
+        try:
+            spec.loader.exec_module(mod)
+        except Exception as e:  # the user's code: a syntax error, a failing import, ...
+            del sys.modules[mod_name]
+            raise SpecError(f"importing {where} failed: {_describe_user_error(e)}") from e
     else:
         try:
             mod = importlib.import_module(where)
         except ImportError as e:
             raise SpecError(f"cannot import module {where!r}: {e}") from e
+        except Exception as e:
+            raise SpecError(f"importing {where} failed: {_describe_user_error(e)}") from e
     factory = getattr(mod, func, None)
     if not callable(factory):
         raise SpecError(f"{where} has no callable {func!r}")
-    model = factory()
+    try:
+        model = factory()
+    except Exception as e:
+        raise SpecError(f"{where}:{func}() failed: {_describe_user_error(e)}") from e
     if not isinstance(model, nn.Module):
         raise SpecError(f"{where}:{func}() returned {type(model).__name__}, not an nn.Module")
     return model

@@ -43,9 +43,11 @@ from svdnas.search import (
 )
 from svdnas.search.candidates import LayerCandidates
 from svdnas.search.proxy import capture_inputs, keep_families, output_errors
+from svdnas.space import kernel_splits
 from svdnas.spec import LowRankSpec
-from svdnas.surgery import FilterFn, apply_plan, example_input, select_targets, trace_layers
+from svdnas.surgery import FilterFn, apply_plan, example_input, require_targets, trace_layers
 from svdnas.synthetic import SynthConfig, require_batchnorm
+from svdnas.weights import check_finite
 
 log = logging.getLogger(__name__)
 OBJECTIVES = ("flops", "params")
@@ -141,15 +143,50 @@ def _limit_groups(cands: LayerCandidates, max_groups: int | None) -> LayerCandid
     return cands.subset(lambda s: s.num_groups <= max_groups)
 
 
-def _check_budget(candidates: dict[str, LayerCandidates], config: CompressConfig, total: float) -> dict[str, list[float]]:
-    """Per-layer candidate costs; raises BudgetError when the reduction cannot be reached."""
+def _down(x: float) -> str:
+    """A reachable share rounded down, so that "at most" stays true."""
+    return f"{math.floor(x * 1000) / 1000:.3f}"
+
+
+def _rank_one_reach(model: nn.Module, infos, targets: list[str], config: CompressConfig, total: float) -> float:
+    """The largest reduction there is: every target layer at its cheapest rank-1 branch (or left
+    as it is where even that costs more)."""
+    pick = 1 if config.objective == "params" else 0
+    saved = 0.0
+    for name in targets:
+        layer = model.get_submodule(name)
+        hw = infos[name].input_hw
+        cost0 = layer_cost(layer, hw)[pick]
+        kernel = (1, 1) if isinstance(layer, nn.Linear) else tuple(layer.kernel_size)
+        # groups widen the join of a rank-1 branch, so the cheapest is ungrouped
+        cheapest = min(layer_cost(layer, hw, [LowRankSpec(a, (1, 1), 1)])[pick] for a in kernel_splits(kernel))
+        saved += max(0.0, cost0 - cheapest)
+    return saved / total
+
+
+def _check_budget(
+    candidates: dict[str, LayerCandidates], config: CompressConfig, total: float, reach: Callable[[], float]
+) -> dict[str, list[float]]:
+    """Per-layer candidate costs; raises BudgetError when the reduction cannot be reached.
+
+    Args:
+        reach: the largest reduction at rank 1 in every target layer (called only on failure).
+    """
     costs = {n: c.cost(config.objective) for n, c in candidates.items()}
     fixed = total - sum(c[0] for c in costs.values())
     floor = fixed + sum(min(c) for c in costs.values())
     if config.reduction is not None and floor > (1 - config.reduction) * total:
+        best = reach()
+        what = "FLOPs" if config.objective == "flops" else config.objective
+        if best < config.reduction:
+            raise BudgetError(
+                f"--reduction {config.reduction} cannot be met: even rank 1 in every target layer removes at most "
+                f"{_down(best)} of the {what}; ask for at most that, or target more layers with --filter"
+            )
         raise BudgetError(
-            f"--reduction {config.reduction} cannot be met: compressing every target layer as far as the candidate "
-            f"grid goes reaches {1 - floor / total:.3f}; lower the reduction, widen --grid or target more layers"
+            f"--reduction {config.reduction} cannot be met by the candidates kept: the smallest remove "
+            f"{_down(1 - floor / total)} of the {what} (rank 1 everywhere would remove {_down(best)}); "
+            "widen --grid (e.g. --grid 0.01:0.5), pass --families 0 or lower the reduction"
         )
     return costs
 
@@ -331,10 +368,9 @@ def compress(
 
     # 1. targets and their candidates
     t0 = time.perf_counter()
+    check_finite(model.state_dict(), "the model")
     infos = trace_layers(model, example_input(model, shape))
-    targets, skipped = select_targets(model, infos, filter_fn or config.filter or "all-but-first")
-    if not targets:
-        raise SpecError("no layer of the model matches the layer filter: nothing to compress")
+    targets, skipped = require_targets(model, infos, filter_fn or config.filter or "all-but-first")
     total_macs, total_params = model_macs(model, shape), count_params(model)
     total = float(total_macs if config.objective == "flops" else total_params)
     fractions = config.fractions()
@@ -346,7 +382,11 @@ def compress(
             candidates[name] = cands
     if not candidates:
         raise SpecError("no target layer has a candidate on the grid; widen --grid")
-    _check_budget(candidates, config, total)
+
+    def reach() -> float:
+        return _rank_one_reach(model, infos, targets, config, total)
+
+    _check_budget(candidates, config, total, reach)
     seconds["candidates"] = time.perf_counter() - t0
 
     # 2. pruning by the output-error proxy on images kept apart from the search images
@@ -366,7 +406,7 @@ def compress(
             errors = output_errors(model.get_submodule(name), inputs.pop(name), candidates[name], kept)
             candidates[name] = keep_families(candidates[name], errors, config.families)
     seconds["proxy"] = time.perf_counter() - t0
-    costs = _check_budget(candidates, config, total)
+    costs = _check_budget(candidates, config, total, reach)
     fixed = total - sum(c[0] for c in costs.values())
     log.info("%d target layers, %d candidates (grid %s..%s)", len(candidates), sum(len(c) - 1 for c in candidates.values()), fractions[0], fractions[-1])
 

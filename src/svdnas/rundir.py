@@ -10,33 +10,41 @@ from typing import Any
 
 from torch import nn
 
-from svdnas.errors import SpecError, WeightsError
+from svdnas.errors import SpecError, WeightsError, WriteError
 from svdnas.plan import Plan
 
 FORMAT = "svdnas-run/1"
+
+
+def _new_file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it into place.
 
     Raises:
-        OSError: with the file's name, when the disk is full or the folder not writable; an
-            earlier version of ``path`` is left intact.
+        WriteError: an ``OSError`` naming the file, when the disk is full or the folder not
+            writable; an earlier version of ``path`` is left intact and no temporary file remains.
     """
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     except OSError as e:
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
+        raise WriteError(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _new_file_mode())  # mkstemp makes 0600; the file should read as any other the user writes
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
+        raise WriteError(path, e) from e
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -53,7 +61,10 @@ def save_model_file(path: str | Path, model: nn.Module) -> None:
 def save_run(out: str | Path, model: nn.Module, plan: Plan, base_spec: str, input_shape: tuple[int, ...] | None) -> Path:
     """Write the compressed model, its architecture and its plan into the run directory ``out``."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(out, e) from e
     save_model_file(out / "model.safetensors", model)
     arch = {"format": FORMAT, "base": base_spec, "input_shape": list(input_shape) if input_shape else None, "plan": plan.to_dict()}
     atomic_write_json(out / "architecture.json", arch)
@@ -109,7 +120,10 @@ def load_run(directory: str | Path, base_model: nn.Module | None = None, allow_c
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"{arch_path} is not valid JSON: {e}") from e
     _validate_architecture(arch, arch_path)
-    plan = Plan.from_dict(arch["plan"])
+    try:
+        plan = Plan.from_dict(arch["plan"])
+    except SpecError as e:
+        raise SpecError(f"{arch_path} holds an invalid plan: {e}") from e
     if base_model is not None:
         model, info = base_model, ModelInfo(arch["base"], None)
     else:
@@ -122,7 +136,10 @@ def load_run(directory: str | Path, base_model: nn.Module | None = None, allow_c
             )
         model, base_info = build_model(arch["base"], pretrained=False)
         info = ModelInfo(arch["base"], base_info.input_shape, base_info.default_filter)
-    apply_plan(model, plan, derive=False)
+    try:
+        apply_plan(model, plan, derive=False)
+    except SpecError as e:
+        raise SpecError(f"{arch_path} does not fit {arch['base']}: {e}") from e
     fit_state_dict(model, read_state_dict(weights), str(weights))
     info.spec = str(d)
     if arch["input_shape"]:

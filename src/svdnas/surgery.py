@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from svdnas.decompose import conv_geometry, decompose, empty_block
-from svdnas.errors import SpecError
+from svdnas.errors import SpecError, describe
 from svdnas.plan import Plan
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -101,16 +101,39 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInfo
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
             handles.append(m.register_forward_hook(hook(name)))
+    try:
+        _forward(model, example)
+    finally:
+        for h in handles:
+            h.remove()
+    return infos
+
+
+def _forward(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
+    """One forward pass in eval mode without gradients; a model that cannot take ``example`` is a SpecError."""
     was_training = model.training
     try:
         model.eval()
         with torch.no_grad():
-            model(example)
+            return model(example)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise SpecError(
+            f"the model fails on an input of shape {tuple(example.shape[1:])} ({describe(e)}); "
+            "give the right --input-shape C,H,W or data of that shape"
+        ) from e
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    return infos
+
+
+def check_input(model: nn.Module, input_shape: Sequence[int]) -> None:
+    """Run the model once on zeros of ``input_shape`` (C, H, W), so that a wrong shape fails early and clearly.
+
+    Raises:
+        SpecError: naming the shape and what the model said.
+    """
+    _forward(model, example_input(model, input_shape))
 
 
 def select_targets(
@@ -143,6 +166,22 @@ def select_targets(
             continue
         if filter_fn(m, info.name):  # type: ignore[operator]
             targets.append(info.name)
+    return targets, skipped
+
+
+def require_targets(
+    model: nn.Module, infos: dict[str, LayerInfo], filter_fn: FilterFn | str = "all-but-first"
+) -> tuple[list[str], dict[str, str]]:
+    """:func:`select_targets`, refusing a model where nothing would be compressed.
+
+    Raises:
+        SpecError: no layer matches; the layers left alone as unsupported are named.
+    """
+    targets, skipped = select_targets(model, infos, filter_fn)
+    if not targets:
+        which = f" {filter_fn!r}" if isinstance(filter_fn, str) else ""
+        alone = f"; left alone as not covered by the decomposition: {', '.join(skipped)}" if skipped else ""
+        raise SpecError(f"no layer of the model matches the layer filter{which}: nothing to compress{alone}")
     return targets, skipped
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pickle
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from svdnas.errors import WeightsError
+from svdnas.errors import WeightsError, describe
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -28,10 +31,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"cannot read {path} as safetensors: {e}") from e
     if path.suffix in (".pt", ".pth", ".bin"):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # the unpickler refuses anything but tensors and plain containers
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise WeightsError(f"refused to load {path}: not a plain weights file ({first})") from e
+            with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the error says it all
+                warnings.simplefilter("ignore")
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # the unpickler refuses anything but tensors and plain containers
+            raise WeightsError(f"refused to load {path}: not a plain weights file ({_unpickler_reason(e)})") from e
+        except Exception as e:  # truncated zip, not a pickle at all, ...
+            raise WeightsError(f"cannot read {path}: not a plain weights file, or corrupt or truncated ({describe(e)})") from e
         for key in ("state_dict", "model"):
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
@@ -41,6 +47,35 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     raise WeightsError(f"unknown weights format {path.suffix!r} for {path}: use .safetensors, .pt or .pth")
 
 
+def _unpickler_reason(e: BaseException) -> str:
+    """The line of torch's weights-only refusal that says what it met, without its advice to unpickle."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else "unsupported content")
+    return lines[0] if lines else type(e).__name__
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or inf, naming the first tensor that does.
+
+    Raises:
+        WeightsError: naming ``source`` and the parameter or buffer.
+    """
+    for key, value in state.items():
+        if not (value.is_floating_point() or value.is_complex()):
+            continue
+        bad = ~torch.isfinite(value)
+        if bad.any():
+            n_nan = int(torch.isnan(value).sum())
+            what = "NaN" if n_nan == int(bad.sum()) else ("inf" if n_nan == 0 else "NaN and inf")
+            raise WeightsError(
+                f"{source}: {key!r} holds {what} ({int(bad.sum())} of {value.numel()} values); "
+                "the weights are corrupt or their training diverged"
+            )
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load weights into ``model`` strictly; a mismatch names the first offending key."""
     fit_state_dict(model, read_state_dict(path), str(path))
@@ -48,6 +83,12 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
 
 
 def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load ``state`` into ``model`` strictly, after checking every key, shape and value.
+
+    Raises:
+        WeightsError: naming the first missing, unexpected or misshapen key, or the first
+            tensor holding NaN or inf.
+    """
     own = model.state_dict()
     for key, value in own.items():
         if key not in state:
@@ -60,4 +101,5 @@ def fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str
     extra = [k for k in state if k not in own]
     if extra:
         raise WeightsError(f"{source} does not fit the model: unexpected key {extra[0]!r}")
+    check_finite(state, source)
     model.load_state_dict(state, strict=True)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from svdnas import distributed as ddp
-from svdnas.errors import SpecError
+from svdnas.errors import NonFiniteError, SpecError
 from svdnas.evaluate import batches
 from svdnas.search.supernet import MixedLayer
 
@@ -150,12 +150,20 @@ def search(
                 x, y = x[ddp.rank() :: ddp.world_size()], y[ddp.rank() :: ddp.world_size()]
             x, y = x.to(device), y.to(device)
             before = [t.detach().clone() for t in thetas] if config.sampling == "two" else None
-            ce = F.cross_entropy(model(x), y)
+            logits = model(x)
+            ce = F.cross_entropy(logits, y)
             ratio = expected_cost(layers, cost_t, fixed)
             if config.beta is not None:
                 loss = ce * (torch.log(ratio * total_cost) / math.log(total_cost)) ** config.beta
             else:
                 loss = ce + multiplier * (ratio - config.target)
+            # averaged before the step, so that every process sees a NaN any of them met and all stop together
+            stats = torch.tensor([ratio.item(), loss.item(), ce.item()])
+            ddp.average_([stats])
+            if not torch.isfinite(stats).all():
+                ratio_, loss_, ce_ = stats.tolist()
+                raise _non_finite(f"the search loss is not finite (loss {loss_:.4g}, cross-entropy {ce_:.4g}, cost ratio {ratio_:.4g}) "
+                                  f"at epoch {epoch + 1}, step {step + 1}{_first_non_finite(model, x, logits)}", checkpoint, epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             ddp.average_([t.grad for t in thetas])
@@ -163,8 +171,10 @@ def search(
             if before is not None:
                 for layer, b in zip(layers.values(), before):
                     layer.rescale_sampled(b)
-            stats = torch.tensor([ratio.item(), loss.item(), ce.item()])
-            ddp.average_([stats])
+            for name, t in zip(layers, thetas):
+                if not torch.isfinite(t).all():
+                    raise _non_finite(f"the logits of layer {name} are not finite after epoch {epoch + 1}, step {step + 1} "
+                                      "(a lower --lr may help)", checkpoint, epoch)
             if config.target is not None:
                 multiplier = max(0.0, multiplier + config.penalty_lr * (stats[0].item() - config.target))
             sums["cost"] += stats[0].item()
@@ -194,6 +204,38 @@ def search(
                 "generator": generator.get_state(), "rng": torch.get_rng_state(),
             })
     return history
+
+
+def _non_finite(what: str, checkpoint: Path | None, epoch: int) -> NonFiniteError:
+    """The error that stops a search at a NaN or inf; says which checkpoint is kept."""
+    kept = ""
+    if checkpoint is not None:
+        done = checkpoint.is_file() and epoch > 0
+        kept = f"; the checkpoint of epoch {epoch} is kept in {checkpoint}" if done else "; no epoch had finished, so there is no checkpoint"
+    return NonFiniteError(f"{what}: stopping the search{kept}")
+
+
+@torch.no_grad()
+def _first_non_finite(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> str:
+    """Where a non-finite loss came from: the first module (in call order) whose output is not
+    finite when the batch is run again, or the model's logits; empty if it does not show again."""
+    if torch.isfinite(logits).all():
+        return ""
+    found: list[str] = []
+
+    def hook(name: str):
+        def fn(module: nn.Module, inputs: tuple, output) -> None:
+            if not found and isinstance(output, torch.Tensor) and not torch.isfinite(output).all():
+                found.append(name)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]  # a module's hook runs after its children's
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return f" (the logits are not finite; first at the output of {found[0]})" if found else " (the logits are not finite)"
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
