@@ -7,9 +7,14 @@ from torch import nn
 
 from svdnas import LowRankSpec
 from svdnas import latency_table as lt
+from svdnas.data import load_data
 from svdnas.errors import SpecError
 from svdnas.latency_table import LatencyConfig, LatencyTable, layer_key, spec_key
-from svdnas.search import fraction_grid, grid_candidates
+from svdnas.pipeline import CompressConfig, compress
+from svdnas.search import SearchConfig, fraction_grid, grid_candidates
+from svdnas.search.latency_costs import attach_latency
+from svdnas.surgery import trace_layers
+from tests.conftest import tiny_net
 
 
 class FakeTimer:
@@ -140,3 +145,39 @@ def test_bad_latency_settings():
         LatencyConfig(batch=0)
     with pytest.raises(SpecError, match="anchors"):
         LatencyConfig(anchors=1)
+    with pytest.raises(SpecError, match="branches 1"):
+        CompressConfig(reduction=0.5, objective="latency", branches=2)
+
+
+def test_compress_meets_a_latency_budget(fake_timer, tiny_fmnist, tmp_path):
+    data = load_data(f"fmnist:{tiny_fmnist}")
+    config = CompressConfig(
+        reduction=0.4, objective="latency", latency=LatencyConfig(cache=str(tmp_path / "lut.json")),
+        search_images=200, proxy_images=64, search=SearchConfig(epochs=2, batch_size=64, target=0.5),
+    )
+    result = compress(tiny_net().eval(), data, config, filter_fn="convs+linear", out=tmp_path / "run")
+    lat = json.loads((tmp_path / "run" / "report.json").read_text())["latency"]
+    assert result.report["objective"] == "latency"
+    assert lat["predicted"]["reduction"] >= 0.4 - 0.01
+    assert lat["predicted"]["original_ms"] == pytest.approx(FakeTimer.ms(tiny_net()))  # the measured whole model
+    assert lat["predicted"]["compressed_ms"] == pytest.approx(FakeTimer.ms(result.model), rel=1e-6)  # the fake is additive
+    assert math.isfinite(lat["reduction"]) and lat["original_ms"] > 0 and lat["batch"] == 1  # measured end to end
+    assert lat["predicted"]["table"]["measured"] == fake_timer.calls - 1  # all but the whole model
+    assert result.report["seconds"]["latency_table"] >= 0
+
+
+def test_a_cached_run_measures_only_the_whole_model_and_draws_the_same_noise(fake_timer, tmp_path):
+    model = tiny_net().eval()
+    infos = trace_layers(model, torch.zeros(1, 1, 28, 28))
+    cands = {n: grid_candidates(n, model.get_submodule(n), infos[n].input_hw, fraction_grid(0.3, 0.7)) for n in ("body.0", "body.4")}
+    config = LatencyConfig(cache=str(tmp_path / "lut.json"))
+    torch.manual_seed(0)
+    first = attach_latency(model, (1, 28, 28), cands, LatencyTable("cpu", config))
+    after_first = torch.rand(3)
+    assert fake_timer.calls == first.table["measured"] + 1 > 1
+    fake_timer.calls = 0
+    torch.manual_seed(0)
+    second = attach_latency(model, (1, 28, 28), cands, LatencyTable("cpu", config))
+    assert fake_timer.calls == 1 and second.table["measured"] == 0
+    assert torch.equal(torch.rand(3), after_first)  # measuring or not leaves the search's random draws alike
+    assert second.total == first.total and second.fixed == pytest.approx(first.total - sum(c.latency[0] for c in cands.values()))

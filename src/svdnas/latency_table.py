@@ -41,6 +41,7 @@ from svdnas.spec import LowRankSpec, family_max_rank
 log = logging.getLogger(__name__)
 FORMAT = 1
 _CHUNK = 32  # modules built and timed together
+NOISY = 3.0  # p90 / p10 of a timing above which it counts as disturbed
 
 
 @dataclass
@@ -193,6 +194,8 @@ class LatencyTable:
 
     Attributes:
         measured: timings taken by this table (cache misses), for reports and tests.
+        noisy: of those, the ones whose slowest tenth took over ``NOISY`` times the fastest tenth
+            (other processes competing for the cores; such a table is worth measuring again).
         used: keys of the entries looked up (measured or cached).
         seconds: time spent measuring.
     """
@@ -209,6 +212,7 @@ class LatencyTable:
         }
         self.entries: dict[str, dict[str, Any]] = self._load()
         self.measured = 0
+        self.noisy = 0
         self.used: set[str] = set()
         self.seconds = 0.0
         self._dirty = False
@@ -276,6 +280,7 @@ class LatencyTable:
                 results = self._timed([_build(layer, specs, self.device) for _, specs in chunk], x)
             for (key, _), result in zip(chunk, results):
                 self.entries[key] = {k: result[k] for k in ("median_ms", "p10_ms", "p90_ms", "repeats")}
+                self.noisy += result["p90_ms"] > NOISY * result["p10_ms"]
             self.measured += len(chunk)
             self._dirty = True
         return [float(self.entries[k]["median_ms"]) for k in keys]
@@ -330,5 +335,6 @@ class LatencyTable:
         return {
             **{k: self.meta[k] for k in ("engine", "device", "threads")}, "batch": self.config.batch,
             "repeats": self.config.repeats, "anchors": self.config.anchors, "entries": len(self.used), "measured": self.measured,
+            "noisy": self.noisy,
             "measure_seconds": self.seconds, "cache": str(self.path) if self.path is not None else None,
         }

@@ -19,6 +19,7 @@ from svdnas.cost import count_params, layer_cost, model_macs
 from svdnas.data import DataBundle, search_subset
 from svdnas.errors import BudgetError, SpecError
 from svdnas.evaluate import batches
+from svdnas.latency_table import LatencyConfig
 from svdnas.plan import Plan
 from svdnas.runreport import build_report, write_run
 from svdnas.search import (
@@ -36,7 +37,7 @@ from svdnas.spec import LowRankSpec
 from svdnas.surgery import FilterFn, apply_plan, example_input, select_targets, trace_layers
 
 log = logging.getLogger(__name__)
-OBJECTIVES = ("flops", "params")
+OBJECTIVES = ("flops", "params", "latency")
 
 
 @dataclass
@@ -46,10 +47,12 @@ class CompressConfig:
     Attributes:
         reduction: share of the original cost to remove (0 < R < 1); the result meets R - 0.01.
         beta: the paper's fixed trade-off instead of a reduction target.
-        objective: ``flops`` or ``params``.
+        objective: ``flops``, ``params`` or ``latency`` (measured on the run's device, see
+            :mod:`svdnas.latency_table`).
+        latency: how the latency table measures (batch, repeats, cache file); None for the defaults.
         filter: layer preset or None for the model's default.
         grid: (start, stop, step) of the candidate grid, as fractions of each layer's cost kept;
-            None centres a window on the target.
+            None centres a window on the target (for latency, reaching down to 5%).
         max_groups: largest group count of a candidate (None: every divisor).
         families: families (split and grouping) kept per layer by the output-error proxy (0: all).
         search_images: labelled training images the logits learn on.
@@ -63,6 +66,7 @@ class CompressConfig:
     reduction: float | None = None
     beta: float | None = None
     objective: str = "flops"
+    latency: LatencyConfig | None = None
     filter: str | None = None
     grid: tuple[float, float, float] | None = None
     max_groups: int | None = 8
@@ -80,6 +84,8 @@ class CompressConfig:
             raise SpecError(f"--reduction must be in (0, 1), got {self.reduction}")
         if self.objective not in OBJECTIVES:
             raise SpecError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "latency" and self.branches == 2:
+            raise SpecError("--objective latency works with --branches 1 only for now")
         if self.search_loss not in ("ce", "kd"):
             raise SpecError(f"--search-loss must be ce or kd, got {self.search_loss!r}")
         if self.branches not in (1, 2):
@@ -94,7 +100,10 @@ class CompressConfig:
                 raise SpecError(f"grid must satisfy 0 < start <= stop < 1 and step > 0, got {self.grid}")
             return fraction_grid(start, stop, step)
         kept = 1.0 - (self.reduction if self.reduction is not None else 0.5)
-        return fraction_grid(max(0.05, round(kept - 0.25, 2)), min(0.95, round(kept + 0.35, 2)))
+        # a low-rank block's latency falls more slowly than its FLOPs (two layers' fixed costs), so the
+        # latency objective needs candidates far below the target's share of FLOPs
+        low = 0.05 if self.objective == "latency" else max(0.05, round(kept - 0.25, 2))
+        return fraction_grid(low, min(0.95, round(kept + 0.35, 2)))
 
 
 @dataclass
@@ -273,7 +282,8 @@ def compress(
             candidates[name] = cands
     if not candidates:
         raise SpecError("no target layer has a candidate on the grid; widen --grid")
-    _check_budget(candidates, config, total)
+    if config.objective != "latency":  # latencies are measured once the proxy has pruned the candidates
+        _check_budget(candidates, config, total)
     seconds["candidates"] = time.perf_counter() - t0
 
     # 2. pruning by the output-error proxy on images kept apart from the search images
@@ -293,6 +303,15 @@ def compress(
             errors = output_errors(model.get_submodule(name), inputs.pop(name), candidates[name], kept)
             candidates[name] = keep_families(candidates[name], errors, config.families)
     seconds["proxy"] = time.perf_counter() - t0
+    latency_costs = None
+    if config.objective == "latency":
+        from svdnas.latency_table import LatencyTable
+        from svdnas.search.latency_costs import attach_latency
+
+        t0 = time.perf_counter()
+        latency_costs = attach_latency(model, shape, candidates, LatencyTable(device, config.latency))
+        total = latency_costs.total
+        seconds["latency_table"] = time.perf_counter() - t0
     costs = _check_budget(candidates, config, total)
     fixed = total - sum(c[0] for c in costs.values())
     log.info("%d target layers, %d candidates (grid %s..%s)", len(candidates), sum(len(c) - 1 for c in candidates.values()), fractions[0], fractions[-1])
@@ -336,7 +355,12 @@ def compress(
         "model": model_spec, "method": "svdnas", "mode": "post-training", "objective": config.objective, "seed": seed,
         "reduction_target": config.reduction, "beta": config.beta, "sampling": sconf.sampling, "search_loss": config.search_loss,
     }
-    report = build_report(model, compressed, plan, infos, shape, data, device, header, reference=reference)
+    timing = {"latency_batch": latency_costs.table["batch"], "latency_threads": latency_costs.table["threads"]} if latency_costs else {}
+    report = build_report(model, compressed, plan, infos, shape, data, device, header, reference=reference, **timing)
+    if latency_costs is not None:
+        from svdnas.search.latency_costs import predicted_report
+
+        report["latency"]["predicted"] = predicted_report(candidates, plan.layers, latency_costs)
     seconds["evaluate"] = time.perf_counter() - t0
     seconds["finetune"] = 0.0
     seconds["total"] = time.perf_counter() - t_start
