@@ -145,14 +145,13 @@ def test_bad_latency_settings():
         LatencyConfig(batch=0)
     with pytest.raises(SpecError, match="anchors"):
         LatencyConfig(anchors=1)
-    with pytest.raises(SpecError, match="branches 1"):
-        CompressConfig(reduction=0.5, objective="latency", branches=2)
 
 
-def test_compress_meets_a_latency_budget(fake_timer, tiny_fmnist, tmp_path):
+@pytest.mark.parametrize("branches", [1, 2])
+def test_compress_meets_a_latency_budget(fake_timer, tiny_fmnist, tmp_path, branches):
     data = load_data(f"fmnist:{tiny_fmnist}")
     config = CompressConfig(
-        reduction=0.4, objective="latency", latency=LatencyConfig(cache=str(tmp_path / "lut.json")),
+        reduction=0.4, objective="latency", latency=LatencyConfig(cache=str(tmp_path / "lut.json")), branches=branches,
         search_images=200, proxy_images=64, search=SearchConfig(epochs=2, batch_size=64, target=0.5),
     )
     result = compress(tiny_net().eval(), data, config, filter_fn="convs+linear", out=tmp_path / "run")
@@ -164,6 +163,9 @@ def test_compress_meets_a_latency_budget(fake_timer, tiny_fmnist, tmp_path):
     assert math.isfinite(lat["reduction"]) and lat["original_ms"] > 0 and lat["batch"] == 1  # measured end to end
     assert lat["predicted"]["table"]["measured"] == fake_timer.calls - 1  # all but the whole model
     assert result.report["seconds"]["latency_table"] >= 0
+    entries = json.loads((tmp_path / "lut.json").read_text())["entries"]
+    assert (branches == 2) == any("+" in key.split(" | ")[1] for key in entries)  # the second search's blocks were timed
+    assert (branches == 2) == ("branches" in result.report)
 
 
 def test_a_cached_run_measures_only_the_whole_model_and_draws_the_same_noise(fake_timer, tmp_path):

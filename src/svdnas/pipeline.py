@@ -84,8 +84,6 @@ class CompressConfig:
             raise SpecError(f"--reduction must be in (0, 1), got {self.reduction}")
         if self.objective not in OBJECTIVES:
             raise SpecError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.objective == "latency" and self.branches == 2:
-            raise SpecError("--objective latency works with --branches 1 only for now")
         if self.search_loss not in ("ce", "kd"):
             raise SpecError(f"--search-loss must be ce or kd, got {self.search_loss!r}")
         if self.branches not in (1, 2):
@@ -327,6 +325,7 @@ def compress(
     ckpt_dir = Path(out) if out is not None and resume else None
     chosen, history = _search_once(model, candidates, costs, fixed, total, config, sconf, subset, device, seed, progress, seconds, "", ckpt_dir)
     plan = Plan({n: chosen.get(n, []) for n in targets})
+    stages = [candidates]
     branch_reports: dict[str, Any] = {}
     if config.branches == 2:
         t0 = time.perf_counter()
@@ -335,6 +334,12 @@ def compress(
             b1 = build_report(model, compressed_b1, plan, infos, shape, data, device, {}, latency=False, reference=reference)
             branch_reports["b1"] = {k: b1[k] for k in ("flops", "params", "top1", "top5")} | {"plan": plan.to_dict()}
         cands2, fixed2 = _second_branch_candidates(model, infos, plan, costs, total, config)
+        if latency_costs is not None and cands2:
+            from svdnas.latency_table import LatencyTable
+            from svdnas.search.latency_costs import attach_second_branch
+
+            fixed2 = attach_second_branch(model, cands2, candidates, plan.layers, latency_costs, LatencyTable(device, config.latency))
+            stages.append(cands2)
         seconds["b1_evaluate"] = time.perf_counter() - t0
         if cands2:
             sconf2 = copy.deepcopy(sconf)
@@ -360,7 +365,7 @@ def compress(
     if latency_costs is not None:
         from svdnas.search.latency_costs import predicted_report
 
-        report["latency"]["predicted"] = predicted_report(candidates, plan.layers, latency_costs)
+        report["latency"]["predicted"] = predicted_report(stages, plan.layers, latency_costs)
     seconds["evaluate"] = time.perf_counter() - t0
     seconds["finetune"] = 0.0
     seconds["total"] = time.perf_counter() - t_start

@@ -91,20 +91,60 @@ def attach_latency(model: nn.Module, input_shape: Sequence[int], candidates: dic
     return LatencyCosts((rest + targets) * NS_PER_MS, rest * NS_PER_MS, whole, targets, summary)
 
 
-def predicted_latency(candidates: dict[str, LayerCandidates], chosen: dict[str, list[LowRankSpec]], costs: LatencyCosts) -> float:
-    """Predicted latency (ms) of the model with ``chosen`` branches in the candidates' layers."""
+def _cost_of(cands: LayerCandidates, specs: Sequence[LowRankSpec]) -> float | None:
+    options = _candidate_specs(cands)
+    return cands.cost("latency")[options.index(list(specs))] if list(specs) in options else None
+
+
+def attach_second_branch(
+    model: nn.Module,
+    second: dict[str, LayerCandidates],
+    first: dict[str, LayerCandidates],
+    chosen: dict[str, list[LowRankSpec]],
+    costs: LatencyCosts,
+    table: LatencyTable,
+) -> float:
+    """Latencies of the second search's candidates (first branch fixed, second branch added);
+    returns the latency (ns) of everything outside the second search, with the layers it leaves
+    at what the first search ``chosen`` for them."""
+    figures = None
+    if ddp.is_main():
+        before = table.measured, table.seconds
+        figures = {n: table.candidates(model.get_submodule(n), c.input_hw, _candidate_specs(c)) for n, c in second.items()}
+        table.save()
+        figures = (figures, table.measured - before[0], table.seconds - before[1])
+    per_layer, measured, seconds = ddp.broadcast_object(figures)
+    for name, ms in per_layer.items():
+        second[name].latency = [t * NS_PER_MS for t in ms]
+    costs.table = costs.table | {"measured": costs.table["measured"] + measured, "measure_seconds": costs.table["measure_seconds"] + seconds}
+    outside = costs.fixed
+    for name, cands in first.items():
+        if name not in second:
+            cost = _cost_of(cands, chosen.get(name, cands.base))
+            assert cost is not None, f"{name}: the first search chose outside its candidates"
+            outside += cost
+    return outside
+
+
+def predicted_latency(
+    stages: Sequence[dict[str, LayerCandidates]], chosen: dict[str, list[LowRankSpec]], costs: LatencyCosts
+) -> float:
+    """Predicted latency (ms) of the model with ``chosen`` branches, from the candidates of the
+    searches in ``stages`` (later searches first): what the selection counted."""
     total = costs.fixed
-    for name, cands in candidates.items():
-        options = _candidate_specs(cands)
-        specs = list(chosen.get(name, cands.base))
-        if specs not in options:
+    for name in stages[0]:
+        specs = chosen.get(name, stages[0][name].base)
+        cost = next((c for stage in reversed(stages) if name in stage and (c := _cost_of(stage[name], specs)) is not None), None)
+        if cost is None:
             raise ValueError(f"{name}: {specs} is not one of its candidates")
-        total += cands.cost("latency")[options.index(specs)]
+        total += cost
     return total / NS_PER_MS
 
 
-def predicted_report(candidates: dict[str, LayerCandidates], chosen: dict[str, list[LowRankSpec]], costs: LatencyCosts) -> dict[str, Any]:
+def predicted_report(
+    stages: Sequence[dict[str, LayerCandidates]], chosen: dict[str, list[LowRankSpec]], costs: LatencyCosts
+) -> dict[str, Any]:
     """The report's predicted latency of a plan, beside where the prediction came from."""
-    after = predicted_latency(candidates, chosen, costs)
+    after = predicted_latency(stages, chosen, costs)
     before = costs.total / NS_PER_MS
     return {"original_ms": before, "compressed_ms": after, "reduction": 1 - after / before, **costs.to_dict()}
