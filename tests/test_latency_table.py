@@ -11,6 +11,7 @@ from svdnas.data import load_data
 from svdnas.errors import SpecError
 from svdnas.latency_table import LatencyConfig, LatencyTable, layer_key, spec_key
 from svdnas.pipeline import CompressConfig, compress
+from svdnas.plots import markdown
 from svdnas.search import SearchConfig, fraction_grid, grid_candidates
 from svdnas.search.latency_costs import attach_latency
 from svdnas.surgery import trace_layers
@@ -163,6 +164,7 @@ def test_compress_meets_a_latency_budget(fake_timer, tiny_fmnist, tmp_path, bran
     assert math.isfinite(lat["reduction"]) and lat["original_ms"] > 0 and lat["batch"] == 1  # measured end to end
     assert lat["predicted"]["table"]["measured"] == fake_timer.calls - 1  # all but the whole model
     assert result.report["seconds"]["latency_table"] >= 0
+    assert "the lookup table predicted" in markdown(result.report)
     entries = json.loads((tmp_path / "lut.json").read_text())["entries"]
     assert (branches == 2) == any("+" in key.split(" | ")[1] for key in entries)  # the second search's blocks were timed
     assert (branches == 2) == ("branches" in result.report)
