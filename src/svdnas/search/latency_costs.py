@@ -80,7 +80,7 @@ def attach_latency(model: nn.Module, input_shape: Sequence[int], candidates: dic
     if summary["noisy"]:
         log.warning(
             "%d of %d latency timings were disturbed (slowest tenth over %.0fx the fastest): other processes "
-            "compete for the cores; the table at %s is worth measuring again on a quiet machine",
+            "compete for the cores; delete %s to measure again on a quiet machine",
             summary["noisy"], summary["measured"], NOISY, summary["cache"],
         )
     rest = max(whole - targets, 0.0)
