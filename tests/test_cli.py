@@ -55,7 +55,7 @@ def test_eval_json_on_module_model(module_spec, tiny_fmnist):
         (["baseline", "pca", "zoo:resnet18"], "invalid choice: 'pca'"),
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--beta", "4"], "not both"),
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "1.5"], "(0, 1)"),
-        (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--objective", "latency"], "--objective must be one of"),
+        (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--objective", "latency", "--latency-batch", "0"], "--latency-batch must be positive"),
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--mode", "synthetic"], "not available yet"),
     ],
 )

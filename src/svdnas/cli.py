@@ -195,6 +195,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         mode=args.mode, finetune=_finetune_config(args), synth=_synth_config(args, args.synth_images),
         synthetic_path=args.synthetic, synth_val=args.synth_val, synth_test=args.synth_test,
     )
+    if args.objective == "latency":
+        from svdnas.latency_table import LatencyConfig
+
+        config.latency = LatencyConfig(batch=args.latency_batch, cache=args.latency_cache)
     config.fractions()  # checks --grid
     device = _device(args.device)
     ddp.init(device)
@@ -233,6 +237,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         for b in ("b1", "b2"):
             x = r["branches"][b]
             print(f"  {b.upper()}: FLOPs -{100 * x['flops']['reduction']:.2f}%  top-1 drop {x['top1']['drop_pp']:.2f}pp")
+    if "predicted" in (r.get("latency") or {}):
+        lat = r["latency"]
+        print(f"latency -{100 * lat['reduction']:.2f}% measured at batch {lat['batch']} (predicted -{100 * lat['predicted']['reduction']:.2f}%)")
     _write_report_quietly(args.out)
     print(f"search {r['seconds']['search']:.1f}s, total {r['seconds']['total']:.1f}s; run directory {args.out}")
     return 0
@@ -454,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory to write")
     p.add_argument("--mode", default="post-training", choices=["post-training", "synthetic", "few-shot", "full", "data-free"])
     p.add_argument("--objective", default="flops", choices=["flops", "params", "latency"])
+    p.add_argument("--latency-batch", type=int, default=1, help="images per pass of the latency objective's timings (default 1: one request)")
+    p.add_argument("--latency-cache", default=None, help="JSON file of measured layer latencies (default: latency-<device>-<threads>.json in $SVDNAS_CACHE or ~/.cache/svdnas)")
     p.add_argument("--branches", type=int, default=1, choices=[1, 2])
     p.add_argument("--filter", default=None, help="target layers (default: the paper's for the model)")
     p.add_argument("--sampling", default="mixed", choices=["mixed", "two"], help="mixed: all candidates in one weight (default); two: the release's scheme")

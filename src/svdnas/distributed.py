@@ -57,3 +57,12 @@ def barrier() -> None:
 def shutdown() -> None:
     if active():
         dist.destroy_process_group()
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every process (a picklable value; ``obj`` of other ranks is ignored)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -26,15 +26,26 @@ def measure(fn: Callable[[], object], warmup: int = 5, repeats: int = 30) -> dic
     return {"median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1], "min_ms": min(times), "repeats": repeats}
 
 
-def torch_latency(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, threads: int | None = None, **kw: Any) -> dict[str, float]:
-    x = torch.randn(batch, *input_shape)
-    model = model.eval().cpu()
+def torch_latency(
+    model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, threads: int | None = None,
+    device: torch.device | str = "cpu", **kw: Any,
+) -> dict[str, float]:
+    """Latency of ``model`` on ``device`` (where it is moved); on CUDA each run waits for the GPU."""
+    device = torch.device(device)
+    model = model.eval().to(device)
+    x = torch.randn(batch, *input_shape, device=device)
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+
+    def run() -> None:
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     try:
         with torch.inference_mode():
-            return measure(lambda: model(x), **kw)
+            return measure(run, **kw)
     finally:
         torch.set_num_threads(old)
 

@@ -20,6 +20,7 @@ from svdnas.data import DataBundle, search_subset
 from svdnas.distill import FinetuneConfig
 from svdnas.errors import BudgetError, DataError, SpecError
 from svdnas.evaluate import batches, evaluate
+from svdnas.latency_table import LatencyConfig
 from svdnas.plan import Plan
 from svdnas.recovery import (
     RECOVERY_MODES,
@@ -50,7 +51,7 @@ from svdnas.synthetic import SynthConfig, require_batchnorm
 from svdnas.weights import check_finite
 
 log = logging.getLogger(__name__)
-OBJECTIVES = ("flops", "params")
+OBJECTIVES = ("flops", "params", "latency")
 MODES = ("post-training", *RECOVERY_MODES)
 
 
@@ -61,10 +62,12 @@ class CompressConfig:
     Attributes:
         reduction: share of the original cost to remove (0 < R < 1); the result meets R - 0.01.
         beta: the paper's fixed trade-off instead of a reduction target.
-        objective: ``flops`` or ``params``.
+        objective: ``flops``, ``params`` or ``latency`` (measured on the run's device, see
+            :mod:`svdnas.latency_table`).
+        latency: how the latency table measures (batch, repeats, cache file); None for the defaults.
         filter: layer preset or None for the model's default.
         grid: (start, stop, step) of the candidate grid, as fractions of each layer's cost kept;
-            None centres a window on the target.
+            None centres a window on the target (for latency, reaching down to 5%).
         max_groups: largest group count of a candidate (None: every divisor).
         families: families (split and grouping) kept per layer by the output-error proxy (0: all).
         search_images: labelled training images the logits learn on.
@@ -85,6 +88,7 @@ class CompressConfig:
     reduction: float | None = None
     beta: float | None = None
     objective: str = "flops"
+    latency: LatencyConfig | None = None
     filter: str | None = None
     grid: tuple[float, float, float] | None = None
     max_groups: int | None = 8
@@ -126,7 +130,10 @@ class CompressConfig:
                 raise SpecError(f"grid must satisfy 0 < start <= stop < 1 and step > 0, got {self.grid}")
             return fraction_grid(start, stop, step)
         kept = 1.0 - (self.reduction if self.reduction is not None else 0.5)
-        return fraction_grid(max(0.05, round(kept - 0.25, 2)), min(0.95, round(kept + 0.35, 2)))
+        # a low-rank block's latency falls more slowly than its FLOPs (two layers' fixed costs), so the
+        # latency objective needs candidates far below the target's share of FLOPs
+        low = 0.05 if self.objective == "latency" else max(0.05, round(kept - 0.25, 2))
+        return fraction_grid(low, min(0.95, round(kept + 0.35, 2)))
 
 
 @dataclass
@@ -386,7 +393,8 @@ def compress(
     def reach() -> float:
         return _rank_one_reach(model, infos, targets, config, total)
 
-    _check_budget(candidates, config, total, reach)
+    if config.objective != "latency":  # latencies are measured once the proxy has pruned the candidates
+        _check_budget(candidates, config, total, reach)
     seconds["candidates"] = time.perf_counter() - t0
 
     # 2. pruning by the output-error proxy on images kept apart from the search images
@@ -406,6 +414,20 @@ def compress(
             errors = output_errors(model.get_submodule(name), inputs.pop(name), candidates[name], kept)
             candidates[name] = keep_families(candidates[name], errors, config.families)
     seconds["proxy"] = time.perf_counter() - t0
+    latency_costs = None
+    if config.objective == "latency":
+        from svdnas.latency_table import LatencyTable
+        from svdnas.search.latency_costs import attach_latency
+
+        t0 = time.perf_counter()
+        latency_costs = attach_latency(model, shape, candidates, LatencyTable(device, config.latency))
+        total = latency_costs.total
+        seconds["latency_table"] = time.perf_counter() - t0
+
+        def reach() -> float:  # measured latencies of the candidates left: the cheapest of each layer
+            lat = {n: c.cost("latency") for n, c in candidates.items()}
+            return 1 - (total - sum(c[0] for c in lat.values()) + sum(min(c) for c in lat.values())) / total
+
     costs = _check_budget(candidates, config, total, reach)
     fixed = total - sum(c[0] for c in costs.values())
     log.info("%d target layers, %d candidates (grid %s..%s)", len(candidates), sum(len(c) - 1 for c in candidates.values()), fractions[0], fractions[-1])
@@ -421,6 +443,7 @@ def compress(
     ckpt_dir = Path(out) if out is not None and resume else None
     chosen, history = _search_once(model, candidates, costs, fixed, total, config, sconf, subset, device, seed, progress, seconds, "", ckpt_dir)
     plan = Plan({n: chosen.get(n, []) for n in targets})
+    stages = [candidates]
     branch_reports: dict[str, Any] = {}
     if config.branches == 2:
         t0 = time.perf_counter()
@@ -429,6 +452,12 @@ def compress(
             b1 = build_report(model, compressed_b1, plan, infos, shape, data, device, {}, latency=False, reference=reference)
             branch_reports["b1"] = {k: b1[k] for k in ("flops", "params", "top1", "top5")} | {"plan": plan.to_dict()}
         cands2, fixed2 = _second_branch_candidates(model, infos, plan, costs, total, config)
+        if latency_costs is not None and cands2:
+            from svdnas.latency_table import LatencyTable
+            from svdnas.search.latency_costs import attach_second_branch
+
+            fixed2 = attach_second_branch(model, cands2, candidates, plan.layers, latency_costs, LatencyTable(device, config.latency))
+            stages.append(cands2)
         seconds["b1_evaluate"] = time.perf_counter() - t0
         if cands2:
             sconf2 = copy.deepcopy(sconf)
@@ -467,7 +496,12 @@ def compress(
         "reduction_target": config.reduction, "beta": config.beta, "sampling": sconf.sampling,
         "search_loss": "kd" if config.mode == "data-free" else config.search_loss,
     }
-    report = build_report(model, compressed, plan, infos, shape, data, device, header, reference=reference)
+    timing = {"latency_batch": latency_costs.table["batch"], "latency_threads": latency_costs.table["threads"]} if latency_costs else {}
+    report = build_report(model, compressed, plan, infos, shape, data, device, header, reference=reference, **timing)
+    if latency_costs is not None:
+        from svdnas.search.latency_costs import predicted_report
+
+        report["latency"]["predicted"] = predicted_report(stages, plan.layers, latency_costs)
     if recovery is not None:
         if data is not None:
             recovery["after"] = {"top1": report["top1"]["compressed"], "top5": report["top5"]["compressed"]}

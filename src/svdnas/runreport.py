@@ -31,11 +31,15 @@ def build_report(
     header: dict[str, Any],
     latency: bool = True,
     reference: dict[str, float] | None = None,
+    latency_batch: int = 1,
+    latency_threads: int | None = None,
 ) -> dict[str, Any]:
     """Costs, accuracies (whole test split), measured latency and the per-layer plan; ``header`` goes first.
 
     Args:
         reference: the original model's accuracy on ``data.test`` if already measured.
+        latency_batch: images per forward pass of the latency measurement (1: one request).
+        latency_threads: CPU threads of the latency measurement (None: the current setting).
     """
     macs0, macs1 = model_macs(original, shape), model_macs(compressed, shape)
     params0, params1 = count_params(original), count_params(compressed)
@@ -53,10 +57,11 @@ def build_report(
         from svdnas.latency import torch_latency
 
         # interleaved, so that load on a shared machine hits both alike
-        runs = [torch_latency(m, shape, repeats=10, warmup=3)["median_ms"] for _ in range(3) for m in (original, compressed)]
+        kw = {"batch": latency_batch, "threads": latency_threads, "device": device, "repeats": 10, "warmup": 3}
+        runs = [torch_latency(m, shape, **kw)["median_ms"] for _ in range(3) for m in (original, compressed)]
         before, after = sorted(runs[0::2])[1], sorted(runs[1::2])[1]
         report["latency"] = {
-            "engine": "pytorch", "device": "cpu", "batch": 1, "threads": torch.get_num_threads(),
+            "engine": "pytorch", "device": torch.device(device).type, "batch": latency_batch, "threads": latency_threads or torch.get_num_threads(),
             "original_ms": before, "compressed_ms": after, "reduction": 1 - after / before,
         }
     layers = []

@@ -28,6 +28,8 @@ class LayerCandidates:
         prefix: branches fixed before this search (empty for the first branch).
         base: what index 0 stands for: empty for the original layer, else branches (the second
             search's "keep the first branch as it was").
+        latency: per candidate, measured latency in nanoseconds (filled in for the latency
+            objective by :func:`svdnas.search.latency_costs.attach_latency`).
     """
 
     name: str
@@ -37,11 +39,16 @@ class LayerCandidates:
     params: list[int]
     prefix: list[LowRankSpec] = field(default_factory=list)
     base: list[LowRankSpec] = field(default_factory=list)
+    latency: list[float] | None = None
 
     def __len__(self) -> int:
         return len(self.specs) + 1
 
     def cost(self, objective: str) -> list[float]:
+        if objective == "latency":
+            if self.latency is None:
+                raise ValueError(f"{self.name}: latencies not measured yet (attach_latency)")
+            return list(self.latency)
         return [float(c) for c in (self.params if objective == "params" else self.macs)]
 
     def subset(self, keep: Callable[[LowRankSpec], bool]) -> LayerCandidates:
@@ -50,6 +57,7 @@ class LayerCandidates:
         return LayerCandidates(
             self.name, self.input_hw, [self.specs[i] for i in idx], [self.macs[0]] + [self.macs[i + 1] for i in idx],
             [self.params[0]] + [self.params[i + 1] for i in idx], self.prefix, self.base,
+            None if self.latency is None else [self.latency[0]] + [self.latency[i + 1] for i in idx],
         )
 
     def next_rank(self) -> list[int | None]:

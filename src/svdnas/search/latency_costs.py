@@ -1,0 +1,150 @@
+"""Latency as the search's cost: each candidate's latency from the lookup table, the whole
+model's measured latency as the total, and what a plan is predicted to take.
+
+The search and the selection see latencies in nanoseconds: the paper's loss takes ``log F``, and on
+that scale a model of a few milliseconds has a ``log F0`` close to that of its MACs, so values of
+``--beta`` mean about what they mean for FLOPs. Everything outside the target layers (the other
+layers, activations, additions, pooling, framework overhead) is the measured whole-model latency
+minus the table's latencies of the target layers; it does not change with the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from svdnas import distributed as ddp
+from svdnas.latency_table import NOISY, LatencyTable
+from svdnas.search.candidates import LayerCandidates
+from svdnas.spec import LowRankSpec
+
+log = logging.getLogger(__name__)
+NS_PER_MS = 1e6
+
+
+@dataclass
+class LatencyCosts:
+    """The totals of the latency objective (nanoseconds, as the search uses them).
+
+    Attributes:
+        total: the original model's latency as the search sees it (F0).
+        fixed: the part of ``total`` outside the target layers.
+        whole_model_ms: the original model's measured latency.
+        targets_ms: the table's latencies of the target layers, summed.
+        table: what the lookup table did (:meth:`LatencyTable.summary`).
+    """
+
+    total: float
+    fixed: float
+    whole_model_ms: float
+    targets_ms: float
+    table: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"whole_model_ms": self.whole_model_ms, "target_layers_ms": self.targets_ms,
+                "rest_ms": self.fixed / NS_PER_MS, "table": self.table}
+
+
+def _candidate_specs(cands: LayerCandidates) -> list[list[LowRankSpec]]:
+    return [list(cands.base)] + [[*cands.prefix, s] for s in cands.specs]
+
+
+def attach_latency(model: nn.Module, input_shape: Sequence[int], candidates: dict[str, LayerCandidates], table: LatencyTable) -> LatencyCosts:
+    """Fill each ``LayerCandidates.latency`` from ``table`` and measure the whole model.
+
+    Under torchrun only rank 0 measures (the processes would disturb each other's timings), and the
+    others receive its figures, so that every process searches with the same costs.
+    """
+    figures = None
+    if ddp.is_main():
+        per_layer = {}
+        for name, cands in candidates.items():
+            layer = model.get_submodule(name)
+            per_layer[name] = table.candidates(layer, cands.input_hw, _candidate_specs(cands))
+        whole = table.model(model, input_shape)
+        table.save()
+        figures = (per_layer, whole, table.summary())
+    per_layer, whole, summary = ddp.broadcast_object(figures)
+    for name, ms in per_layer.items():
+        candidates[name].latency = [t * NS_PER_MS for t in ms]
+    targets = sum(ms[0] for ms in per_layer.values())
+    if targets > whole:
+        log.warning(
+            "the target layers alone measure %.3f ms, more than the whole model's %.3f ms (noise, or caches "
+            "that favour the model); taking the rest of the model as free", targets, whole,
+        )
+    if summary["noisy"]:
+        log.warning(
+            "%d of %d latency timings were disturbed (slowest tenth over %.0fx the fastest): other processes "
+            "compete for the cores; delete %s to measure again on a quiet machine",
+            summary["noisy"], summary["measured"], NOISY, summary["cache"],
+        )
+    rest = max(whole - targets, 0.0)
+    log.info(
+        "latency table: %d entries, %d measured in %.1f s; model %.3f ms, target layers %.3f ms",
+        summary["entries"], summary["measured"], summary["measure_seconds"], whole, targets,
+    )
+    return LatencyCosts((rest + targets) * NS_PER_MS, rest * NS_PER_MS, whole, targets, summary)
+
+
+def _cost_of(cands: LayerCandidates, specs: Sequence[LowRankSpec]) -> float | None:
+    options = _candidate_specs(cands)
+    return cands.cost("latency")[options.index(list(specs))] if list(specs) in options else None
+
+
+def attach_second_branch(
+    model: nn.Module,
+    second: dict[str, LayerCandidates],
+    first: dict[str, LayerCandidates],
+    chosen: dict[str, list[LowRankSpec]],
+    costs: LatencyCosts,
+    table: LatencyTable,
+) -> float:
+    """Latencies of the second search's candidates (first branch fixed, second branch added);
+    returns the latency (ns) of everything outside the second search, with the layers it leaves
+    at what the first search ``chosen`` for them."""
+    figures = None
+    if ddp.is_main():
+        before = table.measured, table.seconds
+        figures = {n: table.candidates(model.get_submodule(n), c.input_hw, _candidate_specs(c)) for n, c in second.items()}
+        table.save()
+        figures = (figures, table.measured - before[0], table.seconds - before[1])
+    per_layer, measured, seconds = ddp.broadcast_object(figures)
+    for name, ms in per_layer.items():
+        second[name].latency = [t * NS_PER_MS for t in ms]
+    costs.table = costs.table | {"measured": costs.table["measured"] + measured, "measure_seconds": costs.table["measure_seconds"] + seconds}
+    outside = costs.fixed
+    for name, cands in first.items():
+        if name not in second:
+            cost = _cost_of(cands, chosen.get(name, cands.base))
+            assert cost is not None, f"{name}: the first search chose outside its candidates"
+            outside += cost
+    return outside
+
+
+def predicted_latency(
+    stages: Sequence[dict[str, LayerCandidates]], chosen: dict[str, list[LowRankSpec]], costs: LatencyCosts
+) -> float:
+    """Predicted latency (ms) of the model with ``chosen`` branches, from the candidates of the
+    searches in ``stages`` (later searches first): what the selection counted."""
+    total = costs.fixed
+    for name in stages[0]:
+        specs = chosen.get(name, stages[0][name].base)
+        cost = next((c for stage in reversed(stages) if name in stage and (c := _cost_of(stage[name], specs)) is not None), None)
+        if cost is None:
+            raise ValueError(f"{name}: {specs} is not one of its candidates")
+        total += cost
+    return total / NS_PER_MS
+
+
+def predicted_report(
+    stages: Sequence[dict[str, LayerCandidates]], chosen: dict[str, list[LowRankSpec]], costs: LatencyCosts
+) -> dict[str, Any]:
+    """The report's predicted latency of a plan, beside where the prediction came from."""
+    after = predicted_latency(stages, chosen, costs)
+    before = costs.total / NS_PER_MS
+    return {"original_ms": before, "compressed_ms": after, "reduction": 1 - after / before, **costs.to_dict()}

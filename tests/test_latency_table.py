@@ -1,0 +1,187 @@
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from svdnas import LowRankSpec
+from svdnas import latency_table as lt
+from svdnas.data import load_data
+from svdnas.errors import SpecError
+from svdnas.latency_table import LatencyConfig, LatencyTable, layer_key, spec_key
+from svdnas.pipeline import CompressConfig, compress
+from svdnas.plots import markdown
+from svdnas.search import SearchConfig, fraction_grid, grid_candidates
+from svdnas.search.latency_costs import attach_latency
+from svdnas.surgery import trace_layers
+from tests.conftest import tiny_net
+
+
+class FakeTimer:
+    """Stands in for ``time_modules``: a deterministic time per module (0.01 ms per 1,000
+    parameters and 0.0001 ms per weight layer), counting the modules it is asked to time."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @staticmethod
+    def ms(module: nn.Module) -> float:
+        layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
+        return 1e-5 * sum(p.numel() for p in module.parameters()) + 1e-4 * layers
+
+    def __call__(self, modules, x, warmup, repeats, min_sample_ms=0.5):
+        self.calls += len(modules)
+        return [{"median_ms": self.ms(m), "p10_ms": self.ms(m), "p90_ms": self.ms(m), "repeats": repeats} for m in modules]
+
+
+@pytest.fixture
+def fake_timer(monkeypatch):
+    timer = FakeTimer()
+    monkeypatch.setattr(lt, "time_modules", timer)
+    return timer
+
+
+def _variants(layer, hw=(8, 8)):
+    cands = grid_candidates("x", layer, hw, fraction_grid(0.1, 0.9, 0.1))
+    return [[]] + [[s] for s in cands.specs]
+
+
+def test_second_table_on_the_same_file_measures_nothing(fake_timer, tmp_path):
+    layer = nn.Conv2d(8, 16, 3, padding=1)
+    variants = _variants(layer)
+    cache = tmp_path / "lut.json"
+    first = LatencyTable("cpu", LatencyConfig(cache=str(cache)))
+    times = first.candidates(layer, (8, 8), variants)
+    first.save()
+    assert first.measured == fake_timer.calls > 0
+    stored = json.loads(cache.read_text())
+    assert stored["device"] == "cpu" and stored["threads"] == torch.get_num_threads() and len(stored["entries"]) == first.measured
+    fake_timer.calls = 0
+    second = LatencyTable("cpu", LatencyConfig(cache=str(cache)))
+    assert second.candidates(layer, (8, 8), variants) == times
+    assert fake_timer.calls == 0 and second.measured == 0 and second.summary()["entries"] == first.summary()["entries"]
+
+
+def test_default_cache_path_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SVDNAS_CACHE", str(tmp_path))
+    assert LatencyTable("cpu", LatencyConfig(threads=3)).path == tmp_path / "latency-cpu-3.json"
+    assert LatencyTable("cpu", LatencyConfig(cache="")).path is None
+
+
+def test_a_cache_of_another_torch_is_measured_again(fake_timer, tmp_path):
+    layer = nn.Conv2d(4, 4, 3)
+    cache = tmp_path / "lut.json"
+    table = LatencyTable("cpu", LatencyConfig(cache=str(cache)))
+    table.layer(layer, (6, 6))
+    table.save()
+    data = json.loads(cache.read_text())
+    cache.write_text(json.dumps(data | {"torch": "0.0.1"}))
+    again = LatencyTable("cpu", LatencyConfig(cache=str(cache)))
+    again.layer(layer, (6, 6))
+    assert again.measured == 1 and fake_timer.calls == 2
+
+
+BASE = {"in_channels": 8, "out_channels": 16, "kernel_size": 3, "stride": 1, "padding": 1, "dilation": 1}
+
+
+@pytest.mark.parametrize(
+    ("change", "hw", "batch"),
+    [({"in_channels": 4}, (8, 8), 1), ({"out_channels": 8}, (8, 8), 1), ({"kernel_size": 1, "padding": 0}, (8, 8), 1),
+     ({"stride": 2}, (8, 8), 1), ({"padding": 2}, (8, 8), 1), ({"dilation": 2, "padding": 2}, (8, 8), 1),
+     ({}, (8, 6), 1), ({}, (8, 8), 4)],
+)
+def test_keys_differ_for_every_shape_that_changes_timing(fake_timer, change, hw, batch):
+    base = nn.Conv2d(**BASE)
+    other = nn.Conv2d(**(BASE | change))
+    assert layer_key(other, hw, batch) != layer_key(base, (8, 8), 1)
+    table = LatencyTable("cpu", LatencyConfig(cache=""))
+    table.layer(base, (8, 8))
+    table.config.batch = batch
+    table.layer(other, hw)
+    assert table.measured == 2  # not answered by the first entry
+
+
+def test_keys_name_the_candidate():
+    a, b = LowRankSpec((3, 1), (1, 1), 4), LowRankSpec((3, 1), (1, 1), 5)
+    keys = {spec_key([]), spec_key([a]), spec_key([b]), spec_key([LowRankSpec((3, 1), (2, 1), 4)]), spec_key([a, b])}
+    assert len(keys) == 5
+    assert layer_key(nn.Linear(8, 4), (1, 1), 1) != layer_key(nn.Linear(8, 4, bias=False), (1, 1), 1)
+
+
+def test_anchors_interpolate_what_they_do_not_measure(fake_timer):
+    # the fake time is linear in rank within a family, so interpolation must be exact
+    layer = nn.Conv2d(16, 16, 3, padding=1)
+    variants = _variants(layer)
+    exact = LatencyTable("cpu", LatencyConfig(cache="", anchors=0))
+    sparse = LatencyTable("cpu", LatencyConfig(cache="", anchors=4))
+    want = exact.candidates(layer, (8, 8), variants)
+    got = sparse.candidates(layer, (8, 8), variants)
+    assert got == pytest.approx(want, rel=1e-9)
+    assert exact.measured == len(variants) and sparse.measured < exact.measured
+    assert want[0] == pytest.approx(FakeTimer.ms(layer))
+
+
+def test_blocks_built_for_timing_have_the_decomposed_structure():
+    layer = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+    specs = [LowRankSpec((3, 1), (2, 1), 3)]
+    built = lt._build(layer, specs, torch.device("cpu"))
+    from svdnas import decompose
+
+    real = decompose(layer, specs)
+    x = torch.randn(1, 8, 9, 9)
+    assert [p.shape for p in built.parameters()] == [p.shape for p in real.parameters()]
+    assert built(x).shape == real(x).shape and torch.isfinite(built(x)).all()
+
+
+def test_real_timing_of_a_tiny_layer():
+    table = LatencyTable("cpu", LatencyConfig(cache="", warmup=1, repeats=3))
+    ms = table.candidates(nn.Conv2d(4, 8, 3, padding=1), (8, 8), [[], [LowRankSpec((3, 1), (1, 1), 2)]])
+    assert all(math.isfinite(t) and 0 < t < 1000 for t in ms)
+    assert table.measured == 2 and table.seconds > 0
+
+
+def test_bad_latency_settings():
+    with pytest.raises(SpecError, match="latency-batch"):
+        LatencyConfig(batch=0)
+    with pytest.raises(SpecError, match="anchors"):
+        LatencyConfig(anchors=1)
+
+
+@pytest.mark.parametrize("branches", [1, 2])
+def test_compress_meets_a_latency_budget(fake_timer, tiny_fmnist, tmp_path, branches):
+    data = load_data(f"fmnist:{tiny_fmnist}")
+    config = CompressConfig(
+        reduction=0.4, objective="latency", latency=LatencyConfig(cache=str(tmp_path / "lut.json")), branches=branches,
+        search_images=200, proxy_images=64, search=SearchConfig(epochs=2, batch_size=64, target=0.5),
+    )
+    result = compress(tiny_net().eval(), data, config, filter_fn="convs+linear", out=tmp_path / "run")
+    lat = json.loads((tmp_path / "run" / "report.json").read_text())["latency"]
+    assert result.report["objective"] == "latency"
+    assert lat["predicted"]["reduction"] >= 0.4 - 0.01
+    assert lat["predicted"]["original_ms"] == pytest.approx(FakeTimer.ms(tiny_net()))  # the measured whole model
+    assert lat["predicted"]["compressed_ms"] == pytest.approx(FakeTimer.ms(result.model), rel=1e-6)  # the fake is additive
+    assert math.isfinite(lat["reduction"]) and lat["original_ms"] > 0 and lat["batch"] == 1  # measured end to end
+    assert lat["predicted"]["table"]["measured"] == fake_timer.calls - 1  # all but the whole model
+    assert result.report["seconds"]["latency_table"] >= 0
+    assert "the lookup table predicted" in markdown(result.report)
+    entries = json.loads((tmp_path / "lut.json").read_text())["entries"]
+    assert (branches == 2) == any("+" in key.split(" | ")[1] for key in entries)  # the second search's blocks were timed
+    assert (branches == 2) == ("branches" in result.report)
+
+
+def test_a_cached_run_measures_only_the_whole_model_and_draws_the_same_noise(fake_timer, tmp_path):
+    model = tiny_net().eval()
+    infos = trace_layers(model, torch.zeros(1, 1, 28, 28))
+    cands = {n: grid_candidates(n, model.get_submodule(n), infos[n].input_hw, fraction_grid(0.3, 0.7)) for n in ("body.0", "body.4")}
+    config = LatencyConfig(cache=str(tmp_path / "lut.json"))
+    torch.manual_seed(0)
+    first = attach_latency(model, (1, 28, 28), cands, LatencyTable("cpu", config))
+    after_first = torch.rand(3)
+    assert fake_timer.calls == first.table["measured"] + 1 > 1
+    fake_timer.calls = 0
+    torch.manual_seed(0)
+    second = attach_latency(model, (1, 28, 28), cands, LatencyTable("cpu", config))
+    assert fake_timer.calls == 1 and second.table["measured"] == 0
+    assert torch.equal(torch.rand(3), after_first)  # measuring or not leaves the search's random draws alike
+    assert second.total == first.total and second.fixed == pytest.approx(first.total - sum(c.latency[0] for c in cands.values()))
