@@ -258,3 +258,34 @@ def test_cli_synth_refuses_a_model_without_batchnorm(tmp_path):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "no BatchNorm" in lines[0] and "Traceback" not in p.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_finetune_writes_one_run(tiny_module, tiny_fmnist, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists() and shutil.which("torchrun") is None:
+        pytest.skip("torchrun not installed")
+    spec, weights = tiny_module
+    data = f"fmnist:{tiny_fmnist}"
+    run = tmp_path / "run"
+    p = _cli("compress", spec, "--weights", str(weights), "--data", data, "--reduction", "0.5", "--out", str(run),
+             "--filter", "convs", "--epochs", "2", "--search-images", "100", "--quiet")
+    assert p.returncode == 0, p.stderr
+    launcher = [str(torchrun)] if torchrun.exists() else ["torchrun"]
+    ft = ["finetune", str(run), "--data", data, "--mode", "few-shot", "--shots", "128", "--val-images", "64",
+          "--finetune-epochs", "2", "--finetune-lr", "3e-4", "--teacher", spec, "--teacher-weights", str(weights),
+          "--allow-code", "--device", "cpu", "--quiet"]
+    r = subprocess.run([*launcher, "--nproc_per_node", "2", "--master_port", "29519", "-m", "svdnas", *ft, "--out", str(tmp_path / "ddp")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("run directory") == 1
+    one = _cli(*ft, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("ddp", "one"))
+    assert a["recovery"]["history"]["epoch"] == b["recovery"]["history"]["epoch"] == [1, 2]
+    # the processes average their gradients over halves of each batch: one process's loss, up to rounding
+    for x, y in zip(a["recovery"]["history"]["loss"], b["recovery"]["history"]["loss"]):
+        assert x == pytest.approx(y, rel=1e-3)

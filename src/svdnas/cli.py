@@ -335,19 +335,24 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from svdnas.models import build_model
     from svdnas.recovery import finetune
 
+    from svdnas import distributed as ddp
+
     _need(args, "data", "out", "mode")
     device = _device(args.device)
+    ddp.init(device)
     data = load_data(args.data)
     if data is None and args.mode != "data-free":
         raise SvdnasError(f"--mode {args.mode} needs real data: --data none works only with --mode data-free")
     teacher = None
     if args.teacher is not None:
         teacher, _ = build_model(args.teacher, args.teacher_weights, allow_code=args.allow_code)
-    _prepare_out(args.out, args.overwrite, args.resume)
-    _save_config(args)
+    if ddp.is_main():
+        _prepare_out(args.out, args.overwrite, args.resume)
+        _save_config(args)
+    ddp.barrier()
     from tqdm import tqdm
 
-    bar = tqdm(total=0, desc="finetune", unit="step", disable=args.quiet or not sys.stdout.isatty(), dynamic_ncols=True)
+    bar = tqdm(total=0, desc="finetune", unit="step", disable=args.quiet or not sys.stdout.isatty() or not ddp.is_main(), dynamic_ncols=True)
 
     def progress(stage: str, done: int, total: int) -> None:
         bar.set_description(stage)
@@ -361,6 +366,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         )
     finally:
         bar.close()
+    main = ddp.is_main()
+    ddp.barrier()
+    ddp.shutdown()
+    if not main:
+        return 0
     print(f"{args.dir} fine-tuned ({args.mode}): FLOPs -{100 * r['flops']['reduction']:.2f}%")
     _print_outcome(r)
     _write_report_quietly(args.out)

@@ -238,16 +238,17 @@ def distill(
                     t_logits = teacher(x) if mode != "full" else None
                 s_logits = student(x)
                 loss = distill_loss(mode, s_logits, t_logits, s_out.out if s_out else {}, t_out.out if t_out else {}, y, config)  # type: ignore[arg-type]
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(
-                        f"the fine-tuning loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                        f"lower --finetune-lr (the last checkpoint is kept)"
-                    )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                ddp.average_([p.grad for p in params])
+                stat = loss.detach().reshape(1).clone()
+                ddp.average_([p.grad for p in params] + [stat])  # the loss too: every process logs the whole batch's
+                if not torch.isfinite(stat).all():  # checked after averaging, so that every process stops together
+                    raise NonFiniteError(
+                        f"the fine-tuning loss became {stat.item()} at epoch {epoch + 1}, step {step + 1}; "
+                        f"lower --finetune-lr (the last checkpoint is kept)"
+                    )
                 opt.step()
-                total += loss.item()
+                total += stat.item()
                 n += 1
                 if progress is not None:
                     progress(epoch * steps_per_epoch + step + 1, config.epochs * steps_per_epoch)  # type: ignore[operator]

@@ -203,6 +203,7 @@ def finetune(
     """
     import json
 
+    from svdnas import distributed as ddp
     from svdnas.models import build_model
     from svdnas.rundir import load_run
     from svdnas.runreport import build_report, write_run
@@ -237,12 +238,14 @@ def finetune(
         )
         splits = split_synthetic(synthetic, synth_val, synth_test)
         seconds["synthetic"] = time.perf_counter() - t0
-    before = evaluate(student, data.test, device) if data is not None else None
+    before = evaluate(student, data.test, device) if data is not None and ddp.is_main() else None
     ckpt = out_dir / "checkpoint-finetune.pt" if out_dir is not None and resume else None
     block = recover(
         teacher, student, plan, mode, config, data, splits, device, seed, ckpt, (lambda d, t: progress("finetune", d, t)) if progress else None,
     )
     seconds["finetune"] = block["seconds"]
+    if not ddp.is_main():  # under torchrun, rank 0 evaluates and writes
+        return student, {}
     infos = trace_layers(teacher, example_input(teacher, shape))
     previous = json.loads((directory / "report.json").read_text()) if (directory / "report.json").is_file() else {}
     header = {

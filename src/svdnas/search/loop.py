@@ -158,7 +158,7 @@ def search(
             else:
                 loss = ce + multiplier * (ratio - config.target)
             # averaged before the step, so that every process sees a NaN any of them met and all stop together
-            stats = torch.tensor([ratio.item(), loss.item(), ce.item()])
+            stats = torch.tensor([ratio.item(), loss.item(), ce.item()], device=ce.device)  # nccl reduces only GPU tensors
             ddp.average_([stats])
             if not torch.isfinite(stats).all():
                 ratio_, loss_, ce_ = stats.tolist()
