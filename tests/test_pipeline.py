@@ -166,3 +166,28 @@ def test_killed_search_resumes_to_the_same_plan(tiny_module, tiny_fmnist, tmp_pa
     h_resumed = json.loads((out / "history.json").read_text())
     assert h_whole["b1"]["loss"] == pytest.approx(h_resumed["b1"]["loss"], rel=1e-5)
     assert not any(out.glob("checkpoint-*.pt"))  # removed once the run finished
+
+
+def test_proxy_stage_checkpoints_and_a_resumed_run_skips_it(trained_tiny, tmp_path, monkeypatch):
+    import svdnas.pipeline as pipeline
+    from svdnas.search import grid_candidates
+    from svdnas.surgery import example_input, trace_layers
+
+    model, data = trained_tiny
+    infos = trace_layers(model, example_input(model, (1, 28, 28)))
+    cands = {n: grid_candidates(n, model.get_submodule(n), infos[n].input_hw, [0.3, 0.5, 0.7], "flops") for n in ("body.0", "body.4")}
+    proxy = torch.utils.data.Subset(data.train, list(range(64)))
+    ckpt = tmp_path / "checkpoint-proxy.json"
+    stages = []
+    first = pipeline._proxy_errors(model, cands, proxy, 0.5, "cpu", ckpt, lambda s, d, t: stages.append((s, d, t)))
+    assert ckpt.is_file() and stages[-1] == ("proxy", 2, 2)
+    assert all(len(errs) > 1 for errs in first.values())
+
+    def boom(*a, **k):
+        raise AssertionError("the proxy ran again")
+
+    monkeypatch.setattr(pipeline, "capture_inputs", boom)
+    again = pipeline._proxy_errors(model, cands, proxy, 0.5, "cpu", ckpt, None)
+    assert again == first  # same floats, same family keys: the resumed search sees the same space
+    with pytest.raises(AssertionError, match="ran again"):  # a checkpoint of another target is not reused
+        pipeline._proxy_errors(model, cands, proxy, 0.6, "cpu", ckpt, None)

@@ -146,7 +146,7 @@ def _prepare_out(out: str, overwrite: bool, resume: bool = False) -> None:
         raise SvdnasError(f"--out {out} exists and is not a directory")
     if (d / "report.json").exists() and not overwrite:
         raise SvdnasError(f"{out} already holds a finished run; pass --overwrite to replace it")
-    stale = [*d.glob("checkpoint-*.pt"), *d.glob("*.partial")] if d.is_dir() else []
+    stale = [*d.glob("checkpoint-*.pt"), *d.glob("checkpoint-*.json"), *d.glob("*.partial")] if d.is_dir() else []
     if stale and not resume:
         if not overwrite:
             raise SvdnasError(f"{out} holds the checkpoints of an unfinished run; pass --resume to continue it or --overwrite to start again")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -246,6 +247,37 @@ def _synthetic_search_data(model, splits: SyntheticSplits, config: CompressConfi
     return subset, proxy_set
 
 
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _proxy_errors(
+    model: nn.Module, candidates: dict[str, LayerCandidates], proxy_set, kept: float, device, checkpoint: Path | None, progress,
+) -> dict[str, dict[tuple, float]]:
+    """Per layer, the output error of each family near the target (see ``search.proxy``).
+
+    With a ``checkpoint`` file the errors are written there (atomically) when done and read back by
+    a resumed run, which then skips the stage.
+    """
+    from svdnas.rundir import atomic_write_json
+
+    names = list(candidates)
+    if checkpoint is not None and checkpoint.is_file():
+        saved = json.loads(checkpoint.read_text())
+        if saved.get("names") == names and saved.get("kept") == kept:
+            log.info("output-error proxy: reusing %s", checkpoint)
+            return {n: {_tuples(f): e for f, e in saved["errors"][n]} for n in names}
+    inputs = capture_inputs(model, names, proxy_set, device)
+    errors = {}
+    for i, name in enumerate(names):
+        errors[name] = output_errors(model.get_submodule(name), inputs.pop(name), candidates[name], kept)
+        if progress is not None:
+            progress("proxy", i + 1, len(names))
+    if checkpoint is not None and ddp.is_main():
+        atomic_write_json(checkpoint, {"names": names, "kept": kept, "errors": {n: [[f, e] for f, e in errs.items()] for n, errs in errors.items()}})
+    return errors
+
+
 def _search_once(
     model: nn.Module,
     candidates: dict[str, LayerCandidates],
@@ -409,10 +441,10 @@ def compress(
     t0 = time.perf_counter()
     kept = 1 - config.reduction if config.reduction is not None else sum(fractions) / len(fractions)
     if config.families > 0:
-        inputs = capture_inputs(model, list(candidates), proxy_set, device)
+        proxy_ckpt = Path(out) / "checkpoint-proxy.json" if out is not None and resume else None
+        all_errors = _proxy_errors(model, candidates, proxy_set, kept, device, proxy_ckpt, progress)
         for name in list(candidates):
-            errors = output_errors(model.get_submodule(name), inputs.pop(name), candidates[name], kept)
-            candidates[name] = keep_families(candidates[name], errors, config.families)
+            candidates[name] = keep_families(candidates[name], all_errors[name], config.families)
     seconds["proxy"] = time.perf_counter() - t0
     latency_costs = None
     if config.objective == "latency":
@@ -497,7 +529,7 @@ def compress(
         "search_loss": "kd" if config.mode == "data-free" else config.search_loss,
     }
     timing = {"latency_batch": latency_costs.table["batch"], "latency_threads": latency_costs.table["threads"]} if latency_costs else {}
-    report = build_report(model, compressed, plan, infos, shape, data, device, header, reference=reference, **timing)
+    report = build_report(model, compressed, plan, infos, shape, data, device, header, reference=reference, progress=progress, **timing)
     if latency_costs is not None:
         from svdnas.search.latency_costs import predicted_report
 
@@ -531,6 +563,6 @@ def compress(
     result = CompressResult(compressed, plan, report, hist)
     if out is not None:
         write_run(out, compressed, plan, model_spec, shape, report, history=hist)
-        for ckpt in Path(out).glob("checkpoint-*.pt"):
+        for ckpt in [*Path(out).glob("checkpoint-*.pt"), *Path(out).glob("checkpoint-*.json")]:
             ckpt.unlink()
     return result

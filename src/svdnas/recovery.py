@@ -252,7 +252,7 @@ def finetune(
         "model": arch["base"], "method": previous.get("method", "svdnas"), "mode": mode, "objective": previous.get("objective", "flops"),
         "seed": seed, "source": str(directory),
     }
-    report = build_report(teacher, student, plan, infos, shape, data, device, header)
+    report = build_report(teacher, student, plan, infos, shape, data, device, header, progress=progress)
     if before is not None:
         block["before"] = {"top1": before["top1"], "top5": before["top5"]}
         block["after"] = {"top1": report["top1"]["compressed"], "top5": report["top5"]["compressed"]}

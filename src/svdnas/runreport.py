@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ def build_report(
     reference: dict[str, float] | None = None,
     latency_batch: int = 1,
     latency_threads: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Costs, accuracies (whole test split), measured latency and the per-layer plan; ``header`` goes first.
 
@@ -40,6 +42,7 @@ def build_report(
         reference: the original model's accuracy on ``data.test`` if already measured.
         latency_batch: images per forward pass of the latency measurement (1: one request).
         latency_threads: CPU threads of the latency measurement (None: the current setting).
+        progress: called with ("evaluate", images done, images in all).
     """
     macs0, macs1 = model_macs(original, shape), model_macs(compressed, shape)
     params0, params1 = count_params(original), count_params(compressed)
@@ -47,8 +50,17 @@ def build_report(
     report["flops"] = {"original": 2 * macs0, "compressed": 2 * macs1, "reduction": 1 - macs1 / macs0}
     report["params"] = {"original": params0, "compressed": params1, "reduction": 1 - params1 / params0}
     if data is not None:
-        acc0 = reference or evaluate(original, data.test, device)
-        acc1 = evaluate(compressed, data.test, device)
+        n = len(data.test)  # type: ignore[arg-type]
+        runs = 1 if reference else 2
+        done = [0]
+
+        def step(k: int) -> None:
+            done[0] += k
+            if progress is not None:
+                progress("evaluate", done[0], runs * n)
+
+        acc0 = reference or evaluate(original, data.test, device, progress=step)
+        acc1 = evaluate(compressed, data.test, device, progress=step)
         report["top1"] = accuracy_block(acc0, acc1, "top1")
         report["top5"] = accuracy_block(acc0, acc1, "top5")
     else:
