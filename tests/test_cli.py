@@ -56,7 +56,9 @@ def test_eval_json_on_module_model(module_spec, tiny_fmnist):
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--beta", "4"], "not both"),
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "1.5"], "(0, 1)"),
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--objective", "latency", "--latency-batch", "0"], "--latency-batch must be positive"),
-        (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--mode", "synthetic"], "not available yet"),
+        (["compress", "zoo:resnet18", "--data", "none", "--out", "/tmp/x", "--reduction", "0.5", "--mode", "few-shot"], "works only with --mode data-free"),
+        (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--mode", "synthetic", "--synth-iterations", "0"], "must be positive"),
+        (["synth", "zoo:resnet18", "--num", "8", "--out", "/tmp/x.png"], ".safetensors"),
     ],
 )
 def test_bad_input_gives_one_error_line(args, message):
