@@ -204,19 +204,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     ddp.init(device)
     model, info, data, shape = _model_and_data(args, device, data_free=args.mode == "data-free")
     config.filter = config.filter or info.default_filter
-    if ddp.is_main():
-        _prepare_out(args.out, args.overwrite, args.resume)
-        _save_config(args)
-    ddp.barrier()
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, desc="search", unit="step", disable=args.quiet or not sys.stdout.isatty() or not ddp.is_main(), dynamic_ncols=True)
-
-    def progress(stage: str, done: int, total: int) -> None:
-        bar.set_description(stage)
-        bar.total = total
-        bar.n = done
-        bar.refresh()
+    bar, progress = _start_run(args, "search")
 
     try:
         result = compress(
@@ -243,6 +231,30 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _write_report_quietly(args.out)
     print(f"search {r['seconds']['search']:.1f}s, total {r['seconds']['total']:.1f}s; run directory {args.out}")
     return 0
+
+
+def _start_run(args: argparse.Namespace, first_stage: str):
+    """Prepare and claim --out (rank 0), then a progress bar that every stage of the run updates.
+
+    Returns the bar (close it at the end) and ``progress(stage, done, total)``.
+    """
+    from tqdm import tqdm
+
+    from svdnas import distributed as ddp
+
+    if ddp.is_main():
+        _prepare_out(args.out, args.overwrite, args.resume)
+        _save_config(args)
+    ddp.barrier()
+    quiet = args.quiet or not sys.stdout.isatty() or not ddp.is_main()
+    bar = tqdm(total=0, desc=first_stage, unit="step", disable=quiet, dynamic_ncols=True)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar.set_description(stage)
+        bar.total, bar.n = total, done
+        bar.refresh()
+
+    return bar, progress
 
 
 def _print_outcome(r: dict) -> None:
@@ -331,11 +343,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from svdnas import distributed as ddp
     from svdnas.data import load_data
     from svdnas.models import build_model
     from svdnas.recovery import finetune
-
-    from svdnas import distributed as ddp
 
     _need(args, "data", "out", "mode")
     device = _device(args.device)
@@ -346,18 +357,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     teacher = None
     if args.teacher is not None:
         teacher, _ = build_model(args.teacher, args.teacher_weights, allow_code=args.allow_code)
-    if ddp.is_main():
-        _prepare_out(args.out, args.overwrite, args.resume)
-        _save_config(args)
-    ddp.barrier()
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, desc="finetune", unit="step", disable=args.quiet or not sys.stdout.isatty() or not ddp.is_main(), dynamic_ncols=True)
-
-    def progress(stage: str, done: int, total: int) -> None:
-        bar.set_description(stage)
-        bar.total, bar.n = total, done
-        bar.refresh()
+    bar, progress = _start_run(args, "finetune")
 
     try:
         _, r = finetune(
