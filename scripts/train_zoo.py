@@ -5,6 +5,8 @@ Run from the repository root with the project's environment:
 EfficientNet-B0 then trained 3 more epochs from its first weights (see its log):
     cp src/svdnas/zoo/weights/efficientnet_b0.safetensors /tmp/effb0-first.safetensors
     .venv/bin/python scripts/train_zoo.py efficientnet_b0 --init /tmp/effb0-first.safetensors --epochs 3 --lr 2e-3
+and 4 more from those (copied to /tmp/effb0-second.safetensors the same way):
+    .venv/bin/python scripts/train_zoo.py efficientnet_b0 --init /tmp/effb0-second.safetensors --epochs 4 --lr 1e-3
 
 Never run by CI. Each model trains in well under an hour on 2 CPU cores (see the logs in
 src/svdnas/zoo/weights/*.log for the measured times and accuracies).
