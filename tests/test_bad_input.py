@@ -220,6 +220,8 @@ CASES: list[tuple[str, Callable[[dict], list], list[str]]] = [
     *[(f"reduction-{r}", _with_reduction(r), [f"--reduction must be in (0, 1), got {float(r)}"]) for r in ("0", "1", "-0.5", "1.5", "nan")],
     ("reduction-and-beta", lambda f: ["compress", f["tiny"], "--data", f["data"], "--out", f["out"], "--reduction", "0.5", "--beta", "4"],
      ["give --reduction or --beta, not both"]),
+    ("proxy-drop-out-of-range", lambda f: ["compress", f["tiny"], "--data", f["data"], "--out", f["out"], "--reduction", "0.5",
+                                           "--proxy-drop", "150"], ["--proxy-drop must be in [0, 100] points of top-1, got 150.0"]),
     ("reduction-not-a-number", lambda f: ["compress", f["tiny"], "--data", f["data"], "--out", f["out"], "--reduction", "half"],
      ["invalid float value: 'half'"]),
     ("budget-unreachable", lambda f: ["compress", f["tiny"], "--weights", f["weights"], "--data", f["data"], "--out", f["out"],

@@ -44,6 +44,7 @@ from svdnas.search import (
     select_within_budget,
 )
 from svdnas.search.candidates import LayerCandidates
+from svdnas.search.accuracy_proxy import ProxyResult, measure_drops, passing
 from svdnas.search.proxy import capture_inputs, keep_families, output_errors
 from svdnas.space import kernel_splits
 from svdnas.spec import LowRankSpec
@@ -71,6 +72,9 @@ class CompressConfig:
             None centres a window on the target (for latency, reaching down to 5%).
         max_groups: largest group count of a candidate (None: every divisor).
         families: families (split and grouping) kept per layer by the output-error proxy (0: all).
+        proxy_drop: the one-layer accuracy proxy's threshold: a candidate whose layer, compressed
+            alone, loses more than this many points of top-1 on the proxy images is removed (0: off).
+            Doubled (with a warning) while what is left cannot meet the budget.
         search_images: labelled training images the logits learn on.
         proxy_images: further training images, apart from the search images, for the proxy.
         branches: 1, or 2 for the residual extension (a second search over the first's residual).
@@ -94,6 +98,7 @@ class CompressConfig:
     grid: tuple[float, float, float] | None = None
     max_groups: int | None = 8
     families: int = 4
+    proxy_drop: float = 5.0
     search_images: int = 1000
     proxy_images: int = 256
     branches: int = 1
@@ -123,6 +128,11 @@ class CompressConfig:
             raise SpecError(f"--branches must be 1 or 2, got {self.branches}")
         if self.search_images < 1:
             raise SpecError("--search-images must be positive")
+        if not 0 <= self.proxy_drop <= 100:
+            raise SpecError(f"--proxy-drop must be in [0, 100] points of top-1, got {self.proxy_drop}")
+
+    def uses_proxy(self) -> bool:
+        return self.families > 0 or self.proxy_drop > 0
 
     def fractions(self) -> list[float]:
         if self.grid is not None:
@@ -216,9 +226,12 @@ def _search_data(data: DataBundle, config: CompressConfig, seed: int):
         raise SpecError(f"--search-images {config.search_images} exceeds the {available} training images")
     subset, search_idx = search_subset(data.train, config.search_images, seed)
     n_proxy = min(config.proxy_images, available - config.search_images)
-    if config.families > 0 and n_proxy < 1:
-        raise SpecError(f"no training image is left for the proxy after {config.search_images} search images; lower --search-images or pass --families 0")
-    proxy_set, _ = search_subset(data.train, n_proxy, seed + 1, exclude=search_idx) if config.families > 0 else (None, None)
+    if config.uses_proxy() and n_proxy < 1:
+        raise SpecError(
+            f"no training image is left for the proxy after {config.search_images} search images; "
+            "lower --search-images or pass --families 0 --proxy-drop 0"
+        )
+    proxy_set, _ = search_subset(data.train, n_proxy, seed + 1, exclude=search_idx) if config.uses_proxy() else (None, None)
     return subset, proxy_set
 
 
@@ -234,16 +247,23 @@ def _synthetic(model, shape, config: CompressConfig, seed: int, device, out, pro
     return split_synthetic(synthetic, config.synth_val, config.synth_test)
 
 
+@torch.no_grad()
+def _predictions(model: nn.Module, images: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([model(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)])
+
+
 def _synthetic_search_data(model, splits: SyntheticSplits, config: CompressConfig, device):
     """Data-free search images (the original model's soft labels) and proxy images, both synthetic."""
     n = len(splits.train)
     n_search = min(config.search_images, n)
     subset = soft_labels(model, splits.train[:n_search], device)
     proxy = splits.train[n_search : n_search + config.proxy_images]
-    if config.families > 0 and len(proxy) == 0:
+    if config.uses_proxy() and len(proxy) == 0:
         log.warning("every synthetic training image is a search image; the proxy reuses them (make more with --synth-images)")
         proxy = splits.train[: config.proxy_images]
-    proxy_set = torch.utils.data.TensorDataset(proxy, torch.zeros(len(proxy), dtype=torch.long)) if config.families > 0 else None
+    proxy_set = None
+    if config.uses_proxy():  # labelled by the original's predictions: the accuracy proxy measures agreement
+        proxy_set = torch.utils.data.TensorDataset(proxy, _predictions(model, proxy, device))
     return subset, proxy_set
 
 
@@ -276,6 +296,68 @@ def _proxy_errors(
     if checkpoint is not None and ddp.is_main():
         atomic_write_json(checkpoint, {"names": names, "kept": kept, "errors": {n: [[f, e] for f, e in errs.items()] for n, errs in errors.items()}})
     return errors
+
+
+def _accuracy_proxy(
+    model: nn.Module, candidates: dict[str, LayerCandidates], proxy_set, config: CompressConfig, total: float, device,
+    checkpoint: Path | None, progress,
+) -> tuple[dict[str, LayerCandidates], dict[str, Any]]:
+    """Removes the candidates whose layer, compressed alone, loses more than ``config.proxy_drop``
+    points of top-1 on the proxy images (see ``search.accuracy_proxy``).
+
+    While what is left cannot meet the budget, the threshold doubles. With a ``checkpoint`` the
+    measured drops are saved after every layer and a resumed run measures only what is missing.
+    Layers left with no candidate keep their original form.
+    """
+    from svdnas.rundir import atomic_write_json
+
+    names = list(candidates)
+    measured: dict[str, ProxyResult] = {}
+    if checkpoint is not None and checkpoint.is_file():
+        saved = json.loads(checkpoint.read_text())
+        if saved.get("candidates") == {n: len(c) for n, c in candidates.items()}:
+            log.info("accuracy proxy: reusing the drops measured in %s", checkpoint)
+            measured = {n: ProxyResult(n, r["original_top1"], {int(i): d for i, d in r["drops"].items()}) for n, r in saved["layers"].items()}
+    original = evaluate(model, proxy_set, device)["top1"] if len(measured) < len(names) else None
+    threshold = config.proxy_drop
+    while True:
+        for k, name in enumerate(names):
+            result = measure_drops(model, candidates[name], proxy_set, device, threshold, known=measured.get(name), original_top1=original)
+            if name not in measured or result.drops != measured[name].drops:
+                measured[name] = result
+                if checkpoint is not None and ddp.is_main():
+                    atomic_write_json(checkpoint, {
+                        "candidates": {n: len(c) for n, c in candidates.items()},
+                        "layers": {n: {"original_top1": r.original_top1, "drops": {str(i): d for i, d in r.drops.items()}} for n, r in measured.items()},
+                    })
+            if progress is not None:
+                progress("accuracy proxy", k + 1, len(names))
+        kept = {}
+        for name in names:
+            cands = candidates[name]
+            ids = {id(cands.specs[i - 1]) for i in passing(cands, measured[name], threshold)}
+            kept[name] = cands.subset(lambda s, ids=ids: id(s) in ids)
+        costs = {n: c.cost(config.objective) for n, c in kept.items()}
+        floor = total - sum(c[0] - min(c) for c in costs.values())
+        if config.reduction is None or floor <= (1 - config.reduction) * total or threshold >= 100:
+            break
+        log.warning(
+            "accuracy proxy: the candidates within %.3g points of top-1 cannot remove %.3g of the cost; trying %.3g points",
+            threshold, config.reduction, 2 * threshold,
+        )
+        threshold = min(100.0, 2 * threshold)
+    before = sum(len(c) - 1 for c in candidates.values())
+    after = {n: c for n, c in kept.items() if c.specs}
+    summary = {
+        "threshold_pp": config.proxy_drop, "threshold_used_pp": threshold, "images": len(proxy_set),
+        "evaluated": sum(len(r.drops) for r in measured.values()), "candidates_before": before,
+        "candidates_after": sum(len(c) - 1 for c in after.values()),
+        "layers_left_original": [n for n in names if n not in after],
+    }
+    if not after:
+        raise SpecError(f"every candidate loses more than {threshold:g} points of top-1 on its own; raise --proxy-drop or pass --proxy-drop 0")
+    log.info("accuracy proxy: %d of %d candidates within %.3g points (%d measured)", summary["candidates_after"], before, threshold, summary["evaluated"])
+    return after, summary
 
 
 def _search_once(
@@ -460,6 +542,12 @@ def compress(
             lat = {n: c.cost("latency") for n, c in candidates.items()}
             return 1 - (total - sum(c[0] for c in lat.values()) + sum(min(c) for c in lat.values())) / total
 
+    accuracy_proxy: dict[str, Any] | None = None
+    if config.proxy_drop > 0:
+        t0 = time.perf_counter()
+        ckpt = Path(out) / "checkpoint-accuracy.json" if out is not None and resume else None
+        candidates, accuracy_proxy = _accuracy_proxy(model, candidates, proxy_set, config, total, device, ckpt, progress)
+        accuracy_proxy["seconds"] = seconds["accuracy_proxy"] = time.perf_counter() - t0
     costs = _check_budget(candidates, config, total, reach)
     fixed = total - sum(c[0] for c in costs.values())
     log.info("%d target layers, %d candidates (grid %s..%s)", len(candidates), sum(len(c) - 1 for c in candidates.values()), fractions[0], fractions[-1])
@@ -555,6 +643,8 @@ def compress(
         "processes": ddp.world_size(),
         "evaluation_images": len(data.test) if data is not None else 0, "evaluation_split": "test" if data is not None else None,
     }
+    if accuracy_proxy is not None:
+        report["accuracy_proxy"] = accuracy_proxy
     report["search"] = {"config": asdict(sconf), "grid": fractions, "candidates": sum(len(c) - 1 for c in candidates.values()), "branches": config.branches}
     report["skipped"] = [{"name": n, "reason": r} for n, r in skipped.items()]
     if branch_reports:

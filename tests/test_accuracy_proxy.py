@@ -1,0 +1,168 @@
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import svdnas.search.accuracy_proxy as ap
+from svdnas.decompose import decompose
+from svdnas.evaluate import evaluate
+from svdnas.pipeline import CompressConfig, compress
+from svdnas.search import SearchConfig, grid_candidates
+from svdnas.surgery import example_input, set_submodule, trace_layers
+
+
+class Residual(nn.Module):
+    """Skip connections, in-place activations, a module called twice and a functional prefix:
+    what the replay of the layers before a target must get right."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)  # called twice: never replayed
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.stem(x * 2 - 1))
+        x = self.shared(x) + x
+        y = self.act(self.bn(self.a(x)))
+        y = self.shared(y) + x
+        y = self.act(self.b(y)) + y
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.fixture
+def residual_and_data():
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.randn(96, 1, 12, 12) * torch.rand(96, 1, 1, 1) * 3
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.head.bias.zero_()
+        z = model(x)  # centre and scale the logits so that the predictions spread over classes
+        model.head.bias.sub_(z.mean(0)).div_(z.std(0).mean())
+        model.head.weight.div_(z.std(0).mean())
+        y = model(x).argmax(1)  # labels the model mostly gets right, so that compression can lose accuracy
+    y[::7] = (y[::7] + 1) % 10
+    return model, torch.utils.data.TensorDataset(x, y)
+
+
+def test_replayable_modules_are_the_outermost_finished_before_the_target(residual_and_data):
+    model, _ = residual_and_data
+    got = set(ap.replayable_modules(model, "b", torch.rand(2, 1, 12, 12)))
+    assert got == {"stem", "a", "bn"}  # act and shared run more than once; head runs after
+    assert ap.replayable_modules(model, "stem", torch.rand(2, 1, 12, 12)) == []
+
+
+@pytest.mark.parametrize("name", ["stem", "a", "b"])
+def test_replayed_top1_equals_the_replaced_model(residual_and_data, name):
+    model, data = residual_and_data
+    before = copy.deepcopy(model.state_dict())
+    ev = ap.OneLayerEvaluator(model, name, data, "cpu", batch_size=40)
+    layer = model.get_submodule(name)
+    assert ev.original_top1 == pytest.approx(evaluate(model, data)["top1"])
+    variants = [decompose(layer, [spec]) for spec in _specs(layer)]
+    got = ev.top1([layer, *variants])
+    want = [ev.original_top1]
+    for v in variants:  # the reference: the layer really replaced, the whole model run
+        replaced = copy.deepcopy(model)
+        set_submodule(replaced, name, copy.deepcopy(v))
+        want.append(evaluate(replaced, data)["top1"])
+    assert got == pytest.approx(want)
+    assert len(set(got)) > 1  # the candidates differ, so the comparison means something
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all("forward" not in vars(m) for m in model.modules())  # every swap undone
+
+
+def _specs(layer):
+    from svdnas.spec import LowRankSpec
+
+    if layer.in_channels == 1:  # the stem: a 3x1 split holds at most 3 ranks
+        return [LowRankSpec((3, 1), (1, 1), r) for r in (1, 2)] + [LowRankSpec((1, 1), (1, 1), 1)]
+    return [LowRankSpec((3, 1), (1, 1), r) for r in (1, 2, 6)] + [LowRankSpec((1, 1), (1, 1), 1)]
+
+
+def test_an_unfaithful_replay_falls_back_to_full_passes(residual_and_data, monkeypatch):
+    model, data = residual_and_data
+    monkeypatch.setattr(ap, "_clone", lambda out: torch.zeros_like(out))  # a replay that breaks the model
+    ev = ap.OneLayerEvaluator(model, "b", data, "cpu")
+    assert ev.replay == []
+    assert ev.top1([model.b]) == [pytest.approx(ev.original_top1)]
+
+
+def test_bisection_keeps_what_exhaustive_search_keeps_when_drops_fall_with_rank(residual_and_data, monkeypatch):
+    model, data = residual_and_data
+    layer = model.a
+    cands = grid_candidates("a", layer, (12, 12), [0.1 * k for k in range(1, 10)], "flops")
+    fams = {s.family() for s in cands.specs}
+    assert len(fams) > 2 and len(cands.specs) > 3 * len(fams)
+    cut = {f: 1 + 2 * k for k, f in enumerate(sorted(fams))}  # per family, the rank where the drop falls to 4pp
+    calls = []
+
+    class Marker(nn.Identity):  # stands for a decomposed layer, remembering its spec
+        def __init__(self, layer, specs):
+            super().__init__()
+            self.spec = specs[-1]
+
+    def fake_top1(self, layers):
+        calls.append(len(layers))
+        return [self.original_top1 - (4.0 if m.spec.rank >= cut[m.spec.family()] else 30.0 - m.spec.rank) for m in layers]
+
+    monkeypatch.setattr(ap, "decompose", Marker)
+    monkeypatch.setattr(ap.OneLayerEvaluator, "top1", fake_top1)
+    full = ap.measure_drops(model, cands, data, "cpu", 5.0, exhaustive=True)
+    fast = ap.measure_drops(model, cands, data, "cpu", 5.0)
+    assert ap.passing(cands, fast, 5.0) == ap.passing(cands, full, 5.0)
+    assert 0 < len(ap.passing(cands, full, 5.0)) < len(cands.specs)
+    assert len(fast.drops) < len(full.drops)
+    n = len(calls)
+    again = ap.measure_drops(model, cands, data, "cpu", 5.0, known=fast)
+    assert again.drops == fast.drops and len(calls) == n  # nothing measured twice
+
+
+def _config(**kw):
+    base = {"reduction": 0.5, "search_images": 200, "proxy_images": 64, "search": SearchConfig(epochs=2, batch_size=64, target=0.5)}
+    base.update(kw)
+    return CompressConfig(**base)
+
+
+def test_compress_reports_the_proxy_and_relaxes_a_threshold_the_budget_cannot_live_with(trained_tiny, tmp_path, caplog):
+    model, data = trained_tiny
+    r = compress(model, data, _config(families=0, proxy_drop=5.0), filter_fn="convs").report
+    p = r["accuracy_proxy"]
+    assert p["threshold_pp"] == 5.0 and p["images"] == 64 and p["evaluated"] > 0
+    assert p["candidates_after"] <= p["candidates_before"] and r["flops"]["reduction"] >= 0.49
+    # a threshold no cheap candidate meets: doubled until the 0.6 budget can be met, and met
+    r = compress(model, data, _config(reduction=0.6, families=0, proxy_drop=0.01, max_groups=1), filter_fn="convs", out=tmp_path, resume=True).report
+    p = r["accuracy_proxy"]
+    assert p["threshold_used_pp"] > 0.01 and "trying" in caplog.text
+    assert r["flops"]["reduction"] >= 0.59
+    off = compress(model, data, _config(families=0, proxy_drop=0.0), filter_fn="convs").report
+    assert "accuracy_proxy" not in off
+
+
+def test_the_accuracy_proxy_checkpoint_lets_a_resumed_run_skip_measuring(trained_tiny, tmp_path, monkeypatch):
+    import svdnas.pipeline as pipeline
+
+    model, data = trained_tiny
+    infos = trace_layers(model, example_input(model, (1, 28, 28)))
+    cands = {n: grid_candidates(n, model.get_submodule(n), infos[n].input_hw, [0.2, 0.4, 0.6], "flops") for n in ("body.0", "body.4")}
+    proxy = torch.utils.data.Subset(data.train, list(range(64)))
+    ckpt = tmp_path / "checkpoint-accuracy.json"
+    config = _config(proxy_drop=5.0)
+    kept, summary = pipeline._accuracy_proxy(model, cands, proxy, config, 1e9, "cpu", ckpt, None)
+    saved = json.loads(ckpt.read_text())
+    assert set(saved["layers"]) == {"body.0", "body.4"}
+
+    def boom(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(ap.OneLayerEvaluator, "__init__", boom)
+    kept2, summary2 = pipeline._accuracy_proxy(model, cands, proxy, config, 1e9, "cpu", ckpt, None)
+    assert summary2["evaluated"] == summary["evaluated"]
+    assert {n: [s for s in c.specs] for n, c in kept2.items()} == {n: [s for s in c.specs] for n, c in kept.items()}
