@@ -3,21 +3,29 @@ data, budget and test images, in one run.
 
     .venv/bin/python benchmarks/post_training.py --model zoo:resnet18 --reductions 0.4 0.5 0.6 0.7
 
-Baselines: uniform and energy with every kernel split, and data-free LR-S2. Prints one table per
-run, writes benchmarks/results/post_training_<model>.json and a plot of top-1 drop against FLOPs
-reduction.
+Baselines: uniform and energy with every kernel split, data-free LR-S2, ALDS and F-Group. With
+--branches 2 the svdnas run is the residual extension and gives two rows, B1 (the first search,
+which meets the budget on its own) and B2. Prints one table, writes
+benchmarks/results/post_training_<model>.json after every row (a rerun with the same settings skips
+the rows already there, so a stopped run resumes) and a plot of top-1 drop against FLOPs reduction.
+--test-images N evaluates every method on the same first N test images (default: all).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
+import shlex
+import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+from torch.utils.data import Subset
 
 from svdnas.baselines import SPLITS, run_baseline
 from svdnas.data import load_data
@@ -26,13 +34,20 @@ from svdnas.pipeline import CompressConfig, compress
 from svdnas.search import SearchConfig
 
 
+ALL_METHODS = ["svdnas"] + [f"uniform-{s}" for s in SPLITS] + [f"energy-{s}" for s in SPLITS] + ["lrs2", "alds", "fgroup"]
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="zoo:resnet18")
     p.add_argument("--data", default="fmnist")
     p.add_argument("--reductions", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7])
+    p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS, metavar="METHOD")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--families", type=int, default=4)
+    p.add_argument("--proxy-drop", type=float, default=5.0)
+    p.add_argument("--branches", type=int, default=1, choices=(1, 2))
+    p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images (default: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
@@ -40,38 +55,79 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, info = build_model(args.model)
     data = load_data(args.data)
+    if args.test_images is not None:
+        data = dataclasses.replace(data, test=Subset(data.test, range(min(args.test_images, len(data.test)))))
     from svdnas.evaluate import evaluate
 
+    out = Path(args.out or f"benchmarks/results/post_training_{info.spec.replace(':', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"model": info.spec, "data": args.data, "epochs": args.epochs, "families": args.families, "proxy_drop": args.proxy_drop,
+            "branches": args.branches, "seed": args.seed, "test_images": len(data.test), "threads": args.threads,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads", "date": date.today().isoformat(),
+            "command": shlex.join(["python", *sys.argv])}
+    keys = ("model", "data", "epochs", "families", "proxy_drop", "branches", "seed", "test_images")
+    rows: list[dict] = []
+    if out.is_file():
+        old = json.loads(out.read_text())
+        if all(old.get("meta", {}).get(k) == meta[k] for k in keys):
+            rows = old["rows"]
+            print(f"# resuming: {len(rows)} rows from {out}", flush=True)
+
+    def save() -> None:
+        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
     reference = evaluate(model, data.test)  # the original's accuracy, measured once for every row
-    methods = ["svdnas"] + [f"uniform-{s}" for s in SPLITS] + [f"energy-{s}" for s in SPLITS] + ["lrs2", "alds", "fgroup"]
-    rows = []
+    methods = [m for m in ALL_METHODS if m in args.methods]
+    names = [("svdnas-B1", "svdnas-B2") if m == "svdnas" and args.branches == 2 else (m,) for m in methods]
+    labels = [n for group in names for n in group]
+
+    def row(r: float, method: str, rep: dict, seconds: float) -> None:
+        rows.append({
+            "reduction_target": r, "method": method, "flops_reduction": rep["flops"]["reduction"],
+            "params_reduction": rep["params"]["reduction"], "top1": rep["top1"]["compressed"],
+            "drop_pp": rep["top1"]["drop_pp"], "original_top1": rep["top1"]["original"], "seconds": seconds,
+        })
+        print(f"R={r:.2f} {method:14s} FLOPs -{100 * rep['flops']['reduction']:6.2f}%  top-1 {rep['top1']['compressed']:6.2f}  "
+              f"drop {rep['top1']['drop_pp']:6.2f}pp  ({seconds:.0f}s)", flush=True)
+        save()
+
     for r in args.reductions:
-        for method in methods:
+        for method, group in zip(methods, names):
+            if all(any(x["method"] == g and x["reduction_target"] == r for x in rows) for g in group):
+                continue
             t0 = time.perf_counter()
             if method == "svdnas":
-                config = CompressConfig(reduction=r, families=args.families, search=SearchConfig(epochs=args.epochs, target=1 - r))
-                rep = compress(model, data, config, info.input_shape, info.default_filter, seed=args.seed, model_spec=info.spec, reference=reference).report
+                config = CompressConfig(reduction=r, families=args.families, proxy_drop=args.proxy_drop, branches=args.branches,
+                                        search=SearchConfig(epochs=args.epochs, target=1 - r))
+                rep = compress(model, data, config, info.input_shape, info.default_filter, seed=args.seed, model_spec=info.spec,
+                               reference=reference).report
+                if args.branches == 2:
+                    row(r, "svdnas-B1", rep["branches"]["b1"], time.perf_counter() - t0)
+                    row(r, "svdnas-B2", rep, time.perf_counter() - t0)
+                    continue
             else:
                 name, _, split = method.partition("-")
                 _, _, rep = run_baseline(name, model, data, r, info.input_shape, info.default_filter, split or "kx1", seed=args.seed,
-                                        model_spec=info.spec, reference=reference)
-            rows.append({
-                "reduction_target": r, "method": method, "flops_reduction": rep["flops"]["reduction"],
-                "params_reduction": rep["params"]["reduction"], "top1": rep["top1"]["compressed"],
-                "drop_pp": rep["top1"]["drop_pp"], "original_top1": rep["top1"]["original"], "seconds": time.perf_counter() - t0,
-            })
-            print(f"R={r:.2f} {method:14s} FLOPs -{100 * rows[-1]['flops_reduction']:6.2f}%  top-1 {rows[-1]['top1']:6.2f}  drop {rows[-1]['drop_pp']:6.2f}pp  ({rows[-1]['seconds']:.0f}s)", flush=True)
+                                         model_spec=info.spec, reference=reference)
+            row(r, method, rep, time.perf_counter() - t0)
+    rows.sort(key=lambda x: (x["reduction_target"], labels.index(x["method"]) if x["method"] in labels else len(labels)))
+    save()
     print()
-    print(f"{info.spec}, original top-1 {rows[0]['original_top1']:.2f}%: top-1 drop (pp) at each FLOPs reduction target")
-    print(f"{'method':14s} " + " ".join(f"R={r:<5}" for r in args.reductions))
-    for method in methods:
-        cells = [next(x for x in rows if x["method"] == method and x["reduction_target"] == r) for r in args.reductions]
-        print(f"{method:14s} " + " ".join(f"{c['drop_pp']:7.2f}" for c in cells))
-    out = Path(args.out or f"benchmarks/results/post_training_{info.spec.replace(':', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": info.spec, "data": args.data, "epochs": args.epochs, "families": args.families, "seed": args.seed,
-            "threads": args.threads, "machine": f"{platform.machine()} {torch.get_num_threads()} threads", "date": date.today().isoformat()}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"{info.spec}, original top-1 {rows[0]['original_top1']:.2f}% on {len(data.test)} test images: "
+          "top-1 drop (pp) at each FLOPs reduction target (achieved reduction in brackets)")
+    print(f"{'method':14s} " + " ".join(f"{'R=' + str(r):>16s}" for r in args.reductions))
+    for method in labels:
+        cells = [next((x for x in rows if x["method"] == method and x["reduction_target"] == r), None) for r in args.reductions]
+        print(f"{method:14s} " + " ".join(f"{c['drop_pp']:7.2f} ({100 * c['flops_reduction']:5.1f}%)" if c else f"{'-':>16s}" for c in cells))
+    for r in args.reductions:
+        ours = [x for x in rows if x["reduction_target"] == r and x["method"].startswith("svdnas")]
+        others = [x for x in rows if x["reduction_target"] == r and not x["method"].startswith("svdnas")]
+        if ours and others:
+            best_ours = min(ours, key=lambda x: x["drop_pp"])
+            best_other = min(others, key=lambda x: x["drop_pp"])
+            verdict = "ahead of" if best_ours["drop_pp"] < best_other["drop_pp"] else "BEHIND"
+            print(f"R={r}: {best_ours['method']} {verdict} the best baseline ({best_other['method']}) by "
+                  f"{abs(best_other['drop_pp'] - best_ours['drop_pp']):.2f}pp")
     try:
         import matplotlib
 
@@ -79,13 +135,13 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method in methods:
+        for method in labels:
             pts = sorted((x["flops_reduction"], x["drop_pp"]) for x in rows if x["method"] == method)
-            style = {"lw": 2.5, "color": "black", "marker": "o"} if method == "svdnas" else {"lw": 1, "marker": "."}
+            style = {"lw": 2.5, "marker": "o"} if method.startswith("svdnas") else {"lw": 1, "marker": "."}
             ax.plot([100 * a for a, _ in pts], [b for _, b in pts], label=method, **style)
         ax.set_xlabel("FLOPs reduction (%)")
         ax.set_ylabel("top-1 drop (pp), post-training")
-        ax.set_title(f"{info.spec} on {args.data}")
+        ax.set_title(f"{info.spec} on {args.data} ({len(data.test)} test images)")
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
         fig.tight_layout()
