@@ -4,6 +4,9 @@ super model and the release's `two`-sample scheme, on the same model, batch and 
     .venv/bin/python benchmarks/search_cost.py [--model zoo:resnet18] [--batch 128] [--repeats 5]
 
 Prints a table (medians of interleaved repeats, ratios to the training step) and writes JSON.
+Peak memory: each kind of step also runs in a fresh process of its own (3 steps after the model and
+one batch are loaded), and the growth of that process's peak resident memory over what it held
+before building the step's model is reported, as a ratio to the training step's (--no-memory skips it).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import json
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -37,6 +42,55 @@ def supernet_for(model, shape, filt, fractions, max_groups, sampling):
     return net, sum(len(c) - 1 for c in cands.values()), time.perf_counter() - t0
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def probe(kind: str, args) -> None:
+    """Runs in a child process: build one kind of step, run it 3 times, print the memory growth."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, info = build_model(args.model)
+    x = torch.randn(args.batch, *info.input_shape)
+    y = torch.randint(0, 10, (args.batch,))
+    before = _rss_mib()
+    if kind == "train":
+        net = copy.deepcopy(model).train()
+        params = list(net.parameters())
+        opt = torch.optim.SGD(params, lr=0.0)
+    else:
+        fractions = CompressConfig(reduction=args.reduction).fractions()
+        net, _, _ = supernet_for(model, info.input_shape, info.default_filter, fractions, args.max_groups, kind)
+        net.eval()
+        for prm in net.parameters():
+            prm.requires_grad_(False)
+        params = [m.theta for m in net.modules() if isinstance(m, MixedLayer)]
+        for t in params:
+            t.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=0.01)
+    for _ in range(3):
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"kind": kind, "rss_before_mib": before, "peak_rss_mib": peak, "growth_mib": peak - before}))
+
+
+def memory(args) -> dict[str, dict]:
+    out = {}
+    for kind in ("train", "mixed", "two"):
+        cmd = [sys.executable, __file__, "--probe", kind, "--model", args.model, "--batch", str(args.batch), "--reduction", str(args.reduction),
+               "--max-groups", str(args.max_groups), "--threads", str(args.threads)]
+        res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="zoo:resnet18")
@@ -46,7 +100,12 @@ def main() -> None:
     p.add_argument("--max-groups", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/search_cost.json")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--probe", choices=("train", "mixed", "two"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.probe:
+        probe(args.probe, args)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, info = build_model(args.model)
@@ -98,10 +157,16 @@ def main() -> None:
     for k in steps:
         print(f"{k:10s} {med[k]:9.3f} {med[k] / med['train']:8.2f}")
     print(f"super model build: mixed {build['mixed']['seconds']:.1f}s, two {build['two']['seconds']:.1f}s")
-    print(f"peak RSS of this process {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    mem = {} if args.no_memory else memory(args)
+    if mem:
+        base = mem["train"]["growth_mib"]
+        print(f"{'process':10s} {'peak growth MiB':>16s} {'x train':>8s}")
+        for k, m in mem.items():
+            print(f"{k:10s} {m['growth_mib']:16.0f} {m['growth_mib'] / base:8.2f}")
     result = {
         "model": args.model, "batch": args.batch, "threads": args.threads, "grid": fractions, "build": build,
-        "median_seconds": med, "ratio_to_train": {k: med[k] / med["train"] for k in med}, "times": times,
+        "median_seconds": med, "ratio_to_train": {k: med[k] / med["train"] for k in med}, "times": times, "memory_mib": mem,
+        "memory_ratio_to_train": {k: m["growth_mib"] / mem["train"]["growth_mib"] for k, m in mem.items()} if mem else {},
         "macs": model_macs(model, shape), "machine": platform.processor() or platform.machine(), "date": date.today().isoformat(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

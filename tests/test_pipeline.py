@@ -36,6 +36,8 @@ def test_budget_is_met(trained_tiny, objective, reduction, tmp_path):
     assert torch.allclose(loaded(x), result.model(x), atol=1e-6)
     assert r["top1"]["drop_pp"] == pytest.approx(r["top1"]["original"] - r["top1"]["compressed"])
     assert r["data"]["search_images"] == 200 and r["seconds"]["total"] > 0
+    peaks = [r["peak_memory_mib"][stage]["rss"] for stage in r["seconds"]]  # stages in the order they ran
+    assert set(r["peak_memory_mib"]) == set(r["seconds"]) and peaks == sorted(peaks) and peaks[0] > 10
 
 
 def test_two_sample_mode_and_beta(trained_tiny):

@@ -267,6 +267,30 @@ def _synthetic_search_data(model, splits: SyntheticSplits, config: CompressConfi
     return subset, proxy_set
 
 
+def peak_memory_mib() -> dict[str, float]:
+    """The process's peak resident memory so far (and the peak CUDA allocation, where CUDA is in use), in MiB."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    out = {"rss": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+class _StageSeconds(dict):
+    """Seconds per stage; recording a stage also notes the peak memory reached by its end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak_mib: dict[str, dict[str, float]] = {}
+
+    def __setitem__(self, stage: str, value: float) -> None:
+        super().__setitem__(stage, value)
+        self.peak_mib[stage] = peak_memory_mib()
+
+
 def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
@@ -478,7 +502,7 @@ def compress(
             there by a run that was killed (the result equals an uninterrupted run's).
     """
     t_start = time.perf_counter()
-    seconds: dict[str, float] = {}
+    seconds = _StageSeconds()
     if data is None and config.mode != "data-free":
         raise DataError(f"--mode {config.mode} needs real data: --data none works only with --mode data-free")
     if input_shape is None and data is None:
@@ -633,7 +657,10 @@ def compress(
     seconds["total"] = time.perf_counter() - t_start
     for entry in report["layers"]:
         entry["candidates"] = len(candidates[entry["name"]]) - 1 if entry["name"] in candidates else 0
-    report["seconds"] = seconds
+    report["seconds"] = dict(seconds)
+    # cumulative: the process's peak so far at the end of each stage (the search's own cost is
+    # where the value grows); measured, not estimated
+    report["peak_memory_mib"] = seconds.peak_mib
     synthetic_search = config.mode == "data-free"
     report["data"] = {
         "spec": data.name if data is not None else "none", "search_images": len(subset),
