@@ -55,7 +55,8 @@ def probe(kind: str, args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, info = build_model(args.model)
-    x = torch.randn(args.batch, *info.input_shape)
+    shape = info.input_shape or tuple(args.input_shape)
+    x = torch.randn(args.batch, *shape)
     y = torch.randint(0, 10, (args.batch,))
     before = _rss_mib()
     if kind == "train":
@@ -64,7 +65,7 @@ def probe(kind: str, args) -> None:
         opt = torch.optim.SGD(params, lr=0.0)
     else:
         fractions = CompressConfig(reduction=args.reduction).fractions()
-        net, _, _ = supernet_for(model, info.input_shape, info.default_filter, fractions, args.max_groups, kind)
+        net, _, _ = supernet_for(model, shape, info.default_filter, fractions, args.max_groups, kind)
         net.eval()
         for prm in net.parameters():
             prm.requires_grad_(False)
@@ -85,7 +86,7 @@ def memory(args) -> dict[str, dict]:
     out = {}
     for kind in ("train", "mixed", "two"):
         cmd = [sys.executable, __file__, "--probe", kind, "--model", args.model, "--batch", str(args.batch), "--reduction", str(args.reduction),
-               "--max-groups", str(args.max_groups), "--threads", str(args.threads)]
+               "--max-groups", str(args.max_groups), "--threads", str(args.threads), "--input-shape", *map(str, args.input_shape)]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
         out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
@@ -100,6 +101,7 @@ def main() -> None:
     p.add_argument("--max-groups", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/search_cost.json")
+    p.add_argument("--input-shape", type=int, nargs=3, default=[1, 28, 28], help="C H W, for module: models")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--probe", choices=("train", "mixed", "two"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -109,7 +111,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, info = build_model(args.model)
-    shape = info.input_shape
+    shape = info.input_shape or tuple(args.input_shape)
     fractions = CompressConfig(reduction=args.reduction).fractions()
     x = torch.randn(args.batch, *shape)
     y = torch.randint(0, 10, (args.batch,))
