@@ -9,7 +9,7 @@ For every candidate of the layer (every kernel split, grouping and rank of ``svd
   * the relative squared error of its reconstructed weight (the proxy the paper argues against);
   * the relative squared error of the layer's output on the same images (svdnas's family proxy).
 Prints the Spearman rank correlation of each proxy with the top-1 drop, writes
-benchmarks/results/one_layer_space_<model>.json and a two-panel figure: the Pareto front of top-1
+benchmarks/results/one_layer_space_<model>_<layer>.json and a two-panel figure: the Pareto front of top-1
 against the layer's MACs coloured by kernel split, and each proxy against the drop.
 """
 
@@ -174,7 +174,7 @@ def main() -> None:
         if best is not None:
             print(f"  best at <= {frac:.0%} MACs: top-1 {best['top1']:.2f} ({best['split']}, {best['grouping']}, rank {best['spec']['rank']})")
 
-    name = args.model.split(":")[-1]
+    name = f"{args.model.split(':')[-1]}_{args.layer}"
     out = Path("benchmarks/results")
     out.mkdir(parents=True, exist_ok=True)
     fig = out / f"one_layer_space_{name}.png"

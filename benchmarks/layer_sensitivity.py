@@ -1,0 +1,74 @@
+"""How much each target layer matters on its own: the top-1 drop when only that layer is replaced
+by a low-rank version (the one-layer accuracy proxy, for a few fixed ranks).
+
+    .venv/bin/python benchmarks/layer_sensitivity.py --model zoo:resnet18 --ranks 1 4
+
+Each layer gets the spatial-separable split (kx1 first; 1x1 layers the plain SVD), ungrouped, at
+each rank of --ranks; top-1 on --images held-out training images (drawn as the search's proxy
+images are). Prints one row per layer and writes benchmarks/results/layer_sensitivity_<model>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from svdnas.data import load_data, search_subset
+from svdnas.decompose import decompose
+from svdnas.models import build_model
+from svdnas.search.accuracy_proxy import OneLayerEvaluator
+from svdnas.spec import LowRankSpec
+from svdnas.surgery import example_input, select_targets, trace_layers
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="zoo:resnet18")
+    p.add_argument("--data", default="fmnist")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, info = build_model(args.model)
+    model.eval()
+    data = load_data(args.data)
+    images, _ = search_subset(data.train, args.images, args.seed + 1)
+    infos = trace_layers(model, example_input(model, info.input_shape))
+    targets, _ = select_targets(model, infos, info.default_filter)
+    t0 = time.perf_counter()
+    rows, original = [], None
+    print(f"{'layer':24s} {'weight shape':>18s} " + " ".join(f"{'rank ' + str(r):>8s}" for r in args.ranks))
+    for name in targets:
+        layer = model.get_submodule(name)
+        ev = OneLayerEvaluator(model, name, images, "cpu", original_top1=original)
+        original = ev.original_top1
+        kernel = tuple(getattr(layer, "kernel_size", (1, 1)))
+        first = (kernel[0], 1) if kernel[0] > 1 else (1, 1)
+        specs = [LowRankSpec(first, (1, 1), r) for r in args.ranks]
+        drops = [original - a for a in ev.top1([decompose(layer, [s]) for s in specs])]
+        rows.append({"layer": name, "weight_shape": list(layer.weight.shape), "drops_pp": dict(zip(map(str, args.ranks), drops))})
+        print(f"{name:24s} {str(tuple(layer.weight.shape)):>18s} " + " ".join(f"{d:8.2f}" for d in drops), flush=True)
+    print(f"original top-1 {original:.2f}% on {args.images} images; {time.perf_counter() - t0:.0f}s")
+    out = Path("benchmarks/results") / f"layer_sensitivity_{args.model.split(':')[-1]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "model": args.model, "images": args.images, "ranks": args.ranks, "original_top1": original, "rows": rows,
+        "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
+        "command": shlex.join(["python", *sys.argv]),
+    }, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
