@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,12 +41,14 @@ def supernet_for(model, shape, filt, fractions, max_groups, sampling):
     return net, sum(len(c) - 1 for c in cands.values()), time.perf_counter() - t0
 
 
-def _rss_mib() -> float:
+def _status_mib(key: str) -> float:
+    """VmRSS (resident now) or VmHWM (its peak since this program started: unlike getrusage's
+    ru_maxrss, which Linux carries over from the parent across fork and exec)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def probe(kind: str, args) -> None:
@@ -58,7 +59,7 @@ def probe(kind: str, args) -> None:
     shape = info.input_shape or tuple(args.input_shape)
     x = torch.randn(args.batch, *shape)
     y = torch.randint(0, 10, (args.batch,))
-    before = _rss_mib()
+    before = _status_mib("VmRSS")
     if kind == "train":
         net = copy.deepcopy(model).train()
         params = list(net.parameters())
@@ -78,7 +79,7 @@ def probe(kind: str, args) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mib("VmHWM")
     print(json.dumps({"kind": kind, "rss_before_mib": before, "peak_rss_mib": peak, "growth_mib": peak - before}))
 
 
@@ -103,10 +104,22 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/search_cost.json")
     p.add_argument("--input-shape", type=int, nargs=3, default=[1, 28, 28], help="C H W, for module: models")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory processes (updates --out's JSON)")
     p.add_argument("--probe", choices=("train", "mixed", "two"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.probe:
         probe(args.probe, args)
+        return
+    mem = {} if args.no_memory else memory(args)  # first: the probes are separate processes
+    if args.memory_only:
+        for k, m in mem.items():
+            print(f"{k:10s} peak growth {m['growth_mib']:8.0f} MiB  {m['growth_mib'] / mem['train']['growth_mib']:5.2f}x train")
+        if args.out:
+            path = Path(args.out)
+            old = json.loads(path.read_text()) if path.is_file() else {}
+            old.update({"memory_mib": mem, "memory_ratio_to_train": {k: m["growth_mib"] / mem["train"]["growth_mib"] for k, m in mem.items()},
+                        "memory_date": date.today().isoformat()})
+            path.write_text(json.dumps(old, indent=1))
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -159,7 +172,6 @@ def main() -> None:
     for k in steps:
         print(f"{k:10s} {med[k]:9.3f} {med[k] / med['train']:8.2f}")
     print(f"super model build: mixed {build['mixed']['seconds']:.1f}s, two {build['two']['seconds']:.1f}s")
-    mem = {} if args.no_memory else memory(args)
     if mem:
         base = mem["train"]["growth_mib"]
         print(f"{'process':10s} {'peak growth MiB':>16s} {'x train':>8s}")

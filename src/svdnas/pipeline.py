@@ -272,8 +272,12 @@ def peak_memory_mib() -> dict[str, float]:
     import resource
     import sys
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
-    out = {"rss": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+    try:  # Linux: the peak of this program (ru_maxrss would carry a parent's peak across fork and exec)
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**10
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    out = {"rss": rss}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda"] = torch.cuda.max_memory_allocated() / 2**20
     return out
