@@ -70,10 +70,33 @@ def fold(mats: Tensor, shape: torch.Size | tuple[int, ...], first_kernel: tuple[
     return _ungrouped(w.permute(inverse), groups)
 
 
+def thin_svd(mats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of a batch of float64 matrices (g, m, n) through the eigendecomposition of the
+    smaller Gram matrix: several times faster than LAPACK's SVD on the wide, square-ish matrices
+    of conv weights (and exact at full rank: u diag(s) vh = u u^T A = A for the full orthonormal u).
+
+    Singular values are accurate to about eps * s_max^2 / s: far below float32's resolution for
+    what a weight's reconstruction needs. Directions whose singular value is zero to working
+    precision get zero rows (their contribution is zero either way).
+    """
+    wide = mats.shape[-2] <= mats.shape[-1]
+    a = mats if wide else mats.transpose(-2, -1)
+    evals, u = torch.linalg.eigh(a @ a.transpose(-2, -1))
+    evals, u = evals.flip(-1), u.flip(-1)  # descending
+    s = evals.clamp_min(0).sqrt()
+    tol = s[..., :1] * max(a.shape[-2:]) * torch.finfo(a.dtype).eps
+    live = s > tol
+    vh = (u.transpose(-2, -1) @ a) / torch.where(live, s, torch.ones_like(s))[..., None]
+    vh = vh * live[..., None]
+    if wide:
+        return u, s, vh
+    return vh.transpose(-2, -1), s, u.transpose(-2, -1)
+
+
 def svd(weight: Tensor, first_kernel: tuple[int, int], groups: tuple[int, int]) -> SVDFactors:
     """SVD of every group's matrix, computed in float64 and returned in the weight's dtype."""
     mats = unfold(weight.detach(), first_kernel, groups).double()
-    u, s, vh = torch.linalg.svd(mats, full_matrices=False)
+    u, s, vh = thin_svd(mats)
     return SVDFactors(u.to(weight.dtype), s.to(weight.dtype), vh.to(weight.dtype))
 
 
