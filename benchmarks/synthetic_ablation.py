@@ -1,0 +1,111 @@
+"""The paper's ablation of synthetic recovery, at the scale this machine allows (issue 5): how many
+synthetic images, and the per-layer loss averaged over channels or not.
+
+    .venv/bin/python benchmarks/synthetic_ablation.py --run runs/recovery-resnet18/post \
+        --synthetic runs/recovery-resnet18/synthetic.safetensors --counts 128 256 512
+
+One compressed run directory (post-training) is recovered by synthetic distillation (per-layer
+MSE, ``svdnas.recovery.recover``) several times, each from the same starting weights with the same
+epochs and seed:
+  * with the first N training images of --synthetic for each N of --counts (the paper: 1k, 5k, 25k);
+  * with --counts' middle N images made without the channel averaging (generated here, with the
+    settings --synthetic was made with, unless --synthetic-plain names such a file).
+Validation (agreement with the original) uses the same held-out synthetic images for every row;
+accuracy is top-1 on the test split. Writes benchmarks/results/synthetic_ablation_<model>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+from svdnas.data import load_data
+from svdnas.distill import FinetuneConfig
+from svdnas.evaluate import evaluate
+from svdnas.models import build_model
+from svdnas.plan import Plan
+from svdnas.recovery import SyntheticSplits, recover
+from svdnas.rundir import load_run
+from svdnas.synthetic import SynthConfig, generate, load_synthetic, save_synthetic
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a post-training run directory")
+    p.add_argument("--synthetic", required=True, help="synthetic images made with the channel averaging (svdnas synth)")
+    p.add_argument("--synthetic-plain", default=None, help="the same made without it (default: made here)")
+    p.add_argument("--counts", type=int, nargs="+", default=[128, 256, 512])
+    p.add_argument("--val", type=int, default=64, help="held-out synthetic images for the schedule (the last of --synthetic)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--data", default="fmnist")
+    p.add_argument("--test-images", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    run = Path(args.run)
+    arch = json.loads((run / "architecture.json").read_text())
+    plan = Plan.from_dict(arch["plan"])
+    student0, _ = load_run(run)
+    teacher, info = build_model(arch["base"])
+    teacher.eval()
+    data = load_data(args.data)
+    if args.test_images is not None:
+        data = dataclasses.replace(data, test=Subset(data.test, range(min(args.test_images, len(data.test)))))
+    synth = load_synthetic(args.synthetic)
+    images = synth.images
+    if max(args.counts) + args.val > len(images):
+        raise SystemExit(f"{args.synthetic} holds {len(images)} images: not enough for {max(args.counts)} + {args.val}")
+    val = images[len(images) - args.val :]
+    config = FinetuneConfig(mode="synthetic", epochs=args.epochs)
+    made = SynthConfig(**{k: v for k, v in synth.meta["config"].items() if k in {f.name for f in dataclasses.fields(SynthConfig)}})
+    middle = sorted(args.counts)[len(args.counts) // 2]
+    plain_path = Path(args.synthetic_plain) if args.synthetic_plain else Path(args.synthetic).with_name("synthetic-plain.safetensors")
+    t0 = time.perf_counter()
+    if not plain_path.with_suffix(".json").is_file() and not plain_path.is_file():
+        plain_conf = dataclasses.replace(made, channel_mean=False, num=middle)
+        work = plain_path.with_name(plain_path.stem + ".partial")  # a stopped generation resumes from here
+        save_synthetic(plain_path, generate(teacher, tuple(info.input_shape), plain_conf, args.seed, workdir=work))
+    plain = load_synthetic(plain_path).images[:middle]
+    plain_seconds = time.perf_counter() - t0
+
+    before = evaluate(student0, data.test)["top1"]
+    original = evaluate(teacher, data.test)["top1"]
+    rows = []
+    cases = [(f"{n} images, channel mean", images[:n]) for n in args.counts] + [(f"{middle} images, no channel mean", plain)]
+    for label, train in cases:
+        student = copy.deepcopy(student0)
+        t1 = time.perf_counter()
+        rec = recover(teacher, student, plan, "synthetic", config, data, SyntheticSplits(train, val, val[:1], synth.meta), "cpu", args.seed)
+        after = evaluate(student, data.test)["top1"]
+        rows.append({"case": label, "images": len(train), "top1_before": before, "top1_after": after, "drop_after_pp": original - after,
+                     "recovered_share": (after - before) / (original - before) if original > before else None,
+                     "epochs": len(rec["history"]["epoch"]), "seconds": time.perf_counter() - t1})
+        print(f"{label:32s} top-1 {before:6.2f} -> {after:6.2f} (drop {original - after:5.2f}pp, {rows[-1]['seconds']:.0f}s)", flush=True)
+    print(f"\noriginal top-1 {original:.2f}, post-training {before:.2f}, on {len(data.test)} test images; "
+          f"{args.epochs} epochs; synthetic images: {made.iterations} iterations each")
+    out = Path("benchmarks/results") / f"synthetic_ablation_{arch['base'].split(':')[-1]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "run": str(run), "base": arch["base"], "original_top1": original, "post_training_top1": before, "rows": rows,
+        "synth_config": dataclasses.asdict(made), "plain_generation_seconds": plain_seconds, "test_images": len(data.test),
+        "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
+        "command": shlex.join(["python", *sys.argv]),
+    }, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
