@@ -58,7 +58,8 @@ def main() -> None:
         "default": CompressConfig(reduction=r),
         "release": CompressConfig(
             reduction=r, grid=(0.3, 0.7, 0.05), families=0, proxy_drop=0.0,
-            search=SearchConfig(epochs=args.release_epochs, lr=0.01, sampling="two", final_temperature=5.0 * 0.965 ** args.release_epochs),
+            search=SearchConfig(epochs=args.release_epochs, lr=0.01, sampling="two", final_temperature=5.0 * 0.965 ** args.release_epochs,
+                                target=1 - r),
         ),
     }
     rows = {}
