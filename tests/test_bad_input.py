@@ -330,8 +330,8 @@ def test_unsupported_layers_are_left_alone_and_listed(files, tmp_path):
 
 def test_write_error_names_the_file_and_keeps_earlier_files(files, tmp_path):
     """A file-size limit (failing a write as a full disk would) stops the run at its first large
-    file, the search checkpoint; config.json, written before, is intact and no temporary file is
-    left behind."""
+    file, the search checkpoint; config.json and the accuracy proxy's checkpoint, written before, are
+    intact and no temporary file is left behind."""
     import resource
     import signal
 
@@ -346,7 +346,9 @@ def test_write_error_names_the_file_and_keeps_earlier_files(files, tmp_path):
     message = one_error(r)
     assert message == f"cannot write {out / 'checkpoint-b1_search.pt'}: {os.strerror(errno.EFBIG)}", message
     assert json.loads((out / "config.json").read_text())["reduction"] == 0.3
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    # the accuracy proxy's checkpoint, written before the search, is intact too; no temporary file is left
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-accuracy.json", "config.json"]
+    assert json.loads((out / "checkpoint-accuracy.json").read_text())["layers"]
 
 
 # The Python API raises the same message as a typed exception.
