@@ -289,10 +289,15 @@ class _StageSeconds(dict):
     def __init__(self) -> None:
         super().__init__()
         self.peak_mib: dict[str, dict[str, float]] = {}
+        self._high: dict[str, float] = {}
 
     def __setitem__(self, stage: str, value: float) -> None:
         super().__setitem__(stage, value)
-        self.peak_mib[stage] = peak_memory_mib()
+        # a running maximum: the kernel's resident-size counters are batched per thread, so two
+        # readings of the peak can differ by a few pages the wrong way
+        for k, v in peak_memory_mib().items():
+            self._high[k] = max(v, self._high.get(k, 0.0))
+        self.peak_mib[stage] = dict(self._high)
 
 
 def _tuples(x: Any) -> Any:
