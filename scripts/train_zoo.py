@@ -7,6 +7,8 @@ EfficientNet-B0 then trained 3 more epochs from its first weights (see its log):
     .venv/bin/python scripts/train_zoo.py efficientnet_b0 --init /tmp/effb0-first.safetensors --epochs 3 --lr 2e-3
 and 4 more from those (copied to /tmp/effb0-second.safetensors the same way):
     .venv/bin/python scripts/train_zoo.py efficientnet_b0 --init /tmp/effb0-second.safetensors --epochs 4 --lr 1e-3
+and 2 more from those (copied to /tmp/effb0-9071.safetensors):
+    .venv/bin/python scripts/train_zoo.py efficientnet_b0 --init /tmp/effb0-9071.safetensors --epochs 2 --lr 5e-4 --seed 1
 
 Never run by CI. Each model trains in well under an hour on 2 CPU cores (see the logs in
 src/svdnas/zoo/weights/*.log for the measured times and accuracies).

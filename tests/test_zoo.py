@@ -56,13 +56,8 @@ def test_shipped_weights_load(name):
 FLOORS = {"resnet18": 92.0, "mobilenetv2": 91.0, "efficientnet_b0": 91.0}
 
 
-# EfficientNet-B0 reached 90.71% after 3 + 3 + 4 epochs on 2 CPU cores (its log); it needs longer
-# training. strict: the mark must be removed once retrained weights meet the floor.
-BELOW_FLOOR = pytest.mark.xfail(strict=True, reason="trained 10 epochs on CPU: 90.71% < 91.0%; retrain longer")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n if n != "efficientnet_b0" else pytest.param(n, marks=BELOW_FLOOR) for n in FLOORS])
+@pytest.mark.parametrize("name", list(FLOORS))
 def test_eval_command_meets_the_accuracy_floor(name):
     import json
     import subprocess
