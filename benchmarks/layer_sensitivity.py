@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -28,6 +26,7 @@ from svdnas.models import build_model
 from svdnas.search.accuracy_proxy import OneLayerEvaluator
 from svdnas.spec import LowRankSpec
 from svdnas.surgery import example_input, select_targets, trace_layers
+from _common import machine
 
 
 def main() -> None:
@@ -64,7 +63,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "model": args.model, "images": args.images, "ranks": args.ranks, "original_top1": original, "rows": rows,
-        "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
+        "date": date.today().isoformat(), "machine": machine(args.threads),
         "command": shlex.join(["python", *sys.argv]),
     }, indent=1) + "\n")
     print(f"wrote {out}")

@@ -14,10 +14,7 @@ the rows already there, so a stopped run resumes) and a plot of top-1 drop again
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -25,13 +22,13 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
 from svdnas.baselines import SPLITS, run_baseline
 from svdnas.data import load_data
 from svdnas.models import build_model
 from svdnas.pipeline import CompressConfig, compress
 from svdnas.search import SearchConfig
+from _common import first_test_images, machine
 
 
 ALL_METHODS = ["svdnas"] + [f"uniform-{s}" for s in SPLITS] + [f"energy-{s}" for s in SPLITS] + ["lrs2", "alds", "fgroup"]
@@ -55,15 +52,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, info = build_model(args.model)
     data = load_data(args.data)
-    if args.test_images is not None:
-        data = dataclasses.replace(data, test=Subset(data.test, range(min(args.test_images, len(data.test)))))
+    data = first_test_images(data, args.test_images)
     from svdnas.evaluate import evaluate
 
     out = Path(args.out or f"benchmarks/results/post_training_{info.spec.replace(':', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": info.spec, "data": args.data, "epochs": args.epochs, "families": args.families, "proxy_drop": args.proxy_drop,
             "branches": args.branches, "seed": args.seed, "test_images": len(data.test), "threads": args.threads,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads", "date": date.today().isoformat(),
+            "machine": machine(args.threads), "date": date.today().isoformat(),
             "command": shlex.join(["python", *sys.argv])}
     keys = ("model", "data", "epochs", "families", "proxy_drop", "branches", "seed", "test_images")
     rows: list[dict] = []

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -24,7 +22,6 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
 from svdnas.baselines import run_baseline
 from svdnas.data import load_data
@@ -33,6 +30,7 @@ from svdnas.evaluate import evaluate
 from svdnas.models import build_model
 from svdnas.pipeline import CompressConfig, compress
 from svdnas.recovery import recover
+from _common import first_test_images, machine
 
 METHODS = ["svdnas", "lrs2", "energy-kx1", "uniform-1x1", "alds", "fgroup"]
 
@@ -54,8 +52,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, info = build_model(args.model)
     data = load_data(args.data)
-    if args.test_images is not None:
-        data = dataclasses.replace(data, test=Subset(data.test, range(min(args.test_images, len(data.test)))))
+    data = first_test_images(data, args.test_images)
     fconf = FinetuneConfig(mode=args.mode, shots=args.shots)
     if args.epochs is not None:
         fconf.epochs = args.epochs
@@ -65,7 +62,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "reduction": args.reduction, "mode": args.mode, "finetune": dataclasses.asdict(fconf),
             "test_images": len(data.test), "seed": args.seed, "date": date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads", "command": shlex.join(["python", *sys.argv])}
+            "machine": machine(args.threads), "command": shlex.join(["python", *sys.argv])}
     rows: list[dict] = []
     if out.is_file():
         old = json.loads(out.read_text())

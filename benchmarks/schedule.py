@@ -16,23 +16,20 @@ Search time = candidates + proxies + super model build + learning the logits + s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
-import platform
 import shlex
 import sys
 from datetime import date
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
 from svdnas.data import load_data
 from svdnas.evaluate import evaluate
 from svdnas.models import build_model
 from svdnas.pipeline import CompressConfig, compress
 from svdnas.search import SearchConfig
+from _common import first_test_images, machine
 
 SEARCH_STAGES = ("candidates", "proxy", "accuracy_proxy", "build", "search", "select")
 
@@ -50,8 +47,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, info = build_model(args.model)
     data = load_data(args.data)
-    if args.test_images is not None:
-        data = dataclasses.replace(data, test=Subset(data.test, range(min(args.test_images, len(data.test)))))
+    data = first_test_images(data, args.test_images)
     reference = evaluate(model, data.test)
     r = args.reduction
     configs = {
@@ -84,7 +80,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "model": args.model, "reduction": r, "test_images": len(data.test), "original_top1": reference["top1"], "rows": rows,
-        "speedup": speedup, "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
+        "speedup": speedup, "date": date.today().isoformat(), "machine": machine(args.threads),
         "command": shlex.join(["python", *sys.argv]),
     }, indent=1) + "\n")
     print(f"wrote {out}")

@@ -41,6 +41,17 @@ def supernet_for(model, shape, filt, fractions, max_groups, sampling):
     return net, sum(len(c) - 1 for c in cands.values()), time.perf_counter() - t0
 
 
+def logits_only(net: torch.nn.Module) -> torch.optim.Optimizer:
+    """Freeze ``net`` but its super blocks' logits, as the search does; the logits' optimiser."""
+    net.eval()
+    for prm in net.parameters():
+        prm.requires_grad_(False)
+    thetas = [m.theta for m in net.modules() if isinstance(m, MixedLayer)]
+    for t in thetas:
+        t.requires_grad_(True)
+    return torch.optim.Adam(thetas, lr=0.01)
+
+
 def _status_mib(key: str) -> float:
     """VmRSS (resident now) or VmHWM (its peak since this program started: unlike getrusage's
     ru_maxrss, which Linux carries over from the parent across fork and exec)."""
@@ -62,18 +73,11 @@ def probe(kind: str, args) -> None:
     before = _status_mib("VmRSS")
     if kind == "train":
         net = copy.deepcopy(model).train()
-        params = list(net.parameters())
-        opt = torch.optim.SGD(params, lr=0.0)
+        opt = torch.optim.SGD(net.parameters(), lr=0.0)
     else:
         fractions = CompressConfig(reduction=args.reduction).fractions()
         net, _, _ = supernet_for(model, shape, info.default_filter, fractions, args.max_groups, kind)
-        net.eval()
-        for prm in net.parameters():
-            prm.requires_grad_(False)
-        params = [m.theta for m in net.modules() if isinstance(m, MixedLayer)]
-        for t in params:
-            t.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=0.01)
+        opt = logits_only(net)
     for _ in range(3):
         loss = F.cross_entropy(net(x), y)
         opt.zero_grad()
@@ -141,13 +145,7 @@ def main() -> None:
     nets, build = {}, {}
     for sampling in ("mixed", "two"):
         net, n, secs = supernet_for(model, shape, info.default_filter, fractions, args.max_groups, sampling)
-        net.eval()
-        for prm in net.parameters():
-            prm.requires_grad_(False)
-        thetas = [m.theta for m in net.modules() if isinstance(m, MixedLayer)]
-        for t in thetas:
-            t.requires_grad_(True)
-        nets[sampling] = (net, torch.optim.Adam(thetas, lr=0.01))
+        nets[sampling] = (net, logits_only(net))
         build[sampling] = {"seconds": secs, "candidates": n}
 
     def search_step(sampling):

@@ -20,8 +20,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import os
-import platform
 import shlex
 import sys
 import time
@@ -29,7 +27,6 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
 from svdnas.data import load_data
 from svdnas.distill import FinetuneConfig
@@ -39,6 +36,7 @@ from svdnas.plan import Plan
 from svdnas.recovery import SyntheticSplits, recover
 from svdnas.rundir import load_run
 from svdnas.synthetic import SynthConfig, generate, load_synthetic, save_synthetic
+from _common import first_test_images, machine
 
 
 def main() -> None:
@@ -62,8 +60,7 @@ def main() -> None:
     teacher, info = build_model(arch["base"])
     teacher.eval()
     data = load_data(args.data)
-    if args.test_images is not None:
-        data = dataclasses.replace(data, test=Subset(data.test, range(min(args.test_images, len(data.test)))))
+    data = first_test_images(data, args.test_images)
     synth = load_synthetic(args.synthetic)
     images = synth.images
     if max(args.counts) + args.val > len(images):
@@ -101,7 +98,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "run": str(run), "base": arch["base"], "original_top1": original, "post_training_top1": before, "rows": rows,
         "synth_config": dataclasses.asdict(made), "plain_generation_seconds": plain_seconds, "test_images": len(data.test),
-        "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
+        "date": date.today().isoformat(), "machine": machine(args.threads),
         "command": shlex.join(["python", *sys.argv]),
     }, indent=1) + "\n")
     print(f"wrote {out}")

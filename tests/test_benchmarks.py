@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if p.name != "models.py")
+SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if p.name != "models.py" and not p.name.startswith("_"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
@@ -18,15 +18,16 @@ def test_benchmark_help(script):
     assert "usage:" in res.stdout
 
 
-def _load(name):
+def _load(name, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script: siblings import
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def test_spearman_and_pareto():
-    m = _load("one_layer_space")
+def test_spearman_and_pareto(monkeypatch):
+    m = _load("one_layer_space", monkeypatch)
     assert m.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert m.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert m.ranks([5.0, 1.0, 5.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
