@@ -182,6 +182,11 @@ def _rank_one_reach(model: nn.Module, infos, targets: list[str], config: Compres
     return saved / total
 
 
+def _cheapest(costs: dict[str, list[float]], total: float) -> float:
+    """The model's cost with every layer at its cheapest candidate (index 0 is the original)."""
+    return total - sum(c[0] - min(c) for c in costs.values())
+
+
 def _check_budget(
     candidates: dict[str, LayerCandidates], config: CompressConfig, total: float, reach: Callable[[], float]
 ) -> dict[str, list[float]]:
@@ -191,8 +196,7 @@ def _check_budget(
         reach: the largest reduction at rank 1 in every target layer (called only on failure).
     """
     costs = {n: c.cost(config.objective) for n, c in candidates.items()}
-    fixed = total - sum(c[0] for c in costs.values())
-    floor = fixed + sum(min(c) for c in costs.values())
+    floor = _cheapest(costs, total)
     if config.reduction is not None and floor > (1 - config.reduction) * total:
         best = reach()
         what = "FLOPs" if config.objective == "flops" else config.objective
@@ -370,8 +374,7 @@ def _accuracy_proxy(
             cands = candidates[name]
             ids = {id(cands.specs[i - 1]) for i in passing(cands, measured[name], threshold)}
             kept[name] = cands.subset(lambda s, ids=ids: id(s) in ids)
-        costs = {n: c.cost(config.objective) for n, c in kept.items()}
-        floor = total - sum(c[0] - min(c) for c in costs.values())
+        floor = _cheapest({n: c.cost(config.objective) for n, c in kept.items()}, total)
         if config.reduction is None or floor <= (1 - config.reduction) * total or threshold >= 100:
             break
         log.warning(
