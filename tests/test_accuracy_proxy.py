@@ -79,6 +79,23 @@ def test_replayed_top1_equals_the_replaced_model(residual_and_data, name):
     assert all("forward" not in vars(m) for m in model.modules())  # every swap undone
 
 
+def test_cached_prefix_gives_the_same_top1_with_one_recording_per_batch(residual_and_data, monkeypatch):
+    model, data = residual_and_data
+    layer = model.b
+    variants = [decompose(layer, [spec]) for spec in _specs(layer)]
+    uncached = ap.OneLayerEvaluator(model, "b", data, "cpu", batch_size=40, cache_mib=0)
+    cached = ap.OneLayerEvaluator(model, "b", data, "cpu", batch_size=40)
+    records = []
+    real = ap.OneLayerEvaluator._record
+    monkeypatch.setattr(ap.OneLayerEvaluator, "_record", lambda self, x: records.append(self) or real(self, x))
+    want = [uncached.top1(variants[:2]), uncached.top1(variants[2:])]
+    assert records.count(uncached) == 2 * len(uncached.batches)  # every call records every batch
+    got = [cached.top1(variants[:2]), cached.top1(variants[2:])]
+    assert got == want
+    # the first batch was recorded while checking the replay, the others once each, then reused
+    assert records.count(cached) == len(cached.batches) - 1
+
+
 def _specs(layer):
     from svdnas.spec import LowRankSpec
 

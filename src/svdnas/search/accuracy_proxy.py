@@ -10,6 +10,8 @@ Two things keep it fast.
   replayed only if it runs once per forward pass and returns tensors. Whether the replay is
   faithful is checked on the first batch (the original layer through the replay must give the
   original logits); when it is not, every pass runs in full.
+  The recorded outputs are kept between calls (a layer is evaluated in a few rounds of
+  candidates) while they fit in ``cache_mib``; beyond it every call records them again.
 * **Search by rank.** Within a family (split and grouping) the candidates are truncations of one
   SVD, so a larger rank approximates the layer better; the proxy assumes the accuracy drop falls
   with the rank and finds each family's smallest acceptable rank by bisection, evaluating about
@@ -42,6 +44,11 @@ def _tensors_only(out) -> bool:
 
 def _clone(out):
     return out.clone() if isinstance(out, Tensor) else tuple(t.clone() for t in out)
+
+
+def _nbytes(saved: dict[str, object]) -> int:
+    outs = [t for out in saved.values() for t in ((out,) if isinstance(out, Tensor) else out)]  # type: ignore[union-attr]
+    return sum(t.numel() * t.element_size() for t in outs)
 
 
 @torch.no_grad()
@@ -105,10 +112,13 @@ class OneLayerEvaluator:
         batch_size: images per pass.
         original_top1: the unmodified model's top-1 on ``data``, if known (it is the same for
             every layer).
+        cache_mib: most memory the replayed outputs of all batches may take to be kept between
+            calls (0: record them again on every call).
     """
 
     def __init__(
         self, model: nn.Module, name: str, data: Dataset, device, batch_size: int = 256, original_top1: float | None = None,
+        cache_mib: float = 1024.0,
     ) -> None:
         self.model, self.name, self.device = model, name, device
         self.layer = model.get_submodule(name)
@@ -125,6 +135,7 @@ class OneLayerEvaluator:
                     correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in self.batches)
                 original_top1 = 100.0 * correct / self.images
             self.original_top1 = original_top1
+            self._cache: list[dict[str, object]] | None = None
             if self.replay:
                 x0 = self.batches[0][0]
                 with torch.no_grad():
@@ -133,8 +144,18 @@ class OneLayerEvaluator:
                 if not torch.allclose(reference, replayed, rtol=1e-4, atol=1e-5):
                     log.warning("%s: replaying the layers before it does not reproduce the model's output; running in full", name)
                     self.replay = []
+                elif _nbytes(saved) * len(self.batches) <= cache_mib * 2**20:
+                    self._cache = [saved]
         finally:
             model.train(was_training)
+
+    def _saved(self, k: int) -> dict[str, object]:
+        """The replayed modules' outputs for batch ``k``: from the cache, or a recording pass."""
+        if self._cache is None:
+            return self._record(self.batches[k][0])[0]
+        if k == len(self._cache):
+            self._cache.append(self._record(self.batches[k][0])[0])
+        return self._cache[k]
 
     def _record(self, x: Tensor) -> tuple[dict[str, object], Tensor]:
         """A full pass that keeps a copy of each replayable module's output."""
@@ -164,8 +185,8 @@ class OneLayerEvaluator:
         self.model.eval()
         correct = [0] * len(layers)
         try:
-            for x, y in self.batches:
-                saved = self._record(x)[0] if self.replay else None
+            for k, (x, y) in enumerate(self.batches):
+                saved = self._saved(k) if self.replay else None
                 for i, layer in enumerate(layers):
                     if saved is not None:
                         z = self._tail(x, saved, layer)
