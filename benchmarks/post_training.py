@@ -55,13 +55,15 @@ def main() -> None:
     data = first_test_images(data, args.test_images)
     from svdnas.evaluate import evaluate
 
+    reference = evaluate(model, data.test)  # the original's accuracy, measured once for every row
     out = Path(args.out or f"benchmarks/results/post_training_{info.spec.replace(':', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": info.spec, "data": args.data, "epochs": args.epochs, "families": args.families, "proxy_drop": args.proxy_drop,
             "branches": args.branches, "seed": args.seed, "test_images": len(data.test), "threads": args.threads,
-            "machine": machine(args.threads), "date": date.today().isoformat(),
+            "original_top1": reference["top1"], "machine": machine(args.threads), "date": date.today().isoformat(),
             "command": shlex.join(["python", *sys.argv])}
-    keys = ("model", "data", "epochs", "families", "proxy_drop", "branches", "seed", "test_images")
+    # the original's top-1 stands for its weights: rows of other weights are not resumed
+    keys = ("model", "data", "epochs", "families", "proxy_drop", "branches", "seed", "test_images", "original_top1")
     rows: list[dict] = []
     if out.is_file():
         old = json.loads(out.read_text())
@@ -72,7 +74,6 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
-    reference = evaluate(model, data.test)  # the original's accuracy, measured once for every row
     methods = [m for m in ALL_METHODS if m in args.methods]
     names = [("svdnas-B1", "svdnas-B2") if m == "svdnas" and args.branches == 2 else (m,) for m in methods]
     labels = [n for group in names for n in group]
