@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from svdnas.distill import FinetuneConfig, NonFiniteError, distill, distill_loss
+from svdnas.distill import FinetuneConfig, NonFiniteError, augment, distill, distill_loss
 from svdnas.errors import DataError, SpecError
 from svdnas.pipeline import CompressConfig, compress
 from svdnas.recovery import split_synthetic
@@ -73,6 +73,29 @@ def test_save_and_load_in_shards(tmp_path):
         load_synthetic(tmp_path / "s.safetensors")
     with pytest.raises(DataError, match="missing"):
         load_synthetic(tmp_path / "other.safetensors")
+
+
+def test_augment_flips_and_shifts_within_bounds_reproducibly():
+    x = torch.zeros(64, 2, 28, 28)
+    x[:, :, 10, 5] = 1.0  # one bright pixel, left of the centre
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert torch.equal(out, augment(x, torch.Generator().manual_seed(0)))
+    where = [(o[0] == 1).nonzero().tolist() for o in out]  # replicated edges are 0 here: the pixel stays single
+    assert all(len(w) == 1 for w in where)
+    rows = {w[0][0] for w in where}
+    cols = {w[0][1] for w in where}
+    assert rows <= set(range(8, 13)) and len(rows) > 1  # shifted by up to round(28 / 14) = 2
+    mirrored = 27 - 5
+    assert any(c >= mirrored - 2 for c in cols) and any(c <= 5 + 2 for c in cols)  # some flipped, some not
+    const = torch.full((4, 1, 12, 12), 0.3)
+    assert torch.equal(augment(const, torch.Generator().manual_seed(1)), const)  # edges replicated, nothing invented
+
+
+def test_augment_is_on_for_real_images_only():
+    assert FinetuneConfig(mode="few-shot").augment and FinetuneConfig(mode="full").augment
+    assert not FinetuneConfig(mode="synthetic").augment
+    assert not FinetuneConfig(mode="few-shot", augment=False).augment
 
 
 def test_split_keeps_parts_apart():
@@ -249,6 +272,13 @@ def test_cli_synth_then_finetune(tiny_module, tiny_fmnist, tmp_path):
     assert r["mode"] == "synthetic" and r["recovery"]["history"]["epoch"] == [1, 2]
     assert r["plan" if "plan" in r else "layers"]
     assert (ft / "plan.json").read_text() == (run / "plan.json").read_text()
+    assert r["recovery"]["config"]["augment"] is False  # synthetic images are not flipped or shifted
+
+    p = _cli("finetune", str(run), "--data", data, "--mode", "few-shot", "--out", str(tmp_path / "fs"), "--shots", "64",
+             "--val-images", "32", "--finetune-epochs", "1", "--no-augment", "--teacher", spec, "--teacher-weights", str(weights),
+             "--allow-code")
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "fs" / "report.json").read_text())["recovery"]["config"]["augment"] is False
 
 
 def test_cli_synth_refuses_a_model_without_batchnorm(tmp_path):

@@ -7,6 +7,12 @@ output at the same name. The three losses of the paper:
 - ``few-shot``: that MSE + alpha * T^2 * KL(student || teacher at temperature T) + (1 - alpha) * CE;
 - ``full``: CE on the labels only.
 
+On real images (``few-shot`` and ``full``) every batch is augmented by default: a random
+horizontal flip and a random shift of up to 1/14 of the image side (edges replicated), the teacher
+and the student seeing the same augmented images. A thousand labelled images are few; their
+shifted and mirrored copies keep distillation from stalling on them (measured in
+benchmarks/RESULTS.md). ``augment=False`` turns it off (images whose meaning a mirror changes).
+
 SGD with momentum; the learning rate is divided by ``factor`` when the validation score has not
 improved for ``patience`` epochs and training stops when it falls below ``min_lr`` (or after
 ``epochs``). The best state on the validation set is the one returned.
@@ -55,6 +61,8 @@ class FinetuneConfig:
         val_images: images held out of the training data (or of the synthetic set) for the schedule.
         update_bn: let BatchNorm layers update their running statistics (None: only with ``full``;
             on synthetic or few images they would drift away from the real data's).
+        augment: flip and shift the training batches (None: on real images, that is ``few-shot``
+            and ``full``; synthetic images are already what the model expects).
     """
 
     mode: str = "few-shot"
@@ -71,6 +79,7 @@ class FinetuneConfig:
     shots: int = 1000
     val_images: int = 1000
     update_bn: bool | None = None
+    augment: bool | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -85,6 +94,8 @@ class FinetuneConfig:
             raise SpecError("fine-tuning needs 0 <= alpha <= 1 and temperature > 0")
         if self.update_bn is None:
             self.update_bn = self.mode == "full"
+        if self.augment is None:
+            self.augment = self.mode != "synthetic"
 
 
 @dataclass
@@ -148,6 +159,19 @@ def _train_mode(model: nn.Module, update_bn: bool) -> None:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
+
+
+def augment(x: Tensor, generator: torch.Generator) -> Tensor:
+    """``x`` (N, C, H, W), each image mirrored left-right with probability 1/2 and shifted by up to
+    ``max(1, round(side / 14))`` pixels each way, the edges replicated."""
+    n, _, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    pad_h, pad_w = max(1, round(h / 14)), max(1, round(w / 14))
+    padded = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode="replicate")
+    dy = torch.randint(0, 2 * pad_h + 1, (n,), generator=generator).tolist()
+    dx = torch.randint(0, 2 * pad_w + 1, (n,), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
 
 
 def distill_loss(
@@ -231,6 +255,8 @@ def distill(
             _train_mode(student, bool(config.update_bn))
             total, n = 0.0, 0
             for step, (x, y) in enumerate(batches(train, config.batch_size, shuffle=True, generator=generator)):
+                if config.augment and x.dim() == 4:  # the whole batch, so that every process draws alike
+                    x = augment(x, generator)
                 if ddp.active():
                     x, y = x[ddp.rank() :: ddp.world_size()], y[ddp.rank() :: ddp.world_size()]
                 x, y = x.to(device), y.to(device)
