@@ -8,7 +8,7 @@ from torch import nn
 from svdnas import LowRankSpec
 from svdnas import latency_table as lt
 from svdnas.data import load_data
-from svdnas.errors import SpecError
+from svdnas.errors import BudgetError, SpecError
 from svdnas.latency_table import LatencyConfig, LatencyTable, layer_key, spec_key
 from svdnas.pipeline import CompressConfig, compress
 from svdnas.plots import markdown
@@ -168,6 +168,21 @@ def test_compress_meets_a_latency_budget(fake_timer, tiny_fmnist, tmp_path, bran
     entries = json.loads((tmp_path / "lut.json").read_text())["entries"]
     assert (branches == 2) == any("+" in key.split(" | ")[1] for key in entries)  # the second search's blocks were timed
     assert (branches == 2) == ("branches" in result.report)
+
+
+def test_an_unreachable_latency_budget_fails_before_the_accuracy_proxy(fake_timer, tiny_fmnist, tmp_path, monkeypatch):
+    import svdnas.pipeline as pipeline
+
+    def proxy(*a, **k):
+        raise AssertionError("the accuracy proxy ran")
+
+    monkeypatch.setattr(pipeline, "measure_drops", proxy)
+    config = CompressConfig(
+        reduction=0.99, objective="latency", latency=LatencyConfig(cache=str(tmp_path / "lut.json")),
+        search_images=200, proxy_images=64, search=SearchConfig(epochs=1, batch_size=64, target=0.5),
+    )
+    with pytest.raises(BudgetError, match="cannot be met: even rank 1 in every target layer removes at most"):
+        compress(tiny_net().eval(), load_data(f"fmnist:{tiny_fmnist}"), config, filter_fn="convs+linear")
 
 
 def test_a_cached_run_measures_only_the_whole_model_and_draws_the_same_noise(fake_timer, tmp_path):

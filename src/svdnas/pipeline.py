@@ -578,6 +578,8 @@ def compress(
             lat = {n: c.cost("latency") for n, c in candidates.items()}
             return 1 - (total - sum(c[0] for c in lat.values()) + sum(min(c) for c in lat.values())) / total
 
+        _check_budget(candidates, config, total, reach)  # before the accuracy proxy spends its time
+
     accuracy_proxy: dict[str, Any] | None = None
     if config.proxy_drop > 0:
         t0 = time.perf_counter()
