@@ -11,7 +11,8 @@ The release has no budget mode: its user picks ``beta`` and gets whatever reduct
    temperature from 5 times 0.965 per epoch, the paper's loss ``CE * (log F / log F0) ** beta``,
    the largest logit per layer (no repair).
 2. For the reduction each release row reached, svdnas at that ``--reduction``: ``default`` (as
-   shipped) and ``fast`` (``--fast-epochs`` epochs of the logits, everything else as shipped).
+   shipped), ``fast`` (``--fast-epochs`` epochs of the logits, everything else as shipped) and
+   ``fast-no-acc-proxy`` (the same without the one-layer accuracy proxy, ``--proxy-drop 0``).
 
 Every row searches the same 1,000 labelled training images and is evaluated on the same test
 images. Search time = candidates + proxies + super model build + learning the logits + selection
@@ -52,6 +53,7 @@ def ours_configs(reduction: float, fast_epochs: int) -> dict[str, CompressConfig
     return {
         "default": CompressConfig(reduction=reduction),
         "fast": CompressConfig(reduction=reduction, search=SearchConfig(epochs=fast_epochs, target=1 - reduction)),
+        "fast-no-acc-proxy": CompressConfig(reduction=reduction, proxy_drop=0.0, search=SearchConfig(epochs=fast_epochs, target=1 - reduction)),
     }
 
 
@@ -65,6 +67,7 @@ def main() -> None:
     p.add_argument("--test-images", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON to write (default benchmarks/results/schedule_<model>.json)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, info = build_model(args.model)
@@ -82,7 +85,7 @@ def main() -> None:
         }
 
     def show(name: str, x: dict) -> None:
-        print(f"{name:22s} {x['candidates']:5d} candidates, {x['epochs']:3d} epochs: search {x['search_seconds']:7.1f}s "
+        print(f"{name:32s} {x['candidates']:5d} candidates, {x['epochs']:3d} epochs: search {x['search_seconds']:7.1f}s "
               f"({', '.join(f'{k} {v:.1f}' for k, v in x['stages'].items())}), FLOPs -{100 * x['flops_reduction']:.2f}%, "
               f"top-1 {x['top1']:.2f} (drop {x['drop_pp']:.2f}pp)", flush=True)
 
@@ -112,7 +115,7 @@ def main() -> None:
         for name, x in e["ours"].items():
             print(f"| R = {e['reduction']:.3f} | svdnas {name} | {x['epochs']} | {x['search_seconds']:.0f} | {100 * x['flops_reduction']:.2f}% "
                   f"| {x['drop_pp']:.2f} | {x['speedup']:.1f}x | {'yes' if x['as_good'] else 'no'} |")
-    out = Path("benchmarks/results") / f"schedule_{args.model.split(':')[-1]}.json"
+    out = Path(args.out or f"benchmarks/results/schedule_{args.model.split(':')[-1]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "model": args.model, "test_images": len(data.test), "original_top1": reference["top1"], "comparisons": comparisons,
