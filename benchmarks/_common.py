@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import shlex
+import sys
+from datetime import date
 
 from torch.utils.data import Subset
 
@@ -21,3 +24,8 @@ def first_test_images(data: DataBundle, n: int | None) -> DataBundle:
 def machine(threads: int) -> str:
     """What a result was measured on, as the JSON files record it."""
     return f"{platform.machine()}, {os.cpu_count()} cores, {threads} threads"
+
+
+def stamp(threads: int) -> dict[str, str]:
+    """When, where and how a result was measured: the date, :func:`machine` and the command line."""
+    return {"date": date.today().isoformat(), "machine": machine(threads), "command": shlex.join(["python", *sys.argv])}

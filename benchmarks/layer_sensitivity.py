@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -26,7 +23,7 @@ from svdnas.models import build_model
 from svdnas.search.accuracy_proxy import OneLayerEvaluator
 from svdnas.spec import LowRankSpec
 from svdnas.surgery import example_input, select_targets, trace_layers
-from _common import machine
+from _common import stamp
 
 
 def main() -> None:
@@ -63,8 +60,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "model": args.model, "images": args.images, "ranks": args.ranks, "original_top1": original, "rows": rows,
-        "date": date.today().isoformat(), "machine": machine(args.threads),
-        "command": shlex.join(["python", *sys.argv]),
+        **stamp(args.threads),
     }, indent=1) + "\n")
     print(f"wrote {out}")
 

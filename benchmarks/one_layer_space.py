@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -34,7 +31,7 @@ from svdnas.search.accuracy_proxy import OneLayerEvaluator
 from svdnas.search.proxy import capture_inputs
 from svdnas.space import enumerate_space
 from svdnas.surgery import example_input, trace_layers
-from _common import machine
+from _common import stamp
 
 
 def ranks(xs: list[float]) -> list[float]:
@@ -180,8 +177,7 @@ def main() -> None:
     figure(rows, ev.original_top1, args.layer, rho, fig)
     result = {
         "benchmark": "one_layer_space", "model": args.model, "layer": args.layer, "images": args.images,
-        "date": date.today().isoformat(), "machine": machine(args.threads),
-        "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]), "seconds": seconds, "original_top1": ev.original_top1,
+        **stamp(args.threads), "seconds": seconds, "original_top1": ev.original_top1,
         "spearman": rho, "spearman_macs_le_half": rho_cheap, "pareto": front, "candidates": rows,
     }
     path = out / f"one_layer_space_{name}.json"

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -28,7 +25,7 @@ from svdnas.data import load_data
 from svdnas.models import build_model
 from svdnas.pipeline import CompressConfig, compress
 from svdnas.search import SearchConfig
-from _common import first_test_images, machine
+from _common import first_test_images, stamp
 
 
 ALL_METHODS = ["svdnas"] + [f"uniform-{s}" for s in SPLITS] + [f"energy-{s}" for s in SPLITS] + ["lrs2", "alds", "fgroup"]
@@ -60,8 +57,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": info.spec, "data": args.data, "epochs": args.epochs, "families": args.families, "proxy_drop": args.proxy_drop,
             "branches": args.branches, "seed": args.seed, "test_images": len(data.test), "threads": args.threads,
-            "original_top1": reference["top1"], "machine": machine(args.threads), "date": date.today().isoformat(),
-            "command": shlex.join(["python", *sys.argv])}
+            "original_top1": reference["top1"], **stamp(args.threads)}
     # the original's top-1 stands for its weights: rows of other weights are not resumed
     keys = ("model", "data", "epochs", "families", "proxy_drop", "branches", "seed", "test_images", "original_top1")
     rows: list[dict] = []

@@ -15,10 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shlex
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -30,7 +27,7 @@ from svdnas.evaluate import evaluate
 from svdnas.models import build_model
 from svdnas.pipeline import CompressConfig, compress
 from svdnas.recovery import recover
-from _common import first_test_images, machine
+from _common import first_test_images, stamp
 
 METHODS = ["svdnas", "lrs2", "energy-kx1", "uniform-1x1", "alds", "fgroup"]
 
@@ -61,8 +58,7 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/recovered_{args.mode}_{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "reduction": args.reduction, "mode": args.mode, "finetune": dataclasses.asdict(fconf),
-            "test_images": len(data.test), "seed": args.seed, "date": date.today().isoformat(),
-            "machine": machine(args.threads), "command": shlex.join(["python", *sys.argv])}
+            "test_images": len(data.test), "seed": args.seed, **stamp(args.threads)}
     rows: list[dict] = []
     if out.is_file():
         old = json.loads(out.read_text())

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
+from _common import stamp
 
 
 def run(cmd: list[str], env: dict[str, str]) -> float:
@@ -130,10 +129,9 @@ def main() -> None:
     fig.parent.mkdir(parents=True, exist_ok=True)
     figure(synth_file, args.data, fig)
     result = {
-        "benchmark": "recovery", "model": args.model, "reduction": args.reduction, "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads", "torch_threads": args.threads,
+        "benchmark": "recovery", "model": args.model, "reduction": args.reduction, **stamp(args.threads), "torch_threads": args.threads,
         "synthetic": {"images": synth_meta["num"], "config": synth_meta["config"], "seconds": synth_meta["seconds"]},
-        "rows": rows, "command": shlex.join([sys.executable.split("/")[-1], *sys.argv]),
+        "rows": rows,
     }
     path = Path("benchmarks/results") / f"recovery_{name}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")

@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -37,7 +34,7 @@ from svdnas.evaluate import evaluate
 from svdnas.models import build_model
 from svdnas.pipeline import CompressConfig, compress
 from svdnas.search import SearchConfig
-from _common import first_test_images, machine
+from _common import first_test_images, stamp
 
 SEARCH_STAGES = ("candidates", "proxy", "accuracy_proxy", "build", "search", "select")
 
@@ -119,7 +116,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "model": args.model, "test_images": len(data.test), "original_top1": reference["top1"], "comparisons": comparisons,
-        "date": date.today().isoformat(), "machine": machine(args.threads), "command": shlex.join(["python", *sys.argv]),
+        **stamp(args.threads),
     }, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -20,10 +20,7 @@ import argparse
 import copy
 import dataclasses
 import json
-import shlex
-import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -36,7 +33,7 @@ from svdnas.plan import Plan
 from svdnas.recovery import SyntheticSplits, recover
 from svdnas.rundir import load_run
 from svdnas.synthetic import SynthConfig, generate, load_synthetic, save_synthetic
-from _common import first_test_images, machine
+from _common import first_test_images, stamp
 
 
 def main() -> None:
@@ -98,8 +95,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "run": str(run), "base": arch["base"], "original_top1": original, "post_training_top1": before, "rows": rows,
         "synth_config": dataclasses.asdict(made), "plain_generation_seconds": plain_seconds, "test_images": len(data.test),
-        "date": date.today().isoformat(), "machine": machine(args.threads),
-        "command": shlex.join(["python", *sys.argv]),
+        **stamp(args.threads),
     }, indent=1) + "\n")
     print(f"wrote {out}")
 
