@@ -26,6 +26,7 @@ from svdnas.models import build_model
 from svdnas.pipeline import CompressConfig, compress
 from svdnas.search import SearchConfig
 from _common import first_test_images, stamp
+from summarize import table
 
 
 ALL_METHODS = ["svdnas"] + [f"uniform-{s}" for s in SPLITS] + [f"energy-{s}" for s in SPLITS] + ["lrs2", "alds", "fgroup"]
@@ -109,21 +110,7 @@ def main() -> None:
     rows.sort(key=lambda x: (x["reduction_target"], labels.index(x["method"]) if x["method"] in labels else len(labels)))
     save()
     print()
-    print(f"{info.spec}, original top-1 {rows[0]['original_top1']:.2f}% on {len(data.test)} test images: "
-          "top-1 drop (pp) at each FLOPs reduction target (achieved reduction in brackets)")
-    print(f"{'method':14s} " + " ".join(f"{'R=' + str(r):>16s}" for r in args.reductions))
-    for method in labels:
-        cells = [next((x for x in rows if x["method"] == method and x["reduction_target"] == r), None) for r in args.reductions]
-        print(f"{method:14s} " + " ".join(f"{c['drop_pp']:7.2f} ({100 * c['flops_reduction']:5.1f}%)" if c else f"{'-':>16s}" for c in cells))
-    for r in args.reductions:
-        ours = [x for x in rows if x["reduction_target"] == r and x["method"].startswith("svdnas")]
-        others = [x for x in rows if x["reduction_target"] == r and not x["method"].startswith("svdnas")]
-        if ours and others:
-            best_ours = min(ours, key=lambda x: x["drop_pp"])
-            best_other = min(others, key=lambda x: x["drop_pp"])
-            verdict = "ahead of" if best_ours["drop_pp"] < best_other["drop_pp"] else "BEHIND"
-            print(f"R={r}: {best_ours['method']} {verdict} the best baseline ({best_other['method']}) by "
-                  f"{abs(best_other['drop_pp'] - best_ours['drop_pp']):.2f}pp")
+    print(table(out))  # the markdown table and verdicts of benchmarks/summarize.py
     try:
         import matplotlib
 
