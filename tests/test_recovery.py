@@ -1,5 +1,6 @@
 """Synthetic images from BatchNorm statistics, distillation, and the recovery modes of compress/finetune."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -92,10 +93,19 @@ def test_augment_flips_and_shifts_within_bounds_reproducibly():
     assert torch.equal(augment(const, torch.Generator().manual_seed(1)), const)  # edges replicated, nothing invented
 
 
-def test_augment_is_on_for_real_images_only():
-    assert FinetuneConfig(mode="few-shot").augment and FinetuneConfig(mode="full").augment
-    assert not FinetuneConfig(mode="synthetic").augment
-    assert not FinetuneConfig(mode="few-shot", augment=False).augment
+def test_augment_is_off_by_default_and_never_touches_synthetic_images(trained_tiny, monkeypatch):
+    import svdnas.distill as distill_module
+
+    assert not FinetuneConfig(mode="few-shot").augment and not FinetuneConfig(mode="full").augment
+    calls = []
+    monkeypatch.setattr(distill_module, "augment", lambda x, g: calls.append(len(x)) or x)
+    model, _ = trained_tiny
+    data = torch.utils.data.TensorDataset(torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,)))
+    for mode, want in (("synthetic", 0), ("few-shot", 32)):
+        calls.clear()
+        config = FinetuneConfig(mode=mode, epochs=1, batch_size=16, augment=True)
+        distill(copy.deepcopy(model), model, ["body.0", "body.4"], data, data, config)
+        assert sum(calls) == want
 
 
 def test_split_keeps_parts_apart():
@@ -272,13 +282,13 @@ def test_cli_synth_then_finetune(tiny_module, tiny_fmnist, tmp_path):
     assert r["mode"] == "synthetic" and r["recovery"]["history"]["epoch"] == [1, 2]
     assert r["plan" if "plan" in r else "layers"]
     assert (ft / "plan.json").read_text() == (run / "plan.json").read_text()
-    assert r["recovery"]["config"]["augment"] is False  # synthetic images are not flipped or shifted
+    assert r["recovery"]["config"]["augment"] is False  # off unless asked for
 
     p = _cli("finetune", str(run), "--data", data, "--mode", "few-shot", "--out", str(tmp_path / "fs"), "--shots", "64",
-             "--val-images", "32", "--finetune-epochs", "1", "--no-augment", "--teacher", spec, "--teacher-weights", str(weights),
+             "--val-images", "32", "--finetune-epochs", "1", "--augment", "--teacher", spec, "--teacher-weights", str(weights),
              "--allow-code")
     assert p.returncode == 0, p.stderr
-    assert json.loads((tmp_path / "fs" / "report.json").read_text())["recovery"]["config"]["augment"] is False
+    assert json.loads((tmp_path / "fs" / "report.json").read_text())["recovery"]["config"]["augment"] is True
 
 
 def test_cli_synth_refuses_a_model_without_batchnorm(tmp_path):

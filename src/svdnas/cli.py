@@ -277,7 +277,7 @@ def _finetune_config(args: argparse.Namespace):
     mode = "synthetic" if args.mode == "data-free" else args.mode
     return FinetuneConfig(
         mode=mode, epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.finetune_batch_size,
-        shots=args.shots, val_images=args.val_images, augment=False if args.no_augment else None,
+        shots=args.shots, val_images=args.val_images, augment=args.augment,
     )
 
 
@@ -295,8 +295,8 @@ def _recovery_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-images", type=int, default=1000, help="training images held out to steer the fine-tuning schedule")
     p.add_argument("--finetune-epochs", type=int, default=None, help="most epochs of fine-tuning (default: 60, or 3 with --mode full)")
     p.add_argument("--finetune-lr", type=float, default=1e-3)
-    p.add_argument("--no-augment", action="store_true",
-                   help="few-shot and full: do not flip and shift the training images (for images a mirror changes the meaning of)")
+    p.add_argument("--augment", action="store_true",
+                   help="few-shot and full: flip and shift the training images at random (teacher and student alike)")
     p.add_argument("--finetune-batch-size", type=int, default=64)
     p.add_argument("--synthetic", default=None, help="reuse synthetic images written by `svdnas synth` (a .safetensors file)")
     p.add_argument("--synth-images", type=int, default=1384, help="synthetic images to make (learning + --synth-val + --synth-test)")
