@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--mode", choices=("few-shot", "full"), default="few-shot")
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--shots", type=int, default=1000)
+    p.add_argument("--augment", action="store_true", help="flip and shift the training images (svdnas finetune --augment)")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the mode's)")
     p.add_argument("--test-images", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
@@ -50,7 +51,7 @@ def main() -> None:
     model, info = build_model(args.model)
     data = load_data(args.data)
     data = first_test_images(data, args.test_images)
-    fconf = FinetuneConfig(mode=args.mode, shots=args.shots)
+    fconf = FinetuneConfig(mode=args.mode, shots=args.shots, augment=args.augment)
     if args.epochs is not None:
         fconf.epochs = args.epochs
     fconf.__post_init__()
