@@ -575,8 +575,7 @@ def compress(
         seconds["latency_table"] = time.perf_counter() - t0
 
         def reach() -> float:  # measured latencies of the candidates left: the cheapest of each layer
-            lat = {n: c.cost("latency") for n, c in candidates.items()}
-            return 1 - (total - sum(c[0] for c in lat.values()) + sum(min(c) for c in lat.values())) / total
+            return 1 - _cheapest({n: c.cost("latency") for n, c in candidates.items()}, total) / total
 
         _check_budget(candidates, config, total, reach)  # before the accuracy proxy spends its time
 
