@@ -1,0 +1,68 @@
+"""Where the time of one `mixed` search step goes (issue 7): torch.profiler over a few steps of the
+super model, the operators grouped into the convolutions (forward and backward) and the building
+of the mixed weights (batched matmuls of the rank windows; scaling, adding and folding).
+
+    .venv/bin/python benchmarks/profile_step.py --model module:benchmarks/models.py:resnet18_full_fmnist --max-groups 1 --threads 1
+
+Same model, grid, batch and candidates as benchmarks/search_cost.py. Prints the profiler's table and
+the share of each group in the self CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from svdnas.models import build_model
+from svdnas.pipeline import CompressConfig
+from search_cost import logits_only, supernet_for
+
+GROUPS = {
+    "convolutions": ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::convolution", "aten::_convolution"),
+    "weight build: batched matmuls": ("aten::bmm",),
+    "weight build: scale, add, fold": ("aten::mul", "aten::add", "aten::copy_"),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="zoo:resnet18")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--reduction", type=float, default=0.6)
+    p.add_argument("--max-groups", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--input-shape", type=int, nargs=3, default=[1, 28, 28], help="C H W, for module: models")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, info = build_model(args.model)
+    shape = info.input_shape or tuple(args.input_shape)
+    net, n, _ = supernet_for(model, shape, info.default_filter, CompressConfig(reduction=args.reduction).fractions(), args.max_groups, "mixed")
+    opt = logits_only(net)
+    x, y = torch.randn(args.batch, *shape), torch.randint(0, 10, (args.batch,))
+
+    def step() -> None:
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"{args.model}, batch {args.batch}, {n} candidates, {args.steps} steps, {args.threads} threads: share of self CPU time")
+    for group, names in GROUPS.items():
+        share = sum(e.self_cpu_time_total for e in events if e.key in names) / total
+        print(f"  {group:32s} {100 * share:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
