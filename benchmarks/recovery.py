@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="folder of the run directories (default runs/recovery-<model>)")
+    p.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/recovery_<model>.json)")
     args = p.parse_args()
     name = args.model.split(":")[-1]
     out = Path(args.out or f"runs/recovery-{name}")
@@ -133,7 +134,8 @@ def main() -> None:
         "synthetic": {"images": synth_meta["num"], "config": synth_meta["config"], "seconds": synth_meta["seconds"]},
         "rows": rows,
     }
-    path = Path("benchmarks/results") / f"recovery_{name}.json"
+    path = Path(args.json or f"benchmarks/results/recovery_{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path} and {fig}")
 

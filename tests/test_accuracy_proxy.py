@@ -83,17 +83,78 @@ def test_cached_prefix_gives_the_same_top1_with_one_recording_per_batch(residual
     model, data = residual_and_data
     layer = model.b
     variants = [decompose(layer, [spec]) for spec in _specs(layer)]
+    records = []
+    real = ap.PrefixRecording.record
+    monkeypatch.setattr(ap.PrefixRecording, "record", lambda self, x, names: records.append((self, len(x))) or real(self, x, names))
+
+    def passes(ev):  # recording passes over whole batches (not the few images of the replay check)
+        return sum(1 for r, n in records if r is ev.recording and n > ev.check_images)
+
     uncached = ap.OneLayerEvaluator(model, "b", data, "cpu", batch_size=40, cache_mib=0)
     cached = ap.OneLayerEvaluator(model, "b", data, "cpu", batch_size=40)
-    records = []
-    real = ap.OneLayerEvaluator._record
-    monkeypatch.setattr(ap.OneLayerEvaluator, "_record", lambda self, x: records.append(self) or real(self, x))
+    assert passes(uncached) == 0 and passes(cached) == len(cached.batches)  # the original's top-1 recorded them
     want = [uncached.top1(variants[:2]), uncached.top1(variants[2:])]
-    assert records.count(uncached) == 2 * len(uncached.batches)  # every call records every batch
+    assert passes(uncached) == 2 * len(uncached.batches)  # every call records every batch
     got = [cached.top1(variants[:2]), cached.top1(variants[2:])]
     assert got == want
-    # the first batch was recorded while checking the replay, the others once each, then reused
-    assert records.count(cached) == len(cached.batches) - 1
+    assert passes(cached) == len(cached.batches)  # recorded once, then reused
+
+
+def test_one_recording_serves_every_layer_with_the_same_top1(residual_and_data, monkeypatch):
+    model, data = residual_and_data
+    records = []
+    real = ap.PrefixRecording.record
+    monkeypatch.setattr(ap.PrefixRecording, "record", lambda self, x, names: records.append(len(x)) or real(self, x, names))
+    shared = ap.PrefixRecording(model, data, "cpu", ["a", "b"], batch_size=40)
+    assert shared.kept == {"stem", "a", "bn"}  # what "a" and "b" replay, together
+    for name in ("a", "b"):
+        layer = model.get_submodule(name)
+        variants = [decompose(layer, [spec]) for spec in _specs(layer)]
+        alone = ap.OneLayerEvaluator(model, name, data, "cpu", batch_size=40, cache_mib=0).top1(variants)
+        records.clear()
+        ev = ap.OneLayerEvaluator(model, name, None, "cpu", recording=shared)
+        assert ev.recording is shared and ev.top1(variants) == alone
+        full = [n for n in records if n > ev.check_images]  # passes over whole batches
+        assert len(full) == (len(ev.batches) if name == "a" else 0)  # recorded for "a", reused for "b"
+    assert shared.original_top1() == pytest.approx(evaluate(model, data)["top1"])
+    # too much to keep for every layer: each layer records its own
+    small = ap.PrefixRecording(model, data, "cpu", ["a", "b"], batch_size=40, cache_mib=1e-3)
+    assert small.kept == set() and small.for_layer("b") is not small
+
+
+def test_screening_stops_only_candidates_certain_to_fail(residual_and_data):
+    model, data = residual_and_data
+    layer = model.b
+    variants = [layer, *(decompose(layer, [spec]) for spec in _specs(layer))]  # the layer itself passes
+    ev = ap.OneLayerEvaluator(model, "b", data, "cpu", batch_size=16)
+    exact = [ev.original_top1 - a for a in ev.top1(variants)]
+    assert max(exact) > 20 and min(exact) < 5  # some candidates fail by far, some pass
+    for threshold in (1.0, 5.0, 20.0):
+        screened = ev.screen(variants, threshold)
+        for d, (acc, is_exact) in zip(exact, screened):
+            bound = ev.original_top1 - acc
+            assert (d <= threshold) == (bound <= threshold)  # the same verdict
+            if is_exact:
+                assert bound == pytest.approx(d)
+            else:
+                assert threshold < bound <= d + 1e-9  # a lower bound of the drop, already over
+        assert any(not e for _, e in screened) or threshold >= max(exact)
+
+
+def test_a_bound_is_measured_again_when_the_threshold_rises(residual_and_data):
+    model, data = residual_and_data
+    cands = grid_candidates("b", model.b, (12, 12), [0.1 * k for k in range(1, 10)], "flops")
+    low = ap.measure_drops(model, cands, data, "cpu", 1.0)
+    assert low.bounds  # some candidates were stopped early
+    for t in (30.0, 60.0):
+        again = ap.measure_drops(model, cands, data, "cpu", t, known=low)
+        fresh = ap.measure_drops(model, cands, data, "cpu", t)
+        assert ap.passing(cands, again, t) == ap.passing(cands, fresh, t)
+        assert ap.passing(cands, again, t) != ap.passing(cands, low, 1.0)
+        remeasured = {i for i in low.bounds if low.drops[i] <= t and (i not in again.bounds or again.drops[i] != low.drops[i])}
+        assert remeasured  # bounds under the new threshold did not decide anything: measured again
+    full = ap.measure_drops(model, cands, data, "cpu", 1.0, exhaustive=True)
+    assert not full.bounds and len(full.drops) == len(cands.specs)
 
 
 def _specs(layer):
@@ -126,12 +187,12 @@ def test_bisection_keeps_what_exhaustive_search_keeps_when_drops_fall_with_rank(
             super().__init__()
             self.spec = specs[-1]
 
-    def fake_top1(self, layers):
+    def fake_screen(self, layers, threshold=None):
         calls.append(len(layers))
-        return [self.original_top1 - (4.0 if m.spec.rank >= cut[m.spec.family()] else 30.0 - m.spec.rank) for m in layers]
+        return [(self.original_top1 - (4.0 if m.spec.rank >= cut[m.spec.family()] else 30.0 - m.spec.rank), True) for m in layers]
 
     monkeypatch.setattr(ap, "decompose", Marker)
-    monkeypatch.setattr(ap.OneLayerEvaluator, "top1", fake_top1)
+    monkeypatch.setattr(ap.OneLayerEvaluator, "screen", fake_screen)
     full = ap.measure_drops(model, cands, data, "cpu", 5.0, exhaustive=True)
     fast = ap.measure_drops(model, cands, data, "cpu", 5.0)
     assert ap.passing(cands, fast, 5.0) == ap.passing(cands, full, 5.0)

@@ -44,7 +44,7 @@ from svdnas.search import (
     select_within_budget,
 )
 from svdnas.search.candidates import LayerCandidates
-from svdnas.search.accuracy_proxy import ProxyResult, measure_drops, passing
+from svdnas.search.accuracy_proxy import PrefixRecording, ProxyResult, measure_drops, passing
 from svdnas.search.proxy import capture_inputs, keep_families, output_errors
 from svdnas.space import kernel_splits
 from svdnas.spec import LowRankSpec
@@ -354,18 +354,25 @@ def _accuracy_proxy(
         saved = json.loads(checkpoint.read_text())
         if saved.get("candidates") == {n: len(c) for n, c in candidates.items()}:
             log.info("accuracy proxy: reusing the drops measured in %s", checkpoint)
-            measured = {n: ProxyResult(n, r["original_top1"], {int(i): d for i, d in r["drops"].items()}) for n, r in saved["layers"].items()}
-    original = evaluate(model, proxy_set, device)["top1"] if len(measured) < len(names) else None
+            measured = {
+                n: ProxyResult(n, r["original_top1"], {int(i): d for i, d in r["drops"].items()}, set(r.get("bounds", [])))
+                for n, r in saved["layers"].items()
+            }
+    # one recording of the proxy images shared by every layer (what the candidates replay)
+    recording = PrefixRecording(model, proxy_set, device, names)
     threshold = config.proxy_drop
     while True:
         for k, name in enumerate(names):
-            result = measure_drops(model, candidates[name], proxy_set, device, threshold, known=measured.get(name), original_top1=original)
-            if name not in measured or result.drops != measured[name].drops:
+            result = measure_drops(model, candidates[name], None, device, threshold, known=measured.get(name), recording=recording)
+            if name not in measured or (result.drops, result.bounds) != (measured[name].drops, measured[name].bounds):
                 measured[name] = result
                 if checkpoint is not None and ddp.is_main():
                     atomic_write_json(checkpoint, {
                         "candidates": {n: len(c) for n, c in candidates.items()},
-                        "layers": {n: {"original_top1": r.original_top1, "drops": {str(i): d for i, d in r.drops.items()}} for n, r in measured.items()},
+                        "layers": {
+                            n: {"original_top1": r.original_top1, "drops": {str(i): d for i, d in r.drops.items()}, "bounds": sorted(r.bounds)}
+                            for n, r in measured.items()
+                        },
                     })
             if progress is not None:
                 progress("accuracy proxy", k + 1, len(names))
@@ -386,7 +393,8 @@ def _accuracy_proxy(
     after = {n: c for n, c in kept.items() if c.specs}
     summary = {
         "threshold_pp": config.proxy_drop, "threshold_used_pp": threshold, "images": len(proxy_set),
-        "evaluated": sum(len(r.drops) for r in measured.values()), "candidates_before": before,
+        "evaluated": sum(len(r.drops) for r in measured.values()), "stopped_early": sum(len(r.bounds) for r in measured.values()),
+        "shared_recording": bool(recording.kept), "candidates_before": before,
         "candidates_after": sum(len(c) - 1 for c in after.values()),
         "layers_left_original": [n for n in names if n not in after],
     }
