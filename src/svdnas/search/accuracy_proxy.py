@@ -176,7 +176,9 @@ class PrefixRecording:
         """This recording if it holds what ``target`` replays, otherwise one of its own."""
         if set(self.replayable(target)) <= self.kept:
             return self
-        return PrefixRecording(self.model, None, self.device, [target], cache_mib=self.cache_mib, _batches=self.batches, _runs=self.runs)
+        own = PrefixRecording(self.model, None, self.device, [target], cache_mib=self.cache_mib, _batches=self.batches, _runs=self.runs)
+        own._top1 = self.original_top1()  # one pass of the model for all layers (none is kept here)
+        return own
 
     def record(self, x: Tensor, names: Sequence[str]) -> tuple[dict[str, object], Tensor]:
         """A full pass over ``x`` that keeps a copy of the outputs of the modules ``names``."""
