@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--test-images", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON to write (default benchmarks/results/synthetic_ablation_<model>.json)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     run = Path(args.run)
@@ -90,7 +91,7 @@ def main() -> None:
         print(f"{label:32s} top-1 {before:6.2f} -> {after:6.2f} (drop {original - after:5.2f}pp, {rows[-1]['seconds']:.0f}s)", flush=True)
     print(f"\noriginal top-1 {original:.2f}, post-training {before:.2f}, on {len(data.test)} test images; "
           f"{args.epochs} epochs; synthetic images: {made.iterations} iterations each")
-    out = Path("benchmarks/results") / f"synthetic_ablation_{arch['base'].split(':')[-1]}.json"
+    out = Path(args.out or f"benchmarks/results/synthetic_ablation_{arch['base'].split(':')[-1]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "run": str(run), "base": arch["base"], "original_top1": original, "post_training_top1": before, "rows": rows,
