@@ -246,6 +246,25 @@ def test_data_free_reads_no_real_image(trained_tiny, tmp_path):
         compress(model, None, _config("few-shot"), input_shape=(1, 28, 28))
 
 
+def test_data_free_shares_too_few_synthetic_images_between_search_and_proxy(trained_tiny, caplog):
+    from svdnas.pipeline import _synthetic_search_data
+    from svdnas.recovery import SyntheticSplits
+
+    model, _ = trained_tiny
+    images = torch.randn(130, 1, 28, 28)
+    splits = SyntheticSplits(images, images[:4], images[:4], {})
+
+    def sizes(**kw):
+        search, proxy = _synthetic_search_data(model, splits, _config("data-free", **kw), "cpu")
+        return len(search), len(proxy)
+
+    assert sizes(search_images=100, proxy_images=30) == (100, 30)  # enough for both: as asked
+    assert "for the proxy" not in caplog.text
+    # 130 for 200 + 32: in proportion (the proxy used to get the 0 left after the search, then reuse search images)
+    assert sizes(search_images=200, proxy_images=32) == (112, 18) and "112 for the search and 18 for the proxy" in caplog.text
+    assert sizes(search_images=100, proxy_images=100) == (65, 65)
+
+
 def test_model_without_batchnorm_is_refused_before_the_search(trained_tiny):
     _, data = trained_tiny
     plain = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(10))

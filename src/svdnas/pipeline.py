@@ -235,6 +235,8 @@ def _search_data(data: DataBundle, config: CompressConfig, seed: int):
             f"no training image is left for the proxy after {config.search_images} search images; "
             "lower --search-images or pass --families 0 --proxy-drop 0"
         )
+    if config.uses_proxy() and n_proxy < config.proxy_images:
+        log.warning("only %d training images are left for the proxy (asked %d): its verdicts are coarser; lower --search-images", n_proxy, config.proxy_images)
     proxy_set, _ = search_subset(data.train, n_proxy, seed + 1, exclude=search_idx) if config.uses_proxy() else (None, None)
     return subset, proxy_set
 
@@ -260,9 +262,17 @@ def _synthetic_search_data(model, splits: SyntheticSplits, config: CompressConfi
     """Data-free search images (the original model's soft labels) and proxy images, both synthetic."""
     n = len(splits.train)
     n_search = min(config.search_images, n)
+    if config.uses_proxy() and n < config.search_images + config.proxy_images:
+        # too few for both: share them in proportion rather than leave the proxy a handful of images
+        n_proxy = min(n - 1, max(1, round(n * config.proxy_images / (config.search_images + config.proxy_images))))
+        n_search = n - n_proxy
+        log.warning(
+            "%d synthetic training images: %d for the search and %d for the proxy (asked %d and %d; make more with --synth-images)",
+            n, n_search, n_proxy, config.search_images, config.proxy_images,
+        )
     subset = soft_labels(model, splits.train[:n_search], device)
     proxy = splits.train[n_search : n_search + config.proxy_images]
-    if config.uses_proxy() and len(proxy) == 0:
+    if config.uses_proxy() and len(proxy) == 0:  # a single image: the proxy reuses it
         log.warning("every synthetic training image is a search image; the proxy reuses them (make more with --synth-images)")
         proxy = splits.train[: config.proxy_images]
     proxy_set = None

@@ -38,6 +38,8 @@ from svdnas.search.candidates import LayerCandidates
 
 log = logging.getLogger(__name__)
 
+BATCH = 64  # images per pass of the proxy: small enough to stop a failing candidate early
+
 
 def _tensors_only(out) -> bool:
     if isinstance(out, Tensor):
@@ -145,13 +147,13 @@ class PrefixRecording:
     """
 
     def __init__(
-        self, model: nn.Module, data: Dataset | None, device, targets: Sequence[str] = (), batch_size: int = 64,
+        self, model: nn.Module, data: Dataset | None, device, targets: Sequence[str] = (), batch_size: int | None = None,
         cache_mib: float = 1024.0, *, _batches: list[tuple[Tensor, Tensor]] | None = None, _runs: dict[str, _Run] | None = None,
     ) -> None:
         self.model, self.device, self.cache_mib = model, device, cache_mib
         if _batches is None:
             assert data is not None
-            _batches = [(x.to(device), y.to(device)) for x, y in batches(data, batch_size)]
+            _batches = [(x.to(device), y.to(device)) for x, y in batches(data, batch_size or BATCH)]
         self.batches = _batches
         if not self.batches:
             raise ValueError("the accuracy proxy needs at least one image")
@@ -358,7 +360,7 @@ def measure_drops(
     def evaluator() -> OneLayerEvaluator:
         nonlocal ev, result
         if ev is None:
-            ev = OneLayerEvaluator(model, cands.name, data, device, batch_size=64, original_top1=original_top1, recording=recording)
+            ev = OneLayerEvaluator(model, cands.name, data, device, batch_size=BATCH, original_top1=original_top1, recording=recording)
             result = ProxyResult(cands.name, ev.original_top1, drops, bounds)
         return ev
 
