@@ -214,6 +214,7 @@ def test_compress_reports_the_proxy_and_relaxes_a_threshold_the_budget_cannot_li
     r = compress(model, data, _config(families=0, proxy_drop=5.0), filter_fn="convs").report
     p = r["accuracy_proxy"]
     assert p["threshold_pp"] == 5.0 and p["images"] == 64 and p["evaluated"] > 0
+    assert p["shared_recording"] and 0 <= p["stopped_early"] <= p["evaluated"]
     assert p["candidates_after"] <= p["candidates_before"] and r["flops"]["reduction"] >= 0.49
     # a threshold no cheap candidate meets: doubled until the 0.6 budget can be met, and met
     r = compress(model, data, _config(reduction=0.6, families=0, proxy_drop=0.01, max_groups=1), filter_fn="convs", out=tmp_path, resume=True).report
