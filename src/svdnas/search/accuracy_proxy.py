@@ -387,15 +387,15 @@ def measure_drops(
         # per family, bisect for the first (smallest-rank) index whose drop is within the threshold
         run([ix[0] for ix in fams.values()])
         # the answer lies in [lo, hi]; hi = len: no rank passes
-        bounds_ = {f: (0, 0) if drops[ix[0]] <= threshold else (1, len(ix)) for f, ix in fams.items()}
+        span = {f: (0, 0) if drops[ix[0]] <= threshold else (1, len(ix)) for f, ix in fams.items()}
         while True:
-            probe = {f: (lo + hi) // 2 for f, (lo, hi) in bounds_.items() if lo < hi}
+            probe = {f: (lo + hi) // 2 for f, (lo, hi) in span.items() if lo < hi}
             if not probe:
                 break
             run([fams[f][m] for f, m in probe.items()])
             for f, m in probe.items():
-                lo, hi = bounds_[f]
-                bounds_[f] = (lo, m) if drops[fams[f][m]] <= threshold else (m + 1, hi)
+                lo, hi = span[f]
+                span[f] = (lo, m) if drops[fams[f][m]] <= threshold else (m + 1, hi)
     if result is None:  # nothing to measure (no candidate)
         evaluator()
     assert result is not None
