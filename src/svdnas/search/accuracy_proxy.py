@@ -323,11 +323,15 @@ class ProxyResult:
 
     def verdict(self, i: int, threshold: float) -> bool | None:
         """Whether candidate ``i`` is within ``threshold``, or None if that is not known."""
-        if i not in self.drops:
-            return None
-        if i in self.bounds:
-            return False if self.drops[i] > threshold else None
-        return self.drops[i] <= threshold
+        return _verdict(self.drops, self.bounds, i, threshold)
+
+
+def _verdict(drops: dict[int, float], bounds: set[int], i: int, threshold: float) -> bool | None:
+    if i not in drops:
+        return None
+    if i in bounds:
+        return False if drops[i] > threshold else None
+    return drops[i] <= threshold
 
 
 def _family_members(cands: LayerCandidates) -> dict[tuple, list[int]]:
@@ -364,8 +368,8 @@ def measure_drops(
             result = ProxyResult(cands.name, ev.original_top1, drops, bounds)
         return ev
 
-    def known_at(i: int) -> bool:
-        return i in drops and (i not in bounds or drops[i] > threshold) and not (exhaustive and i in bounds)
+    def known_at(i: int) -> bool:  # exhaustive: only exact drops count
+        return i in drops and i not in bounds if exhaustive else _verdict(drops, bounds, i, threshold) is not None
 
     def run(idx: list[int]) -> None:
         idx = [i for i in dict.fromkeys(idx) if not known_at(i)]
