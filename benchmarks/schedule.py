@@ -11,8 +11,10 @@ The release has no budget mode: its user picks ``beta`` and gets whatever reduct
    temperature from 5 times 0.965 per epoch, the paper's loss ``CE * (log F / log F0) ** beta``,
    the largest logit per layer (no repair).
 2. For the reduction each release row reached, svdnas at that ``--reduction``: ``default`` (as
-   shipped), ``fast`` (``--fast-epochs`` epochs of the logits, everything else as shipped) and
-   ``fast-no-acc-proxy`` (the same without the one-layer accuracy proxy, ``--proxy-drop 0``).
+   shipped), ``fast`` (``--fast-epochs`` epochs of the logits, everything else as shipped),
+   ``fast-proxy-N`` for each ``--fast-proxy-images`` (the same with N proxy images instead of 256,
+   ``--proxy-images N``) and ``fast-no-acc-proxy`` (without the one-layer accuracy proxy,
+   ``--proxy-drop 0``).
 
 Every row searches the same 1,000 labelled training images and is evaluated on the same test
 images. Search time = candidates + proxies + super model build + learning the logits + selection
@@ -46,11 +48,15 @@ def release_config(beta: float, epochs: int) -> CompressConfig:
     )
 
 
-def ours_configs(reduction: float, fast_epochs: int) -> dict[str, CompressConfig]:
+def ours_configs(reduction: float, fast_epochs: int, fast_proxy_images: list[int]) -> dict[str, CompressConfig]:
+    def fast(**kw) -> CompressConfig:
+        return CompressConfig(reduction=reduction, search=SearchConfig(epochs=fast_epochs, target=1 - reduction), **kw)
+
     return {
         "default": CompressConfig(reduction=reduction),
-        "fast": CompressConfig(reduction=reduction, search=SearchConfig(epochs=fast_epochs, target=1 - reduction)),
-        "fast-no-acc-proxy": CompressConfig(reduction=reduction, proxy_drop=0.0, search=SearchConfig(epochs=fast_epochs, target=1 - reduction)),
+        "fast": fast(),
+        **{f"fast-proxy-{n}": fast(proxy_images=n) for n in fast_proxy_images},
+        "fast-no-acc-proxy": fast(proxy_drop=0.0),
     }
 
 
@@ -61,6 +67,8 @@ def main() -> None:
     p.add_argument("--release-betas", type=float, nargs="+", default=[16.0, 48.0], help="the issue's two measured betas")
     p.add_argument("--release-epochs", type=int, default=100)
     p.add_argument("--fast-epochs", type=int, default=5)
+    p.add_argument("--fast-proxy-images", type=int, nargs="*", default=[128, 64],
+                   help="further fast rows with fewer proxy images (--proxy-images) than the default 256")
     p.add_argument("--test-images", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -95,7 +103,7 @@ def main() -> None:
         if not 0.01 < budget < 0.99:
             print(f"  beta {beta:g} reached {100 * budget:.1f}%: no svdnas run at that budget", flush=True)
         else:
-            for name, config in ours_configs(budget, args.fast_epochs).items():
+            for name, config in ours_configs(budget, args.fast_epochs, args.fast_proxy_images).items():
                 x = run(config)
                 x["speedup"] = release["search_seconds"] / x["search_seconds"]
                 x["as_good"] = x["drop_pp"] <= release["drop_pp"] and x["flops_reduction"] >= release["flops_reduction"] - 0.002

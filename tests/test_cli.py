@@ -55,6 +55,7 @@ def test_eval_json_on_module_model(module_spec, tiny_fmnist):
         (["baseline", "pca", "zoo:resnet18"], "invalid choice: 'pca'"),
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--beta", "4"], "not both"),
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "1.5"], "(0, 1)"),
+        (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--proxy-images", "0"], "--proxy-images must be positive"),
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--objective", "latency", "--latency-batch", "0"], "--latency-batch must be positive"),
         (["compress", "zoo:resnet18", "--data", "none", "--out", "/tmp/x", "--reduction", "0.5", "--mode", "few-shot"], "works only with --mode data-free"),
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--mode", "synthetic", "--synth-iterations", "0"], "must be positive"),
@@ -84,10 +85,11 @@ def test_config_file_flags_override_and_resolved_config_is_saved(module_spec, ti
     spec, weights = module_spec
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data: fmnist:{tiny_fmnist}\nreduction: 0.4\nepochs: 1\nsearch-images: 100\nfilter: convs\nout: {tmp_path / 'run'}\n")
-    r = run("compress", spec, "--weights", str(weights), "--config", str(cfg), "--epochs", "2", "--device", "cpu", "--quiet")
+    r = run("compress", spec, "--weights", str(weights), "--config", str(cfg), "--epochs", "2", "--proxy-images", "48", "--device", "cpu", "--quiet")
     assert r.returncode == 0, r.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["epochs"] == 2 and saved["reduction"] == 0.4 and saved["search_images"] == 100
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["data"]["proxy_images"] == 48
     assert len(json.loads((tmp_path / "run" / "history.json").read_text())["epoch"]) == 2
     cfg.write_text("bogus: 1\n")
     r = run("compress", spec, "--config", str(cfg))

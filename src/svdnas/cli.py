@@ -191,7 +191,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = CompressConfig(
         reduction=args.reduction, beta=args.beta, objective=args.objective, filter=args.filter,
         grid=_grid(args.grid), max_groups=None if args.max_groups == 0 else args.max_groups,
-        search_images=args.search_images, families=args.families, proxy_drop=args.proxy_drop, branches=args.branches, search_loss=args.search_loss, search=search,
+        search_images=args.search_images, proxy_images=args.proxy_images, families=args.families, proxy_drop=args.proxy_drop, branches=args.branches, search_loss=args.search_loss, search=search,
         mode=args.mode, finetune=_finetune_config(args), synth=_synth_config(args, args.synth_images),
         synthetic_path=args.synthetic, synth_val=args.synth_val, synth_test=args.synth_test,
     )
@@ -488,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--families", type=int, default=4, help="families kept per layer by the output-error proxy (0: all)")
     p.add_argument("--proxy-drop", type=float, default=5.0, metavar="PP",
                    help="remove candidates whose layer alone loses more than PP points of top-1 on the proxy images (0: off)")
+    p.add_argument("--proxy-images", type=int, default=256,
+                   help="training images, apart from the search images, for both proxies (fewer: faster, coarser verdicts)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--resume", action="store_true", help="continue a killed run from the checkpoints in --out")
     _recovery_args(p)

@@ -128,6 +128,8 @@ class CompressConfig:
             raise SpecError(f"--branches must be 1 or 2, got {self.branches}")
         if self.search_images < 1:
             raise SpecError("--search-images must be positive")
+        if self.proxy_images < 1:
+            raise SpecError("--proxy-images must be positive")
         if not 0 <= self.proxy_drop <= 100:
             raise SpecError(f"--proxy-drop must be in [0, 100] points of top-1, got {self.proxy_drop}")
 
