@@ -35,3 +35,17 @@ def test_spearman_and_pareto(monkeypatch):
     assert m.spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
     front = m.pareto([(0.5, 80.0), (0.2, 70.0), (0.3, 60.0), (0.9, 90.0), (0.6, 75.0)])
     assert front == [(0.2, 70.0), (0.5, 80.0), (0.9, 90.0)]
+
+
+def test_allocation_reads_kept_share_and_groups(monkeypatch, tmp_path):
+    import json
+
+    m = _load("allocation", monkeypatch)
+    layers = [
+        {"name": "a", "flops": [100, 25], "branches": [{"first_kernel": [1, 1], "groups": [24, 1], "rank": 8}]},
+        {"name": "b", "flops": [100, 100], "branches": []},
+    ]
+    (tmp_path / "report.json").write_text(json.dumps({"layers": layers}))
+    alloc = m.allocation(tmp_path)
+    assert alloc["a"] == (0.25, "1x1-first/g24x1/r8", 24)
+    assert alloc["b"] == (1.0, "original", 1)
