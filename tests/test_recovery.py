@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from svdnas.distill import FinetuneConfig, NonFiniteError, augment, distill, distill_loss
+from svdnas.distill import FinetuneConfig, NonFiniteError, augment, distill, distill_loss, layer_mse
 from svdnas.errors import DataError, SpecError
 from svdnas.pipeline import CompressConfig, compress
 from svdnas.recovery import split_synthetic
@@ -124,8 +124,21 @@ def test_few_shot_loss_reduces_to_ce_when_student_equals_teacher():
     cfg = FinetuneConfig(mode="few-shot")
     got = distill_loss("few-shot", z, z.clone(), out, {"a": out["a"].clone()}, y, cfg)
     torch.testing.assert_close(got, 0.05 * nn.functional.cross_entropy(z, y))
-    shifted = distill_loss("synthetic", z, z, {"a": out["a"] + 1}, out, y, cfg)
-    torch.testing.assert_close(shifted, torch.tensor(1.0))
+    plain = FinetuneConfig(mode="synthetic", layer_loss="plain")
+    torch.testing.assert_close(distill_loss("synthetic", z, z, {"a": out["a"] + 1}, out, y, plain), torch.tensor(1.0))
+    relative = FinetuneConfig(mode="synthetic")  # the default
+    shifted = distill_loss("synthetic", z, z, {"a": out["a"] + 1}, out, y, relative)
+    torch.testing.assert_close(shifted, 1.0 / out["a"].pow(2).mean())
+
+
+def test_relative_layer_loss_does_not_depend_on_the_activations_scale():
+    s, t = torch.randn(8, 4, 5, 5), torch.randn(8, 4, 5, 5)
+    for k in (0.01, 1.0, 30.0):
+        torch.testing.assert_close(layer_mse(k * s, k * t), layer_mse(s, t))
+    torch.testing.assert_close(layer_mse(30 * s, 30 * t, "plain"), 900 * layer_mse(s, t, "plain"))
+    torch.testing.assert_close(layer_mse(t.clone(), t), torch.tensor(0.0))
+    with pytest.raises(SpecError, match="layer loss"):
+        FinetuneConfig(layer_loss="l1")
 
 
 def _compressed(model):

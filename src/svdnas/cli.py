@@ -277,7 +277,7 @@ def _finetune_config(args: argparse.Namespace):
     mode = "synthetic" if args.mode == "data-free" else args.mode
     return FinetuneConfig(
         mode=mode, epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.finetune_batch_size,
-        shots=args.shots, val_images=args.val_images, augment=args.augment,
+        shots=args.shots, val_images=args.val_images, augment=args.augment, layer_loss=args.layer_loss,
     )
 
 
@@ -298,6 +298,8 @@ def _recovery_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", action="store_true",
                    help="few-shot and full: flip and shift the training images at random (teacher and student alike)")
     p.add_argument("--finetune-batch-size", type=int, default=64)
+    p.add_argument("--layer-loss", default="relative", choices=["relative", "plain"],
+                   help="per-layer distillation term: MSE over the original output's mean square (default), or the paper's plain MSE")
     p.add_argument("--synthetic", default=None, help="reuse synthetic images written by `svdnas synth` (a .safetensors file)")
     p.add_argument("--synth-images", type=int, default=1384, help="synthetic images to make (learning + --synth-val + --synth-test)")
     p.add_argument("--synth-val", type=int, default=128, help="synthetic images held out to steer the schedule")
