@@ -1,0 +1,51 @@
+"""How large the distillation's per-layer term is for a compressed model: over one batch of training
+images, each compressed layer's MSE against the original's output and the mean square of that
+output, the sum of the MSEs (the paper's term) and of the relative MSEs (svdnas's default). Shows
+why the paper's plain sum suits one model's learning rate and wrecks another's (issue 5).
+
+    .venv/bin/python benchmarks/layer_scale.py runs/mbv2-r0.3 zoo:mobilenetv2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import svdnas
+from svdnas.data import load_data
+from svdnas.distill import _Outputs, layer_mse
+from svdnas.models import build_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path, help="a run directory written by compress or baseline")
+    p.add_argument("model", help="the original model's spec")
+    p.add_argument("--data", default="fmnist")
+    p.add_argument("--images", type=int, default=64, help="the first N training images (one batch)")
+    p.add_argument("--top", type=int, default=5, help="layers to list, largest MSE first")
+    args = p.parse_args()
+    loaded = svdnas.load(str(args.run))
+    student = loaded[0] if isinstance(loaded, tuple) else loaded
+    teacher, _ = build_model(args.model)
+    layers = [entry["name"] for entry in json.loads((args.run / "plan.json").read_text())["layers"] if entry["branches"]]
+    train = load_data(args.data).train
+    x = torch.stack([train[i][0] for i in range(args.images)])
+    student.eval(), teacher.eval()
+    s_out, t_out = _Outputs(student, layers), _Outputs(teacher, layers)
+    with torch.no_grad():
+        student(x), teacher(x)
+    rows = [(n, float(layer_mse(s_out.out[n], t_out.out[n], "plain")), float(t_out.out[n].pow(2).mean())) for n in layers]
+    print(f"{args.run}: {len(layers)} compressed layers, {args.images} training images")
+    print(f"sum of plain MSEs (the paper's term): {sum(r[1] for r in rows):.3f}")
+    print(f"sum of relative MSEs (svdnas's default): {sum(r[1] / r[2] for r in rows):.3f}")
+    print(f"original outputs' mean square: median {sorted(r[2] for r in rows)[len(rows) // 2]:.3f}, largest {max(r[2] for r in rows):.3f}")
+    for name, mse, ms in sorted(rows, key=lambda r: -r[1])[: args.top]:
+        print(f"  {name}: MSE {mse:.3f}, original mean square {ms:.3f}, relative {mse / ms:.3f}")
+
+
+if __name__ == "__main__":
+    main()
