@@ -43,7 +43,8 @@ SEARCH_STAGES = ("candidates", "proxy", "accuracy_proxy", "build", "search", "se
 
 def release_config(beta: float, epochs: int) -> CompressConfig:
     return CompressConfig(
-        beta=beta, grid=(0.3, 0.7, 0.05), families=0, proxy_drop=0.0,
+        # groups up to 8, as in every earlier run of this benchmark (the default until 2026-11-26)
+        beta=beta, grid=(0.3, 0.7, 0.05), families=0, proxy_drop=0.0, max_groups=8,
         search=SearchConfig(epochs=epochs, lr=0.01, sampling="two", final_temperature=5.0 * 0.965**epochs, beta=beta),
     )
 

@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-images", type=int, default=1000)
     p.add_argument("--search-loss", default="ce", choices=["ce", "kd"], help="ce: labels (the paper); kd: the original model's soft labels")
     p.add_argument("--grid", default=None, help="START:STOP[:STEP] of kept-cost fractions per layer (default: around the target)")
-    p.add_argument("--max-groups", type=int, default=8, help="largest group count of a candidate (0: no limit)")
+    p.add_argument("--max-groups", type=int, default=0, help="largest group count of a candidate (default 0: no limit)")
     p.add_argument("--families", type=int, default=4, help="families kept per layer by the output-error proxy (0: all)")
     p.add_argument("--proxy-drop", type=float, default=5.0, metavar="PP",
                    help="remove candidates whose layer alone loses more than PP points of top-1 on the proxy images (0: off)")

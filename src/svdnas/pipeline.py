@@ -70,7 +70,8 @@ class CompressConfig:
         filter: layer preset or None for the model's default.
         grid: (start, stop, step) of the candidate grid, as fractions of each layer's cost kept;
             None centres a window on the target (for latency, reaching down to 5%).
-        max_groups: largest group count of a candidate (None: every divisor).
+        max_groups: largest group count of a candidate (None, the default: every divisor of the
+            channels, the paper's space).
         families: families (split and grouping) kept per layer by the output-error proxy (0: all).
         proxy_drop: the one-layer accuracy proxy's threshold: a candidate whose layer, compressed
             alone, loses more than this many points of top-1 on the proxy images is removed (0: off).
@@ -96,7 +97,7 @@ class CompressConfig:
     latency: LatencyConfig | None = None
     filter: str | None = None
     grid: tuple[float, float, float] | None = None
-    max_groups: int | None = 8
+    max_groups: int | None = None
     families: int = 4
     proxy_drop: float = 5.0
     search_images: int = 1000
