@@ -315,12 +315,14 @@ def test_cli_synth_then_finetune(tiny_module, tiny_fmnist, tmp_path):
     assert r["plan" if "plan" in r else "layers"]
     assert (ft / "plan.json").read_text() == (run / "plan.json").read_text()
     assert r["recovery"]["config"]["augment"] is False  # off unless asked for
+    assert r["recovery"]["config"]["layer_loss"] == "relative"  # the default
 
     p = _cli("finetune", str(run), "--data", data, "--mode", "few-shot", "--out", str(tmp_path / "fs"), "--shots", "64",
-             "--val-images", "32", "--finetune-epochs", "1", "--augment", "--teacher", spec, "--teacher-weights", str(weights),
-             "--allow-code")
+             "--val-images", "32", "--finetune-epochs", "1", "--augment", "--layer-loss", "plain", "--teacher", spec,
+             "--teacher-weights", str(weights), "--allow-code")
     assert p.returncode == 0, p.stderr
-    assert json.loads((tmp_path / "fs" / "report.json").read_text())["recovery"]["config"]["augment"] is True
+    config = json.loads((tmp_path / "fs" / "report.json").read_text())["recovery"]["config"]
+    assert config["augment"] is True and config["layer_loss"] == "plain"
 
 
 def test_cli_synth_refuses_a_model_without_batchnorm(tmp_path):
