@@ -217,6 +217,10 @@ def test_killed_finetuning_resumes_to_the_same_weights(trained_tiny, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         distill(student, model, ["body.0", "body.4"], train, val, cfg, seed=5, checkpoint=ckpt, progress=die)
     student, _ = _compressed(model)
+    with pytest.raises(SpecError, match="different fine-tuning run"):  # another layer term is another run
+        distill(student, model, ["body.0", "body.4"], train, val, FinetuneConfig(mode="few-shot", epochs=4, batch_size=32, layer_loss="plain"),
+                seed=5, checkpoint=ckpt)
+    student, _ = _compressed(model)
     hist = distill(student, model, ["body.0", "body.4"], train, val, cfg, seed=5, checkpoint=ckpt)
     assert hist.epoch == [1, 2, 3, 4]
     for (k, a), b in zip(ref.state_dict().items(), student.state_dict().values()):

@@ -246,7 +246,8 @@ def distill(
     first = 0
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if state["mode"] != mode or state["layers"] != layers:
+        # checkpoints from before the relative layer term have no "layer_loss": theirs was plain
+        if state["mode"] != mode or state["layers"] != layers or state.get("layer_loss", "plain") != config.layer_loss:
             raise SpecError(f"{checkpoint} belongs to a different fine-tuning run; remove it or use --overwrite")
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
@@ -311,7 +312,7 @@ def distill(
             log.info("fine-tuning epoch %d: loss %.5f, validation %s %.2f, lr %.1e", epoch + 1, history.loss[-1], history.metric, score, lr)
             if checkpoint is not None and ddp.is_main():
                 _save(checkpoint, {
-                    "mode": mode, "layers": layers, "epoch": epoch + 1, "student": _copy_state(student),
+                    "mode": mode, "layers": layers, "layer_loss": config.layer_loss, "epoch": epoch + 1, "student": _copy_state(student),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": generator.get_state(),
                     "rng": torch.get_rng_state(), "history": history.to_dict(), "best_score": best_score, "best": best_state,
                 })
