@@ -9,7 +9,6 @@ why the paper's plain sum suits one model's learning rate and wrecks another's (
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ import svdnas
 from svdnas.data import load_data
 from svdnas.distill import _Outputs, layer_mse
 from svdnas.models import build_model
+from svdnas.plan import Plan
 
 
 def main() -> None:
@@ -28,23 +28,23 @@ def main() -> None:
     p.add_argument("--images", type=int, default=64, help="the first N training images (one batch)")
     p.add_argument("--top", type=int, default=5, help="layers to list, largest MSE first")
     args = p.parse_args()
-    loaded = svdnas.load(str(args.run))
-    student = loaded[0] if isinstance(loaded, tuple) else loaded
+    student = svdnas.load(str(args.run))
     teacher, _ = build_model(args.model)
-    layers = [entry["name"] for entry in json.loads((args.run / "plan.json").read_text())["layers"] if entry["branches"]]
+    layers = [n for n, specs in Plan.from_json((args.run / "plan.json").read_text()).layers.items() if specs]
     train = load_data(args.data).train
     x = torch.stack([train[i][0] for i in range(args.images)])
     student.eval(), teacher.eval()
     s_out, t_out = _Outputs(student, layers), _Outputs(teacher, layers)
     with torch.no_grad():
         student(x), teacher(x)
-    rows = [(n, float(layer_mse(s_out.out[n], t_out.out[n], "plain")), float(t_out.out[n].pow(2).mean())) for n in layers]
+    rows = [(n, *(float(layer_mse(s_out.out[n], t_out.out[n], kind)) for kind in ("plain", "relative")), float(t_out.out[n].pow(2).mean()))
+            for n in layers]
     print(f"{args.run}: {len(layers)} compressed layers, {args.images} training images")
     print(f"sum of plain MSEs (the paper's term): {sum(r[1] for r in rows):.3f}")
-    print(f"sum of relative MSEs (svdnas's default): {sum(r[1] / r[2] for r in rows):.3f}")
-    print(f"original outputs' mean square: median {sorted(r[2] for r in rows)[len(rows) // 2]:.3f}, largest {max(r[2] for r in rows):.3f}")
-    for name, mse, ms in sorted(rows, key=lambda r: -r[1])[: args.top]:
-        print(f"  {name}: MSE {mse:.3f}, original mean square {ms:.3f}, relative {mse / ms:.3f}")
+    print(f"sum of relative MSEs (svdnas's default): {sum(r[2] for r in rows):.3f}")
+    print(f"original outputs' mean square: median {sorted(r[3] for r in rows)[len(rows) // 2]:.3f}, largest {max(r[3] for r in rows):.3f}")
+    for name, mse, rel, ms in sorted(rows, key=lambda r: -r[1])[: args.top]:
+        print(f"  {name}: MSE {mse:.3f}, original mean square {ms:.3f}, relative {rel:.3f}")
 
 
 if __name__ == "__main__":

@@ -49,8 +49,7 @@ def main() -> None:
     search, proxy = _search_data(data, CompressConfig(reduction=0.5), args.seed)  # the subsets depend on the counts and seed only
     rows = [("original", build_model(args.model)[0], None)]
     for run in args.runs:
-        loaded = svdnas.load(str(run))
-        rows.append((run.name, loaded[0] if isinstance(loaded, tuple) else loaded, json.loads((run / "report.json").read_text())["top1"]))
+        rows.append((run.name, svdnas.load(str(run)), json.loads((run / "report.json").read_text())["top1"]))
     print(f"| plan | test top-1 (drop) | search images ({len(search)}): top-1, CE | proxy images ({len(proxy)}): top-1, CE |")
     print("| --- | ---: | ---: | ---: |")
     for name, model, top1 in rows:

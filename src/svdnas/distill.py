@@ -195,7 +195,7 @@ def layer_mse(student: Tensor, teacher: Tensor, kind: str = "relative") -> Tenso
 def distill_loss(
     mode: str, s_logits: Tensor, t_logits: Tensor, s_out: dict[str, Tensor], t_out: dict[str, Tensor], y: Tensor, config: FinetuneConfig,
 ) -> Tensor:
-    """The paper's loss for ``mode`` (see the module's docstring)."""
+    """The loss for ``mode``: the paper's, with its layer term as ``config.layer_loss`` says (see the module's docstring)."""
     if mode == "full":
         return F.cross_entropy(s_logits, y)
     mse = torch.stack([layer_mse(s_out[n], t_out[n], config.layer_loss) for n in s_out]).sum() if s_out else s_logits.new_zeros(())
