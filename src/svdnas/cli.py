@@ -286,7 +286,7 @@ def _synth_config(args: argparse.Namespace, num: int):
 
     return SynthConfig(
         num=num, batch_size=args.synth_batch_size, iterations=args.synth_iterations, lr=args.synth_lr,
-        image_weight=args.image_weight, channel_mean=not args.no_channel_mean,
+        image_weight=args.image_weight, channel_mean=not args.no_channel_mean, parallel=args.synth_parallel,
     )
 
 
@@ -313,6 +313,8 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--synth-lr", type=float, default=0.5)
     p.add_argument("--image-weight", type=float, default=1.0, help="lambda, the weight of the per-image mean/std term")
     p.add_argument("--no-channel-mean", action="store_true", help="sum each BatchNorm layer's term over channels (ZeroQ) instead of averaging")
+    p.add_argument("--synth-parallel", type=int, default=1,
+                   help="batches optimised in one pass (the same images, faster on a GPU; memory grows with it)")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

@@ -5,8 +5,11 @@ layer's input, over the batch, match that layer's running statistics; a second t
 own per-channel mean and std to 0 and 1. The per-layer term is averaged over channels (the paper's
 change to ZeroQ, which sums them) unless ``channel_mean=False``.
 
-Batches are generated one by one from their own seed, so a killed generation resumes to the same
-images, and under torchrun each process makes its share of the batches.
+Every batch starts from its own seed, so a killed generation resumes to the same images, and under
+torchrun each process makes its share of the batches. ``parallel`` batches can be optimised in one
+forward and backward pass (a GPU is then kept busy): each keeps its own statistics, its own loss, its
+own Adam state and learning-rate schedule, so the images are those of one batch at a time, up to
+floating-point rounding.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class SynthConfig:
         image_weight: lambda, the weight of the per-image mean/std term.
         channel_mean: average each layer's term over its channels (the paper) instead of summing (ZeroQ).
         shard_size: images per safetensors file.
+        parallel: batches optimised in one pass; changes the speed and memory, not the images (up to
+            rounding), so it is not part of what a resumed generation must match.
     """
 
     num: int = 1000
@@ -54,9 +59,10 @@ class SynthConfig:
     image_weight: float = 1.0
     channel_mean: bool = True
     shard_size: int = 8192
+    parallel: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("num", "batch_size", "iterations", "shard_size"):
+        for name in ("num", "batch_size", "iterations", "shard_size", "parallel"):
             if getattr(self, name) < 1:
                 raise SpecError(f"synthetic {name.replace('_', ' ')} must be positive, got {getattr(self, name)}")
         if self.lr <= 0 or self.patience < 1 or self.image_weight < 0:
@@ -100,16 +106,25 @@ def require_batchnorm(model: nn.Module, spec: str = "the model") -> list[tuple[s
 
 def statistics_loss(model: nn.Module, bns: list[tuple[str, nn.Module]], x: Tensor, config: SynthConfig) -> Tensor:
     """The objective of one batch: BatchNorm statistics matching plus lambda times the image prior."""
+    return batch_losses(model, bns, x, config, 1)[0]
+
+
+def batch_losses(model: nn.Module, bns: list[tuple[str, nn.Module]], x: Tensor, config: SynthConfig, batches: int) -> Tensor:
+    """The objective of each of ``batches`` equal batches stacked in ``x``, from one forward pass.
+
+    The model must be in eval mode (its BatchNorm layers use their running statistics), so that one
+    image's output does not depend on the others and each loss depends on its own batch alone.
+    """
     terms: list[Tensor] = []
 
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], _out: Tensor) -> None:
-        z = inputs[0]
-        dims = [0, *range(2, z.dim())]
+        z = inputs[0].unflatten(0, (batches, -1))
+        dims = [1, *range(3, z.dim())]
         mean = z.mean(dims)
         std = z.var(dims, unbiased=False).add(module.eps).sqrt()
         target_std = module.running_var.add(module.eps).sqrt()
         term = (mean - module.running_mean).pow(2) + (std - target_std).pow(2)
-        terms.append(term.mean() if config.channel_mean else term.sum())
+        terms.append(term.mean(1) if config.channel_mean else term.sum(1))
 
     handles = [m.register_forward_hook(hook) for _, m in bns]
     try:
@@ -118,8 +133,8 @@ def statistics_loss(model: nn.Module, bns: list[tuple[str, nn.Module]], x: Tenso
         for h in handles:
             h.remove()
     flat = x.flatten(2)
-    prior = (flat.mean(2).pow(2) + (flat.std(2) - 1).pow(2)).sum(1).mean()
-    return torch.stack(terms).sum() + config.image_weight * prior
+    prior = (flat.mean(2).pow(2) + (flat.std(2) - 1).pow(2)).sum(1).unflatten(0, (batches, -1)).mean(1)
+    return torch.stack(terms).sum(0) + config.image_weight * prior
 
 
 def generate_batch(
@@ -132,23 +147,43 @@ def generate_batch(
     bns: list[tuple[str, nn.Module]] | None = None,
 ) -> tuple[Tensor, list[float]]:
     """Optimise one batch of ``n`` images from noise drawn with ``seed``; returns it and its loss per iteration."""
+    return generate_batches(model, input_shape, n, config, [seed], device, bns)[0]
+
+
+def generate_batches(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    n: int,
+    config: SynthConfig,
+    seeds: list[int],
+    device: torch.device | str = "cpu",
+    bns: list[tuple[str, nn.Module]] | None = None,
+) -> list[tuple[Tensor, list[float]]]:
+    """Optimise one batch of ``n`` images per seed, all in the same passes, each as if alone.
+
+    Each batch has its own leaf tensor, Adam and plateau schedule, driven by its own loss; one
+    backward pass of the summed losses gives each batch the gradient of its own (see
+    :func:`batch_losses`). Returns (images, loss per iteration) per seed.
+    """
     bns = bns if bns is not None else require_batchnorm(model)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, *input_shape, generator=g).to(device).requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=config.lr)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=config.patience)
-    losses: list[float] = []
-    for _ in range(config.iterations):
-        loss = statistics_loss(model, bns, x, config)
-        if not torch.isfinite(loss):
-            raise DataError(f"the statistics loss became {loss.item()} after {len(losses)} iterations; lower the synthetic lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = loss.item()
-        sched.step(value)
-        losses.append(value)
-    return x.detach().cpu(), losses
+    xs = [torch.randn(n, *input_shape, generator=torch.Generator().manual_seed(s)).to(device).requires_grad_(True) for s in seeds]
+    opts = [torch.optim.Adam([x], lr=config.lr) for x in xs]
+    scheds = [torch.optim.lr_scheduler.ReduceLROnPlateau(o, factor=0.1, patience=config.patience) for o in opts]
+    curves: list[list[float]] = [[] for _ in seeds]
+    for it in range(config.iterations):
+        losses = batch_losses(model, bns, torch.cat(xs) if len(xs) > 1 else xs[0], config, len(xs))
+        values = losses.tolist()
+        if not all(math.isfinite(v) for v in values):
+            raise DataError(f"the statistics loss became {[v for v in values if not math.isfinite(v)][0]} after {it} iterations; "
+                            "lower the synthetic lr")
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        for o, sched, curve, v in zip(opts, scheds, curves, values):
+            o.step()
+            sched.step(v)
+            curve.append(v)
+    return [(x.detach().cpu(), curve) for x, curve in zip(xs, curves)]
 
 
 def _claim(work: Path, settings: dict[str, Any]) -> None:
@@ -206,23 +241,35 @@ def generate(
     sizes = _batch_sizes(config)
     work = Path(workdir) if workdir is not None else None
     if work is not None:
-        _claim(work, {"config": asdict(config), "seed": seed, "input_shape": list(input_shape)})
+        made = {k: v for k, v in asdict(config).items() if k != "parallel"}
+        _claim(work, {"config": made, "seed": seed, "input_shape": list(input_shape)})
     start = time.perf_counter()
     images: list[Tensor | None] = [None] * len(sizes)
     losses: list[list[float] | None] = [None] * len(sizes)
     try:
-        for i, n in enumerate(sizes):
-            path = work / f"batch-{i:05d}.safetensors" if work is not None else None
-            mine = i % ddp.world_size() == ddp.rank()
-            if path is not None and path.is_file():
+        done, todo = 0, []
+        for i in range(len(sizes)):
+            if work is not None and (work / f"batch-{i:05d}.safetensors").is_file():
                 log.debug("batch %d already made", i)
-            elif mine:
-                x, curve = generate_batch(model, input_shape, n, config, seed * 1_000_003 + i, device, bns)
+                done += 1
+            elif i % ddp.world_size() == ddp.rank():
+                todo.append(i)
+            else:
+                done += 1
+        if progress is not None and done:
+            progress(done, len(sizes))
+        while todo:  # runs of batches of one size, at most config.parallel at a time
+            run = [todo.pop(0)]
+            while todo and len(run) < config.parallel and sizes[todo[0]] == sizes[run[0]]:
+                run.append(todo.pop(0))
+            made_here = generate_batches(model, input_shape, sizes[run[0]], config, [seed * 1_000_003 + i for i in run], device, bns)
+            for i, (x, curve) in zip(run, made_here):
                 images[i], losses[i] = x, curve
-                if path is not None:
-                    atomic_write_bytes(path, save({"images": x.contiguous(), "loss": torch.tensor(curve)}))
+                if work is not None:
+                    atomic_write_bytes(work / f"batch-{i:05d}.safetensors", save({"images": x.contiguous(), "loss": torch.tensor(curve)}))
+            done += len(run)
             if progress is not None:
-                progress(i + 1, len(sizes))
+                progress(done, len(sizes))
         ddp.barrier()
         for i in range(len(sizes)):
             if images[i] is None:
