@@ -7,6 +7,9 @@ Prints a table (medians of interleaved repeats, ratios to the training step) and
 Peak memory: each kind of step also runs in a fresh process of its own (3 steps after the model and
 one batch are loaded), and the growth of that process's peak resident memory over what it held
 before building the step's model is reported, as a ratio to the training step's (--no-memory skips it).
+With --device cuda the steps run on the GPU (timed with a synchronisation after each) and memory is
+the GPU's: for each kind, the peak allocated while its model is built and stepped 3 times, over what
+was allocated before (one kind at a time, the others' models not yet on the GPU).
 """
 
 from __future__ import annotations
@@ -97,6 +100,45 @@ def memory(args) -> dict[str, dict]:
     return out
 
 
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def gpu_memory(args, dev: torch.device) -> dict[str, dict]:
+    """Per kind of step, on the GPU: peak allocated while its model is built, moved there and stepped
+    3 times, over what was allocated before; the model is freed before the next kind."""
+    torch.manual_seed(0)
+    model, info = build_model(args.model)
+    shape = info.input_shape or tuple(args.input_shape)
+    x = torch.randn(args.batch, *shape, device=dev)
+    y = torch.randint(0, 10, (args.batch,), device=dev)
+    out = {}
+    for kind in ("train", "mixed", "two"):
+        sync(dev)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        if kind == "train":
+            net = copy.deepcopy(model).to(dev).train()
+            opt = torch.optim.SGD(net.parameters(), lr=0.0)
+        else:
+            fractions = CompressConfig(reduction=args.reduction).fractions()
+            net, _, _ = supernet_for(model, shape, info.default_filter, fractions, args.max_groups, kind)
+            net = net.to(dev)
+            opt = logits_only(net)
+        for _ in range(3):
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sync(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        out[kind] = {"kind": kind, "allocated_before_mib": before / 2**20, "peak_mib": peak / 2**20, "growth_mib": (peak - before) / 2**20}
+        del net, opt, loss
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="zoo:resnet18")
@@ -109,12 +151,17 @@ def main() -> None:
     p.add_argument("--input-shape", type=int, nargs=3, default=[1, 28, 28], help="C H W, for module: models")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory processes (updates --out's JSON)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--probe", choices=("train", "mixed", "two"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.probe:
         probe(args.probe, args)
         return
-    mem = {} if args.no_memory else memory(args)  # first: the probes are separate processes
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        mem = {} if args.no_memory else gpu_memory(args, dev)
+    else:
+        mem = {} if args.no_memory else memory(args)  # first: the probes are separate processes
     if args.memory_only:
         for k, m in mem.items():
             print(f"{k:10s} peak growth {m['growth_mib']:8.0f} MiB  {m['growth_mib'] / mem['train']['growth_mib']:5.2f}x train")
@@ -130,10 +177,10 @@ def main() -> None:
     model, info = build_model(args.model)
     shape = info.input_shape or tuple(args.input_shape)
     fractions = CompressConfig(reduction=args.reduction).fractions()
-    x = torch.randn(args.batch, *shape)
-    y = torch.randint(0, 10, (args.batch,))
+    x = torch.randn(args.batch, *shape, device=dev)
+    y = torch.randint(0, 10, (args.batch,), device=dev)
 
-    train_model = copy.deepcopy(model).train()
+    train_model = copy.deepcopy(model).to(dev).train()
     opt = torch.optim.SGD(train_model.parameters(), lr=0.0)
 
     def train_step():
@@ -145,6 +192,7 @@ def main() -> None:
     nets, build = {}, {}
     for sampling in ("mixed", "two"):
         net, n, secs = supernet_for(model, shape, info.default_filter, fractions, args.max_groups, sampling)
+        net = net.to(dev)
         nets[sampling] = (net, logits_only(net))
         build[sampling] = {"seconds": secs, "candidates": n}
 
@@ -161,11 +209,14 @@ def main() -> None:
         fn()  # warm-up
     for _ in range(args.repeats):
         for k, fn in steps.items():
+            sync(dev)
             t0 = time.perf_counter()
             fn()
+            sync(dev)
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"model {args.model}, batch {args.batch}, {build['mixed']['candidates']} candidates, grid {fractions[0]}..{fractions[-1]}, threads {args.threads}")
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"threads {args.threads}"
+    print(f"model {args.model}, batch {args.batch}, {build['mixed']['candidates']} candidates, grid {fractions[0]}..{fractions[-1]}, {where}")
     print(f"{'step':10s} {'median s':>9s} {'x train':>8s}")
     for k in steps:
         print(f"{k:10s} {med[k]:9.3f} {med[k] / med['train']:8.2f}")
@@ -180,6 +231,7 @@ def main() -> None:
         "median_seconds": med, "ratio_to_train": {k: med[k] / med["train"] for k in med}, "times": times, "memory_mib": mem,
         "memory_ratio_to_train": {k: m["growth_mib"] / mem["train"]["growth_mib"] for k, m in mem.items()} if mem else {},
         "macs": model_macs(model, shape), "machine": platform.processor() or platform.machine(), "date": date.today().isoformat(),
+        "device": args.device, "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

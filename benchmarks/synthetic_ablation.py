@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--test-images", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--parallel", type=int, default=1, help="batches optimised at once when the plain images are made here")
     p.add_argument("--out", default=None, help="JSON to write (default benchmarks/results/synthetic_ablation_<model>.json)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -57,6 +59,8 @@ def main() -> None:
     student0, _ = load_run(run)
     teacher, info = build_model(arch["base"])
     teacher.eval()
+    device = torch.device(args.device)
+    student0, teacher = student0.to(device), teacher.to(device)
     data = load_data(args.data)
     data = first_test_images(data, args.test_images)
     synth = load_synthetic(args.synthetic)
@@ -70,21 +74,21 @@ def main() -> None:
     plain_path = Path(args.synthetic_plain) if args.synthetic_plain else Path(args.synthetic).with_name("synthetic-plain.safetensors")
     t0 = time.perf_counter()
     if not plain_path.with_suffix(".json").is_file() and not plain_path.is_file():
-        plain_conf = dataclasses.replace(made, channel_mean=False, num=middle)
+        plain_conf = dataclasses.replace(made, channel_mean=False, num=middle, parallel=args.parallel)
         work = plain_path.with_name(plain_path.stem + ".partial")  # a stopped generation resumes from here
-        save_synthetic(plain_path, generate(teacher, tuple(info.input_shape), plain_conf, args.seed, workdir=work))
+        save_synthetic(plain_path, generate(teacher, tuple(info.input_shape), plain_conf, args.seed, device, workdir=work))
     plain = load_synthetic(plain_path).images[:middle]
     plain_seconds = time.perf_counter() - t0
 
-    before = evaluate(student0, data.test)["top1"]
-    original = evaluate(teacher, data.test)["top1"]
+    before = evaluate(student0, data.test, device)["top1"]
+    original = evaluate(teacher, data.test, device)["top1"]
     rows = []
     cases = [(f"{n} images, channel mean", images[:n]) for n in args.counts] + [(f"{middle} images, no channel mean", plain)]
     for label, train in cases:
         student = copy.deepcopy(student0)
         t1 = time.perf_counter()
-        rec = recover(teacher, student, plan, "synthetic", config, data, SyntheticSplits(train, val, val[:1], synth.meta), "cpu", args.seed)
-        after = evaluate(student, data.test)["top1"]
+        rec = recover(teacher, student, plan, "synthetic", config, data, SyntheticSplits(train, val, val[:1], synth.meta), device, args.seed)
+        after = evaluate(student, data.test, device)["top1"]
         rows.append({"case": label, "images": len(train), "top1_before": before, "top1_after": after, "drop_after_pp": original - after,
                      "recovered_share": (after - before) / (original - before) if original > before else None,
                      "epochs": len(rec["history"]["epoch"]), "seconds": time.perf_counter() - t1})
@@ -96,7 +100,7 @@ def main() -> None:
     out.write_text(json.dumps({
         "run": str(run), "base": arch["base"], "original_top1": original, "post_training_top1": before, "rows": rows,
         "synth_config": dataclasses.asdict(made), "plain_generation_seconds": plain_seconds, "test_images": len(data.test),
-        **stamp(args.threads),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", **stamp(args.threads),
     }, indent=1) + "\n")
     print(f"wrote {out}")
 
