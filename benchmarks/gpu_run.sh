@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # What a lent GPU machine ran: issue 5's synthetic ablation at the paper's scale (1k / 5k / 25k images
-# of 500 iterations), a data-free compress on those images, and issue 7's step cost on a GPU.
+# of 500 iterations) and issue 7's step cost on a GPU (`paper`), and data-free compressions on 5,120
+# synthetic images of 500 iterations (`data-free`, two seeds).
 #
-#   SVDNAS_FMNIST=DIR OUT=DIR benchmarks/gpu_run.sh [paper|smoke] [SECONDS]
+#   SVDNAS_FMNIST=DIR OUT=DIR benchmarks/gpu_run.sh [paper|data-free|smoke] [SECONDS]
 #
 # Needs the post-training run directory runs/recovery-resnet18-1k/post (benchmarks/recovery.py makes
-# it) and torch with CUDA; the package is used from src/ (no install). `smoke` runs every stage tiny
-# (on the CPU when there is no GPU) to check the script itself. Each stage runs even if one before it
-# failed (the ablation and data-free stages need the images of the first); the data-free stage gets
-# what is left of SECONDS (default 560). Results and a log go to $OUT.
+# it) and torch with CUDA; the package is used from src/ (no install). The lent machine had no
+# ultralytics-thop: wheels in .whl/ (pip download) are installed into /tmp/site first. `smoke` runs
+# every stage tiny (on the CPU when there is no GPU) to check the script itself. Each stage runs even
+# if one before it failed (the ablation and data-free stages need the images of the first); the
+# data-free stage gets what is left of SECONDS (default 560). Results and a log go to $OUT.
 set -uo pipefail
 scale=${1:-paper}
 budget=${2:-560}
-export PYTHONPATH=src:benchmarks PYTHONUNBUFFERED=1
+export PYTHONPATH=src:benchmarks:/tmp/site PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1 || echo "!! wheels not installed"
+fi
 out=${OUT:?set OUT to a folder for the results}
 work=${WORK:-/tmp/svdnas-gpu}
 mkdir -p "$out" "$work"
@@ -22,11 +27,13 @@ $py -c 'import torch, platform; print("torch", torch.__version__, "python", plat
 
 if [ "$scale" = smoke ]; then
   num=640 iters=3 counts="64 96 128" val=32 epochs=1 test="--test-images 200" parallel=4 repeats=1 batch=32
-  freeargs="--epochs 1 --search-images 64 --proxy-images 32 --finetune-epochs 1"
+  freeargs="--epochs 1 --search-images 64 --proxy-images 32 --finetune-epochs 1" seeds="0"
+elif [ "$scale" = data-free ]; then
+  # 5,440 = 170 batches of 32, one pass: 5,120 to learn on, 64 validation, 256 for the fidelity figure
+  num=5440 iters=500 val=64 parallel=170 freeargs="--finetune-epochs 20" seeds="0 1"
 else
   # 25,088 = 784 batches of 32: the last 64 are validation, so the counts reach the paper's 25k
   num=25088 iters=500 counts="1000 5000 25000" val=64 epochs=20 test="" parallel=128 repeats=20 batch=128
-  freeargs="--finetune-epochs 20"
 fi
 
 stage() { echo "== $1 (t=${SECONDS}s, $(date -u +%T))"; }
@@ -73,25 +80,35 @@ step_cost() {
 }
 
 data_free() {
-  local left=$((budget - SECONDS))
-  stage "data-free compress on the same synthetic images, ${left}s left"
-  # shellcheck disable=SC2086
-  timeout "$left" $py -m svdnas compress zoo:resnet18 --data fmnist --mode data-free --reduction 0.6 \
-    --synthetic "$work/synthetic.safetensors" --synth-val "$val" --synth-test 256 $freeargs --out "$work/data-free" \
-    --overwrite --seed 0 --device "$dev" --quiet &&
-  cp "$work/data-free/report.json" "$out/data_free_report.json"
+  local left seed
+  for seed in $seeds; do
+    left=$((budget - SECONDS))
+    [ "$left" -gt 30 ] || { echo "!! no time left for seed $seed"; return 1; }
+    stage "data-free compress, seed $seed, on the images above, ${left}s left"
+    # shellcheck disable=SC2086
+    timeout "$left" $py -m svdnas compress zoo:resnet18 --data fmnist --mode data-free --reduction 0.6 \
+      --synthetic "$work/synthetic.safetensors" --synth-val "$val" --synth-test 256 $freeargs --out "$work/data-free-$seed" \
+      --overwrite --seed "$seed" --device "$dev" --quiet &&
+    cp "$work/data-free-$seed/report.json" "$out/data_free_5k_seed$seed.json" || return 1
+  done
 }
 
 {
-  projected=$(probe) || projected=0
-  echo "projected generation of $num images: ${projected}s"
-  if [ "$scale" = paper ] && [ "$projected" -gt "${GEN_LIMIT:-240}" ]; then
-    num=5120 counts="1000 2500 5000"
-    echo "too slow for 25k here: $num images, counts $counts"
+  if [ "$scale" = paper ]; then
+    projected=$(probe) || projected=0
+    echo "projected generation of $num images: ${projected}s"
+    if [ "$projected" -gt "${GEN_LIMIT:-240}" ]; then
+      num=5120 counts="1000 2500 5000"
+      echo "too slow for 25k here: $num images, counts $counts"
+    fi
   fi
   images || echo "!! images failed"
-  ablation || echo "!! ablation failed"
-  step_cost || echo "!! step cost failed"
-  data_free || echo "!! data-free failed or ran out of time"
+  if [ "$scale" != data-free ]; then
+    ablation || echo "!! ablation failed"
+    step_cost || echo "!! step cost failed"
+  fi
+  if [ "$scale" != paper ]; then
+    data_free || echo "!! data-free failed or ran out of time"
+  fi
   stage "done"
-} 2>&1 | tee "$out/gpu_run.log"
+} 2>&1 | tee "$out/gpu_run_$scale.log"
