@@ -461,6 +461,8 @@ def _search_once(
     else:
         choice = [max(range(len(s)), key=s.__getitem__) for s in scores]
     chosen = {n: (candidates[n].base if c == 0 else [*candidates[n].prefix, candidates[n].specs[c - 1]]) for n, c in zip(names, choice)}
+    history.logits = dict(zip(names, scores))
+    history.choice = dict(zip(names, choice))
     seconds[prefix + "select"] = time.perf_counter() - t0
     return chosen, history
 

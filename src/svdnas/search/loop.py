@@ -76,6 +76,10 @@ class SearchHistory:
     temperature: list[float] = field(default_factory=list)
     multiplier: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    # per layer after the search: the final logits (index 0 the original layer, then the candidates
+    # in order) and the index the budget selection picked
+    logits: dict[str, list[float]] = field(default_factory=dict)
+    choice: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
