@@ -65,6 +65,26 @@ def _status_mib(key: str) -> float:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
+def step_model(kind: str, model, shape, info, args, dev: torch.device):
+    """The model one kind of step trains ("train": a copy of the original, all its weights) on ``dev``,
+    and its optimiser."""
+    if kind == "train":
+        net = copy.deepcopy(model).to(dev).train()
+        return net, torch.optim.SGD(net.parameters(), lr=0.0)
+    fractions = CompressConfig(reduction=args.reduction).fractions()
+    net, _, _ = supernet_for(model, shape, info.default_filter, fractions, args.max_groups, kind)
+    net = net.to(dev)
+    return net, logits_only(net)
+
+
+def three_steps(net, opt, x, y) -> None:
+    for _ in range(3):
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def probe(kind: str, args) -> None:
     """Runs in a child process: build one kind of step, run it 3 times, print the memory growth."""
     torch.set_num_threads(args.threads)
@@ -74,18 +94,8 @@ def probe(kind: str, args) -> None:
     x = torch.randn(args.batch, *shape)
     y = torch.randint(0, 10, (args.batch,))
     before = _status_mib("VmRSS")
-    if kind == "train":
-        net = copy.deepcopy(model).train()
-        opt = torch.optim.SGD(net.parameters(), lr=0.0)
-    else:
-        fractions = CompressConfig(reduction=args.reduction).fractions()
-        net, _, _ = supernet_for(model, shape, info.default_filter, fractions, args.max_groups, kind)
-        opt = logits_only(net)
-    for _ in range(3):
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    net, opt = step_model(kind, model, shape, info, args, torch.device("cpu"))
+    three_steps(net, opt, x, y)
     peak = _status_mib("VmHWM")
     print(json.dumps({"kind": kind, "rss_before_mib": before, "peak_rss_mib": peak, "growth_mib": peak - before}))
 
@@ -119,23 +129,12 @@ def gpu_memory(args, dev: torch.device) -> dict[str, dict]:
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        if kind == "train":
-            net = copy.deepcopy(model).to(dev).train()
-            opt = torch.optim.SGD(net.parameters(), lr=0.0)
-        else:
-            fractions = CompressConfig(reduction=args.reduction).fractions()
-            net, _, _ = supernet_for(model, shape, info.default_filter, fractions, args.max_groups, kind)
-            net = net.to(dev)
-            opt = logits_only(net)
-        for _ in range(3):
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        net, opt = step_model(kind, model, shape, info, args, dev)
+        three_steps(net, opt, x, y)
         sync(dev)
         peak = torch.cuda.max_memory_allocated(dev)
         out[kind] = {"kind": kind, "allocated_before_mib": before / 2**20, "peak_mib": peak / 2**20, "growth_mib": (peak - before) / 2**20}
-        del net, opt, loss
+        del net, opt
     return out
 
 
