@@ -336,9 +336,10 @@ def test_cli_synth_then_finetune(tiny_module, tiny_fmnist, tmp_path):
     data = f"fmnist:{tiny_fmnist}"
     out = tmp_path / "s.safetensors"
     p = _cli("synth", spec, "--weights", str(weights), "--input-shape", "1,28,28", "--num", "64", "--out", str(out),
-             "--synth-iterations", "5", "--synth-batch-size", "32")
+             "--synth-iterations", "5", "--synth-batch-size", "32", "--synth-parallel", "2")
     assert p.returncode == 0, p.stderr
-    assert load_synthetic(out).images.shape == (64, 1, 28, 28)
+    made = load_synthetic(out)
+    assert made.images.shape == (64, 1, 28, 28) and made.meta["config"]["parallel"] == 2
     p = _cli("synth", spec, "--weights", str(weights), "--input-shape", "1,28,28", "--num", "64", "--out", str(out))
     assert p.returncode == 2 and p.stderr.strip().startswith("error:") and "--overwrite" in p.stderr
 
