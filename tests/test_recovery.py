@@ -233,8 +233,33 @@ def test_non_finite_loss_stops_with_the_step(trained_tiny, tmp_path):
         student.head.weight[0, 0] = float("nan")
     x, y = data.train.tensors
     ds = torch.utils.data.TensorDataset(x[:32], y[:32])
-    with pytest.raises(NonFiniteError, match="epoch 1, step 1"):
-        distill(student, model, ["body.4"], ds, ds, FinetuneConfig(mode="full", epochs=2, batch_size=32))
+    with pytest.raises(NonFiniteError, match="epoch 1, step 1"):  # no restarts: the first non-finite loss stops
+        distill(copy.deepcopy(student), model, ["body.4"], ds, ds, FinetuneConfig(mode="full", epochs=2, batch_size=32, collapse=0))
+    # with restarts, the run goes back to its best state at a tenth of the rate; that state is broken
+    # too, and once the rate would fall below min_lr the run stops with the error
+    with pytest.raises(NonFiniteError, match="epoch 2, step 1"):
+        distill(student, model, ["body.4"], ds, ds, FinetuneConfig(mode="full", epochs=4, batch_size=32, lr=1e-3, min_lr=1e-4))
+
+
+def test_a_collapse_restarts_from_the_best_state_at_a_lower_rate(trained_tiny):
+    model, data = trained_tiny
+    x, y = data.train.tensors
+    train, val = torch.utils.data.TensorDataset(x[:256], y[:256]), torch.utils.data.TensorDataset(x[256:384], y[256:384])
+    student, _ = _compressed(model)
+    from svdnas.distill import _top1
+
+    start = _top1(student, val, "cpu")
+    cfg = FinetuneConfig(mode="few-shot", epochs=6, batch_size=64, lr=30.0, min_lr=1e-4, patience=10)  # far too high a rate
+    hist = distill(student, model, ["body.0", "body.4"], train, val, cfg)
+    assert hist.restarts and hist.restarts[0]["epoch"] == 1 and hist.restarts[0]["new_lr"] == pytest.approx(3.0)
+    assert [r["new_lr"] for r in hist.restarts] == sorted((r["new_lr"] for r in hist.restarts), reverse=True)
+    assert hist.lr[len(hist.restarts)] < 30.0  # the epochs after a restart run at the lower rate
+    distill_score = _top1(student, val, "cpu")
+    assert distill_score >= start  # the best state is what comes back, never the collapsed one
+    with pytest.raises(NonFiniteError):  # without restarts the same rate ends the run
+        distill(_compressed(model)[0], model, ["body.0", "body.4"], train, val, dataclasses.replace(cfg, collapse=0, epochs=2))
+    with pytest.raises(SpecError, match="collapse"):
+        FinetuneConfig(collapse=-1)
 
 
 def test_killed_finetuning_resumes_to_the_same_weights(trained_tiny, tmp_path):

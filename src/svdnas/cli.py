@@ -278,6 +278,7 @@ def _finetune_config(args: argparse.Namespace):
     return FinetuneConfig(
         mode=mode, epochs=args.finetune_epochs, lr=args.finetune_lr, batch_size=args.finetune_batch_size,
         shots=args.shots, val_images=args.val_images, augment=args.augment, layer_loss=args.layer_loss,
+        collapse=args.collapse,
     )
 
 
@@ -298,6 +299,9 @@ def _recovery_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--augment", action="store_true",
                    help="few-shot and full: flip and shift the training images at random (teacher and student alike)")
     p.add_argument("--finetune-batch-size", type=int, default=64)
+    p.add_argument("--collapse", type=float, default=10.0,
+                   help="validation points below the best at which fine-tuning goes back to its best state with a tenth "
+                        "of the learning rate (a non-finite loss too); 0: off, a non-finite loss stops the run")
     p.add_argument("--layer-loss", default="relative", choices=["relative", "plain"],
                    help="per-layer distillation term: MSE over the original output's mean square (default), or the paper's plain MSE")
     p.add_argument("--synthetic", default=None, help="reuse synthetic images written by `svdnas synth` (a .safetensors file)")

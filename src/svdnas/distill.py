@@ -22,6 +22,13 @@ help (benchmarks/RESULTS.md), so the paper's plain images stay the default.
 SGD with momentum; the learning rate is divided by ``factor`` when the validation score has not
 improved for ``patience`` epochs and training stops when it falls below ``min_lr`` (or after
 ``epochs``). The best state on the validation set is the one returned.
+
+A learning rate too high for a model does not end the run: when an epoch ends more than
+``collapse`` points of the validation score below the best so far, or its loss is not finite, the
+student goes back to its best state and starts again with the learning rate times ``factor``
+(momentum and schedule reset). At ten times the paper's rate a ResNet-18 recovers better and a
+MobileNetV2 collapses in its first epoch (benchmarks/RESULTS.md); with this rule the second goes on
+at the paper's rate instead of keeping its starting point.
 """
 
 from __future__ import annotations
@@ -72,6 +79,10 @@ class FinetuneConfig:
             images never are).
         layer_loss: ``relative`` (each layer's MSE over the teacher output's mean square) or
             ``plain`` (the paper's MSE).
+        collapse: validation points below the best score so far at which an epoch counts as a
+            collapse and the run restarts from the best state with the learning rate times
+            ``factor``; a non-finite loss does the same. 0 turns both off (a non-finite loss then
+            stops the run).
     """
 
     mode: str = "few-shot"
@@ -90,6 +101,7 @@ class FinetuneConfig:
     update_bn: bool | None = None
     augment: bool = False
     layer_loss: str = "relative"
+    collapse: float = 10.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -104,22 +116,26 @@ class FinetuneConfig:
             raise SpecError("fine-tuning needs lr > 0, min_lr > 0 and 0 < factor < 1")
         if not 0 <= self.alpha <= 1 or self.temperature <= 0:
             raise SpecError("fine-tuning needs 0 <= alpha <= 1 and temperature > 0")
+        if self.collapse < 0:
+            raise SpecError(f"the collapse threshold must be non-negative, got {self.collapse}")
         if self.update_bn is None:
             self.update_bn = self.mode == "full"
 
 
 @dataclass
 class FinetuneHistory:
-    """Per epoch: mean training loss, validation score, learning rate, seconds since the start."""
+    """Per epoch: mean training loss, validation score, learning rate, seconds since the start; and
+    each restart at a lower learning rate (epoch, why, rate before and after)."""
 
     epoch: list[int] = field(default_factory=list)
-    loss: list[float] = field(default_factory=list)
+    loss: list[float | None] = field(default_factory=list)
     val: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     metric: str = "top1"
     best_epoch: int = 0
     stopped: str = ""
+    restarts: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -238,8 +254,11 @@ def distill(
     params = [p for p in student.parameters()]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=config.factor, patience=config.patience)
+    def fresh(lr: float):
+        o = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return o, torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="max", factor=config.factor, patience=config.patience)
+
+    opt, sched = fresh(config.lr)
     generator = torch.Generator().manual_seed(seed)
     history = FinetuneHistory(metric="agreement" if mode == "synthetic" else "top1")
     best_score, best_state = -math.inf, None
@@ -288,28 +307,43 @@ def distill(
                 stat = loss.detach().reshape(1).clone()
                 ddp.average_([p.grad for p in params] + [stat])  # the loss too: every process logs the whole batch's
                 if not torch.isfinite(stat).all():  # checked after averaging, so that every process stops together
-                    raise NonFiniteError(
-                        f"the fine-tuning loss became {stat.item()} at epoch {epoch + 1}, step {step + 1}; "
-                        f"lower --finetune-lr (the last checkpoint is kept)"
-                    )
+                    lower = opt.param_groups[0]["lr"] * config.factor
+                    if config.collapse == 0 or lower < config.min_lr * (1 - 1e-6):
+                        raise NonFiniteError(
+                            f"the fine-tuning loss became {stat.item()} at epoch {epoch + 1}, step {step + 1}; "
+                            f"lower --finetune-lr (the last checkpoint is kept)"
+                        )
+                    diverged = f"loss {stat.item()} at step {step + 1}"
+                    break
                 opt.step()
                 total += stat.item()
                 n += 1
                 if progress is not None:
                     progress(epoch * steps_per_epoch + step + 1, config.epochs * steps_per_epoch)  # type: ignore[operator]
+            else:
+                diverged = ""
+            lr = opt.param_groups[0]["lr"]
             student.eval()
             score = score_fn()
-            lr = opt.param_groups[0]["lr"]
-            sched.step(score)
+            if not diverged and config.collapse > 0 and score < best_score - config.collapse and lr * config.factor >= config.min_lr * (1 - 1e-6):
+                diverged = f"validation {history.metric} {score:.2f}, best {best_score:.2f}"
+            if diverged:  # back to the best state, at a lower rate
+                student.load_state_dict(best_state)
+                opt, sched = fresh(lr * config.factor)
+                history.restarts.append({"epoch": epoch + 1, "why": diverged, "lr": lr, "new_lr": lr * config.factor})
+                log.warning("fine-tuning epoch %d collapsed (%s): back to the best state with lr %.1e", epoch + 1, diverged, lr * config.factor)
+            else:
+                sched.step(score)
             if score > best_score:
                 best_score, best_state = score, _copy_state(student)
                 history.best_epoch = epoch + 1
             history.epoch.append(epoch + 1)
-            history.loss.append(total / max(n, 1))
+            history.loss.append(total / n if n else None)  # type: ignore[arg-type]  # None: the first step diverged
             history.val.append(score)
             history.lr.append(lr)
             history.seconds.append(time.perf_counter() - start)
-            log.info("fine-tuning epoch %d: loss %.5f, validation %s %.2f, lr %.1e", epoch + 1, history.loss[-1], history.metric, score, lr)
+            log.info("fine-tuning epoch %d: loss %s, validation %s %.2f, lr %.1e",
+                     epoch + 1, f"{total / n:.5f}" if n else "-", history.metric, score, lr)
             if checkpoint is not None and ddp.is_main():
                 _save(checkpoint, {
                     "mode": mode, "layers": layers, "layer_loss": config.layer_loss, "epoch": epoch + 1, "student": _copy_state(student),
