@@ -168,6 +168,13 @@ def test_few_shot_loss_reduces_to_ce_when_student_equals_teacher():
     torch.testing.assert_close(shifted, 1.0 / out["a"].pow(2).mean())
 
 
+def test_learning_rate_defaults_by_mode():
+    assert [FinetuneConfig(mode=m).lr for m in ("synthetic", "few-shot", "full")] == [1e-2, 1e-2, 1e-3]
+    assert FinetuneConfig(mode="few-shot", lr=1e-3).lr == 1e-3  # the paper's, when asked for
+    with pytest.raises(SpecError, match="lr"):
+        FinetuneConfig(lr=0.0)
+
+
 def test_relative_layer_loss_does_not_depend_on_the_activations_scale():
     s, t = torch.randn(8, 4, 5, 5), torch.randn(8, 4, 5, 5)
     for k in (0.01, 1.0, 30.0):
@@ -266,7 +273,7 @@ def test_killed_finetuning_resumes_to_the_same_weights(trained_tiny, tmp_path):
     model, data = trained_tiny
     x, y = data.train.tensors
     train, val = torch.utils.data.TensorDataset(x[:128], y[:128]), torch.utils.data.TensorDataset(x[128:192], y[128:192])
-    cfg = FinetuneConfig(mode="few-shot", epochs=4, batch_size=32)
+    cfg = FinetuneConfig(mode="few-shot", epochs=4, batch_size=32, lr=1e-3)
     ref, _ = _compressed(model)
     distill(ref, model, ["body.0", "body.4"], train, val, cfg, seed=5)
 

@@ -295,7 +295,9 @@ def _recovery_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", type=int, default=1000, help="few-shot: labelled training images to learn on")
     p.add_argument("--val-images", type=int, default=1000, help="training images held out to steer the fine-tuning schedule")
     p.add_argument("--finetune-epochs", type=int, default=None, help="most epochs of fine-tuning (default: 60, or 3 with --mode full)")
-    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="SGD's learning rate (default: 0.01 for synthetic, few-shot and data-free, restarting at a tenth "
+                        "after a collapse; 0.001, the paper's, for full)")
     p.add_argument("--augment", action="store_true",
                    help="few-shot and full: flip and shift the training images at random (teacher and student alike)")
     p.add_argument("--finetune-batch-size", type=int, default=64)
