@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--shots", type=int, default=1000)
     p.add_argument("--augment", action="store_true", help="flip and shift the training images (svdnas finetune --augment)")
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the mode's)")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: the mode's; 0.001 before 2026-11-26)")
     p.add_argument("--test-images", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -51,7 +52,7 @@ def main() -> None:
     model, info = build_model(args.model)
     data = load_data(args.data)
     data = first_test_images(data, args.test_images)
-    fconf = FinetuneConfig(mode=args.mode, shots=args.shots, augment=args.augment)
+    fconf = FinetuneConfig(mode=args.mode, shots=args.shots, augment=args.augment, lr=args.lr)
     if args.epochs is not None:
         fconf.epochs = args.epochs
     fconf.__post_init__()

@@ -69,6 +69,7 @@ def main() -> None:
     p.add_argument("--synth-test", type=int, default=256)
     p.add_argument("--shots", type=int, default=1000)
     p.add_argument("--finetune-epochs", type=int, default=None)
+    p.add_argument("--finetune-lr", type=float, default=None, help="default: the mode's (0.001 before 2026-11-26)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="folder of the run directories (default runs/recovery-<model>)")
     p.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/recovery_<model>.json)")
@@ -80,6 +81,7 @@ def main() -> None:
     svdnas = [sys.executable, "-m", "svdnas"]
     common = ["--seed", "0", "--device", "cpu", "--quiet"]
     ft = ["--finetune-epochs", str(args.finetune_epochs)] if args.finetune_epochs else []
+    ft += ["--finetune-lr", str(args.finetune_lr)] if args.finetune_lr else []
     synth_file = out / "synthetic.safetensors"
     split = ["--synth-val", str(args.synth_val), "--synth-test", str(args.synth_test)]
     steps = {

@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--counts", type=int, nargs="+", default=[128, 256, 512])
     p.add_argument("--val", type=int, default=64, help="held-out synthetic images for the schedule (the last of --synthetic)")
     p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: synthetic's; 0.001 before 2026-11-26)")
     p.add_argument("--data", default="fmnist")
     p.add_argument("--test-images", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
@@ -68,7 +69,7 @@ def main() -> None:
     if max(args.counts) + args.val > len(images):
         raise SystemExit(f"{args.synthetic} holds {len(images)} images: not enough for {max(args.counts)} + {args.val}")
     val = images[len(images) - args.val :]
-    config = FinetuneConfig(mode="synthetic", epochs=args.epochs)
+    config = FinetuneConfig(mode="synthetic", epochs=args.epochs, lr=args.lr)
     made = SynthConfig(**{k: v for k, v in synth.meta["config"].items() if k in {f.name for f in dataclasses.fields(SynthConfig)}})
     middle = sorted(args.counts)[len(args.counts) // 2]
     plain_path = Path(args.synthetic_plain) if args.synthetic_plain else Path(args.synthetic).with_name("synthetic-plain.safetensors")
