@@ -261,6 +261,7 @@ def distill(
     params = [p for p in student.parameters()]
     for p in params:
         p.requires_grad_(True)
+
     def fresh(lr: float):
         o = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
         return o, torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="max", factor=config.factor, patience=config.patience)
@@ -341,7 +342,7 @@ def distill(
                 log.warning("fine-tuning epoch %d collapsed (%s): back to the best state with lr %.1e", epoch + 1, diverged, lr * config.factor)
             else:
                 sched.step(score)
-            if score > best_score:
+            if not diverged and score > best_score:  # a diverged epoch's score is of the broken weights
                 best_score, best_state = score, _copy_state(student)
                 history.best_epoch = epoch + 1
             history.epoch.append(epoch + 1)
