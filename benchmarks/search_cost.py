@@ -157,10 +157,8 @@ def main() -> None:
         probe(args.probe, args)
         return
     dev = torch.device(args.device)
-    if dev.type == "cuda":
-        mem = {} if args.no_memory else gpu_memory(args, dev)
-    else:
-        mem = {} if args.no_memory else memory(args)  # first: the probes are separate processes
+    # first: the CPU's probes are separate processes
+    mem = {} if args.no_memory else gpu_memory(args, dev) if dev.type == "cuda" else memory(args)
     if args.memory_only:
         for k, m in mem.items():
             print(f"{k:10s} peak growth {m['growth_mib']:8.0f} MiB  {m['growth_mib'] / mem['train']['growth_mib']:5.2f}x train")
@@ -179,8 +177,7 @@ def main() -> None:
     x = torch.randn(args.batch, *shape, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
 
-    train_model = copy.deepcopy(model).to(dev).train()
-    opt = torch.optim.SGD(train_model.parameters(), lr=0.0)
+    train_model, opt = step_model("train", model, shape, info, args, dev)
 
     def train_step():
         loss = F.cross_entropy(train_model(x), y)

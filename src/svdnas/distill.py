@@ -266,6 +266,9 @@ def distill(
         o = torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
         return o, torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="max", factor=config.factor, patience=config.patience)
 
+    def spent(lr: float) -> bool:  # the schedule ends below min_lr
+        return lr < config.min_lr * (1 - 1e-6)
+
     opt, sched = fresh(config.lr)
     generator = torch.Generator().manual_seed(seed)
     history = FinetuneHistory(metric="agreement" if mode == "synthetic" else "top1")
@@ -295,7 +298,7 @@ def distill(
     start = time.perf_counter() - (history.seconds[-1] if history.seconds else 0.0)
     try:
         for epoch in range(first, config.epochs):  # type: ignore[arg-type]
-            if opt.param_groups[0]["lr"] < config.min_lr * (1 - 1e-6):
+            if spent(opt.param_groups[0]["lr"]):
                 history.stopped = f"learning rate below {config.min_lr}"
                 break
             _train_mode(student, bool(config.update_bn))
@@ -315,8 +318,7 @@ def distill(
                 stat = loss.detach().reshape(1).clone()
                 ddp.average_([p.grad for p in params] + [stat])  # the loss too: every process logs the whole batch's
                 if not torch.isfinite(stat).all():  # checked after averaging, so that every process stops together
-                    lower = opt.param_groups[0]["lr"] * config.factor
-                    if config.collapse == 0 or lower < config.min_lr * (1 - 1e-6):
+                    if config.collapse == 0 or spent(opt.param_groups[0]["lr"] * config.factor):
                         raise NonFiniteError(
                             f"the fine-tuning loss became {stat.item()} at epoch {epoch + 1}, step {step + 1}; "
                             f"lower --finetune-lr (the last checkpoint is kept)"
@@ -333,7 +335,7 @@ def distill(
             lr = opt.param_groups[0]["lr"]
             student.eval()
             score = score_fn()
-            if not diverged and config.collapse > 0 and score < best_score - config.collapse and lr * config.factor >= config.min_lr * (1 - 1e-6):
+            if not diverged and config.collapse > 0 and score < best_score - config.collapse and not spent(lr * config.factor):
                 diverged = f"validation {history.metric} {score:.2f}, best {best_score:.2f}"
             if diverged:  # back to the best state, at a lower rate
                 student.load_state_dict(best_state)

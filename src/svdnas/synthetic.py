@@ -137,19 +137,6 @@ def batch_losses(model: nn.Module, bns: list[tuple[str, nn.Module]], x: Tensor, 
     return torch.stack(terms).sum(0) + config.image_weight * prior
 
 
-def generate_batch(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    n: int,
-    config: SynthConfig,
-    seed: int,
-    device: torch.device | str = "cpu",
-    bns: list[tuple[str, nn.Module]] | None = None,
-) -> tuple[Tensor, list[float]]:
-    """Optimise one batch of ``n`` images from noise drawn with ``seed``; returns it and its loss per iteration."""
-    return generate_batches(model, input_shape, n, config, [seed], device, bns)[0]
-
-
 def generate_batches(
     model: nn.Module,
     input_shape: tuple[int, ...],
