@@ -11,6 +11,7 @@
 # every stage tiny (on the CPU when there is no GPU) to check the script itself. Each stage runs even
 # if one before it failed (the ablation and data-free stages need the images of the first); the
 # data-free stage gets what is left of SECONDS (default 560). Results and a log go to $OUT.
+# Distillation runs at 0.001, the default when these ran (2026-11-26; the default is 0.01 since).
 set -uo pipefail
 scale=${1:-paper}
 budget=${2:-560}
@@ -30,7 +31,7 @@ if [ "$scale" = smoke ]; then
   freeargs="--epochs 1 --search-images 64 --proxy-images 32 --finetune-epochs 1" seeds="0"
 elif [ "$scale" = data-free ]; then
   # 5,440 = 170 batches of 32, one pass: 5,120 to learn on, 64 validation, 256 for the fidelity figure
-  num=5440 iters=500 val=64 parallel=170 freeargs="--finetune-epochs 20" seeds="0 1"
+  num=5440 iters=500 val=64 parallel=170 freeargs="--finetune-epochs 20 --finetune-lr 0.001" seeds="0 1"
 else
   # 25,088 = 784 batches of 32: the last 64 are validation, so the counts reach the paper's 25k
   num=25088 iters=500 counts="1000 5000 25000" val=64 epochs=20 test="" parallel=128 repeats=20 batch=128
@@ -67,7 +68,7 @@ ablation() {
   rm -f "$work/synthetic-plain.safetensors" "$work/synthetic-plain.json"
   # shellcheck disable=SC2086
   $py benchmarks/synthetic_ablation.py --run runs/recovery-resnet18-1k/post --synthetic "$work/synthetic.safetensors" \
-    --counts $counts --val "$val" --epochs "$epochs" $test --device "$dev" --parallel "$parallel" \
+    --counts $counts --val "$val" --epochs "$epochs" --lr 0.001 $test --device "$dev" --parallel "$parallel" \
     --out "$out/synthetic_ablation_resnet18_paper.json"
 }
 
