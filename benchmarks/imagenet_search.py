@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 from svdnas.cost import model_macs
 from svdnas.models import build_model
 from svdnas.pipeline import CompressConfig, _limit_groups
-from svdnas.search import SearchConfig, build_supernet, grid_candidates, search
+from svdnas.search import SearchConfig, build_supernet, grid_candidates, search, window_dtype
 from svdnas.surgery import example_input, select_targets, trace_layers
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     total = float(model_macs(model, shape))
     stages["candidates_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    net, layers = build_supernet(model, candidates)
+    net, layers = build_supernet(model, candidates, window_dtype=window_dtype("auto", "cpu"))
     stages["build_s"] = time.perf_counter() - t0
     data = TensorDataset(torch.randn(args.images, *shape), torch.randint(0, 1000, (args.images,)))
     costs = {n: c.cost("flops") for n, c in candidates.items()}

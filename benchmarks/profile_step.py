@@ -23,7 +23,7 @@ from search_cost import logits_only, supernet_for
 GROUPS = {
     "convolutions": ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::convolution", "aten::_convolution"),
     "weight build: batched matmuls": ("aten::bmm",),
-    "weight build: scale, add, fold": ("aten::mul", "aten::add", "aten::copy_"),
+    "weight build: scale, add, fold, cast": ("aten::mul", "aten::add", "aten::add_", "aten::mv", "aten::copy_"),
 }
 
 
@@ -35,13 +35,14 @@ def main() -> None:
     p.add_argument("--max-groups", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="precision of the rank windows")
     p.add_argument("--input-shape", type=int, nargs=3, default=[1, 28, 28], help="C H W, for module: models")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, info = build_model(args.model)
     shape = info.input_shape or tuple(args.input_shape)
-    net, n, _ = supernet_for(model, shape, info.default_filter, CompressConfig(reduction=args.reduction).fractions(), args.max_groups, "mixed")
+    net, n, _ = supernet_for(model, shape, info.default_filter, CompressConfig(reduction=args.reduction).fractions(), args.max_groups, "mixed", args.dtype)
     opt = logits_only(net)
     x, y = torch.randn(args.batch, *shape), torch.randint(0, 10, (args.batch,))
 

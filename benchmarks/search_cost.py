@@ -1,5 +1,7 @@
 """Per-step cost of the search: a plain training step of the original model, the default `mixed`
-super model and the release's `two`-sample scheme, on the same model, batch and candidates.
+super model (its rank windows in the default precision: bfloat16 where the device multiplies it
+natively), the same in float32 (`mixed-float32`) and the release's `two`-sample scheme, on the same
+model, batch and candidates.
 
     .venv/bin/python benchmarks/search_cost.py [--model zoo:resnet18] [--batch 128] [--repeats 5]
 
@@ -31,16 +33,20 @@ import torch.nn.functional as F
 from svdnas.cost import model_macs
 from svdnas.models import build_model
 from svdnas.pipeline import CompressConfig, _limit_groups
-from svdnas.search import MixedLayer, build_supernet, grid_candidates
+from svdnas.search import MixedLayer, build_supernet, grid_candidates, window_dtype
 from svdnas.surgery import example_input, select_targets, trace_layers
 
 
-def supernet_for(model, shape, filt, fractions, max_groups, sampling):
+# kind of step -> (sampling, precision of the rank windows)
+KINDS = {"mixed": ("mixed", "auto"), "mixed-float32": ("mixed", "float32"), "two": ("two", "auto")}
+
+
+def supernet_for(model, shape, filt, fractions, max_groups, sampling, dtype="auto", device="cpu"):
     infos = trace_layers(model, example_input(model, shape))
     targets, _ = select_targets(model, infos, filt)
     t0 = time.perf_counter()
     cands = {n: _limit_groups(grid_candidates(n, model.get_submodule(n), infos[n].input_hw, fractions), max_groups) for n in targets}
-    net, _ = build_supernet(model, cands, sampling)
+    net, _ = build_supernet(model, cands, sampling, window_dtype(dtype, device))
     return net, sum(len(c) - 1 for c in cands.values()), time.perf_counter() - t0
 
 
@@ -72,7 +78,7 @@ def step_model(kind: str, model, shape, info, args, dev: torch.device):
         net = copy.deepcopy(model).to(dev).train()
         return net, torch.optim.SGD(net.parameters(), lr=0.0)
     fractions = CompressConfig(reduction=args.reduction).fractions()
-    net, _, _ = supernet_for(model, shape, info.default_filter, fractions, args.max_groups, kind)
+    net, _, _ = supernet_for(model, shape, info.default_filter, fractions, args.max_groups, *KINDS[kind], dev)
     net = net.to(dev)
     return net, logits_only(net)
 
@@ -102,7 +108,7 @@ def probe(kind: str, args) -> None:
 
 def memory(args) -> dict[str, dict]:
     out = {}
-    for kind in ("train", "mixed", "two"):
+    for kind in ("train", *KINDS):
         cmd = [sys.executable, __file__, "--probe", kind, "--model", args.model, "--batch", str(args.batch), "--reduction", str(args.reduction),
                "--max-groups", str(args.max_groups), "--threads", str(args.threads), "--input-shape", *map(str, args.input_shape)]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -124,7 +130,7 @@ def gpu_memory(args, dev: torch.device) -> dict[str, dict]:
     x = torch.randn(args.batch, *shape, device=dev)
     y = torch.randint(0, 10, (args.batch,), device=dev)
     out = {}
-    for kind in ("train", "mixed", "two"):
+    for kind in ("train", *KINDS):
         sync(dev)
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated(dev)
@@ -151,7 +157,7 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory processes (updates --out's JSON)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--probe", choices=("train", "mixed", "two"), help=argparse.SUPPRESS)
+    p.add_argument("--probe", choices=("train", *KINDS), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.probe:
         probe(args.probe, args)
@@ -161,7 +167,7 @@ def main() -> None:
     mem = {} if args.no_memory else gpu_memory(args, dev) if dev.type == "cuda" else memory(args)
     if args.memory_only:
         for k, m in mem.items():
-            print(f"{k:10s} peak growth {m['growth_mib']:8.0f} MiB  {m['growth_mib'] / mem['train']['growth_mib']:5.2f}x train")
+            print(f"{k:14s} peak growth {m['growth_mib']:8.0f} MiB  {m['growth_mib'] / mem['train']['growth_mib']:5.2f}x train")
         if args.out:
             path = Path(args.out)
             old = json.loads(path.read_text()) if path.is_file() else {}
@@ -186,20 +192,20 @@ def main() -> None:
         opt.step()
 
     nets, build = {}, {}
-    for sampling in ("mixed", "two"):
-        net, n, secs = supernet_for(model, shape, info.default_filter, fractions, args.max_groups, sampling)
+    for kind, (sampling, dtype) in KINDS.items():
+        net, n, secs = supernet_for(model, shape, info.default_filter, fractions, args.max_groups, sampling, dtype, dev)
         net = net.to(dev)
-        nets[sampling] = (net, logits_only(net))
-        build[sampling] = {"seconds": secs, "candidates": n}
+        nets[kind] = (net, logits_only(net))
+        build[kind] = {"seconds": secs, "candidates": n}
 
-    def search_step(sampling):
-        net, o = nets[sampling]
+    def search_step(kind):
+        net, o = nets[kind]
         loss = F.cross_entropy(net(x), y)
         o.zero_grad()
         loss.backward()
         o.step()
 
-    steps = {"train": train_step, "mixed": lambda: search_step("mixed"), "two": lambda: search_step("two")}
+    steps = {"train": train_step, **{k: (lambda k=k: search_step(k)) for k in KINDS}}
     times = {k: [] for k in steps}
     for fn in steps.values():
         fn()  # warm-up
@@ -211,23 +217,26 @@ def main() -> None:
             sync(dev)
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
+    # each repeat's step over the training step of the same repeat: drifts of a shared machine cancel
+    paired = {k: statistics.median(t / t0 for t, t0 in zip(v, times["train"])) for k, v in times.items()}
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"threads {args.threads}"
     print(f"model {args.model}, batch {args.batch}, {build['mixed']['candidates']} candidates, grid {fractions[0]}..{fractions[-1]}, {where}")
-    print(f"{'step':10s} {'median s':>9s} {'x train':>8s}")
+    print(f"{'step':14s} {'median s':>9s} {'x train':>8s} {'paired x train':>15s}")
     for k in steps:
-        print(f"{k:10s} {med[k]:9.3f} {med[k] / med['train']:8.2f}")
-    print(f"super model build: mixed {build['mixed']['seconds']:.1f}s, two {build['two']['seconds']:.1f}s")
+        print(f"{k:14s} {med[k]:9.3f} {med[k] / med['train']:8.2f} {paired[k]:15.2f}")
+    print(f"mixed: rank windows in {window_dtype('auto', dev)}")
+    print("super model build: " + ", ".join(f"{k} {b['seconds']:.1f}s" for k, b in build.items()))
     if mem:
         base = mem["train"]["growth_mib"]
-        print(f"{'process':10s} {'peak growth MiB':>16s} {'x train':>8s}")
+        print(f"{'process':14s} {'peak growth MiB':>16s} {'x train':>8s}")
         for k, m in mem.items():
-            print(f"{k:10s} {m['growth_mib']:16.0f} {m['growth_mib'] / base:8.2f}")
+            print(f"{k:14s} {m['growth_mib']:16.0f} {m['growth_mib'] / base:8.2f}")
     result = {
         "model": args.model, "batch": args.batch, "threads": args.threads, "grid": fractions, "build": build,
-        "median_seconds": med, "ratio_to_train": {k: med[k] / med["train"] for k in med}, "times": times, "memory_mib": mem,
+        "median_seconds": med, "ratio_to_train": {k: med[k] / med["train"] for k in med}, "paired_ratio_to_train": paired, "times": times, "memory_mib": mem,
         "memory_ratio_to_train": {k: m["growth_mib"] / mem["train"]["growth_mib"] for k, m in mem.items()} if mem else {},
         "macs": model_macs(model, shape), "machine": platform.processor() or platform.machine(), "date": date.today().isoformat(),
-        "device": args.device, "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+        "mixed_window_dtype": str(window_dtype("auto", dev)).removeprefix("torch."), "device": args.device, "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

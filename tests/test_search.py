@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from svdnas import LowRankSpec, decompose
-from svdnas.search import MixedLayer, fraction_grid, grid_candidates, select_within_budget
+from svdnas.search import MixedLayer, fraction_grid, grid_candidates, select_within_budget, window_dtype
+from svdnas.search.supernet import native_bfloat16
 
 
 def _candidates(layer, hw=(8, 8), prefix=()):
@@ -103,3 +104,45 @@ def test_super_block_moves_with_the_model(sampling):
     out = mixed(torch.randn(2, 8, 8, 8, dtype=torch.float64))
     assert out.dtype == torch.float64
     assert mixed.candidate_weight(len(mixed.candidates) - 1).dtype == torch.float64
+
+
+def _explicit_mixture(mixed, w):
+    """``sum_c w_c * weight_c`` from every candidate's own dense weight."""
+    return sum(w[i] * mixed.candidate_weight(i) for i in range(len(w)))
+
+
+@pytest.mark.parametrize("prefix", [(), (LowRankSpec((3, 1), (1, 1), 3),)])
+def test_mixed_weight_and_its_gradient_match_the_explicit_mixture(prefix):
+    """float32 windows: the mixed weight and the gradient of the candidate weights are those of the
+    sum over every candidate's dense weight; bfloat16 windows: within bfloat16's rounding (a few 1e-3
+    of the norm), while each candidate's own weight stays exact."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(16, 24, 3, padding=1)
+    cands = _candidates(layer, prefix=prefix)
+    exact = MixedLayer(layer, cands, window_dtype=torch.float32)
+    half = MixedLayer(layer, cands, window_dtype=torch.bfloat16)
+    assert all(f.us_window.dtype == torch.bfloat16 for f in half.families) and len(half.families) > 1
+    g = torch.randn(exact.weight.shape)
+    for tau in (5.0, 0.3):
+        w = torch.nn.functional.gumbel_softmax(torch.randn(len(cands)), tau=tau)
+        wx = w.clone().requires_grad_(True)
+        ref, = torch.autograd.grad((_explicit_mixture(exact, wx) * g).sum(), wx)
+        target = _explicit_mixture(exact, w)
+        for mixed, tol in ((exact, 1e-5), (half, 1e-2)):
+            wv = w.clone().requires_grad_(True)
+            got = mixed.mixed_weight(wv)
+            grad, = torch.autograd.grad((got * g).sum(), wv)
+            assert (got - target).norm() <= tol * target.norm(), (mixed.window_dtype, tau)
+            assert (grad - ref).norm() <= tol * ref.norm(), (mixed.window_dtype, tau)
+        assert (half.mixed_weight(w) - target).norm() > 0  # the bfloat16 path did run
+    for i in range(len(cands)):
+        assert torch.equal(half.candidate_weight(i), exact.candidate_weight(i))
+
+
+def test_window_dtype_resolution():
+    assert window_dtype("float32", "cpu") == torch.float32
+    assert window_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert window_dtype("auto", "cpu") == (torch.bfloat16 if native_bfloat16("cpu") else torch.float32)
+    assert window_dtype("auto", "meta") == torch.float32
+    with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
+        window_dtype("float16", "cpu")

@@ -186,7 +186,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     # options first: a bad one is reported before a model or data set is loaded
     search = SearchConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sampling=args.sampling, target=0.5,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, sampling=args.sampling, window_dtype=args.search_dtype, target=0.5,
     )
     config = CompressConfig(
         reduction=args.reduction, beta=args.beta, objective=args.objective, filter=args.filter,
@@ -488,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branches", type=int, default=1, choices=[1, 2])
     p.add_argument("--filter", default=None, help="target layers (default: the paper's for the model)")
     p.add_argument("--sampling", default="mixed", choices=["mixed", "two"], help="mixed: all candidates in one weight (default); two: the release's scheme")
+    p.add_argument("--search-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="precision of the mixed super blocks' rank-window products (auto: bfloat16 where the device multiplies it natively)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the logits (the paper: 0.01 over 100 epochs)")

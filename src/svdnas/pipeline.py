@@ -42,6 +42,7 @@ from svdnas.search import (
     grid_candidates,
     search,
     select_within_budget,
+    window_dtype,
 )
 from svdnas.search.candidates import LayerCandidates
 from svdnas.search.accuracy_proxy import PrefixRecording, ProxyResult, measure_drops, passing
@@ -435,7 +436,7 @@ def _search_once(
 ) -> tuple[dict[str, list[LowRankSpec]], SearchHistory]:
     """Build the super model over ``candidates``, learn its logits, pick one candidate per layer."""
     t0 = time.perf_counter()
-    supernet, mixed = build_supernet(model, candidates, sconf.sampling)
+    supernet, mixed = build_supernet(model, candidates, sconf.sampling, window_dtype(sconf.window_dtype, device))
     supernet.to(device)
     seconds[prefix + "build"] = time.perf_counter() - t0
 
@@ -674,6 +675,7 @@ def compress(
     header = {
         "model": model_spec, "method": "svdnas", "mode": config.mode, "objective": config.objective, "seed": seed,
         "reduction_target": config.reduction, "beta": config.beta, "sampling": sconf.sampling,
+        "search_dtype": str(window_dtype(sconf.window_dtype, device)).removeprefix("torch.") if sconf.sampling == "mixed" else None,
         "search_loss": "kd" if config.mode == "data-free" else config.search_loss,
     }
     timing = {"latency_batch": latency_costs.table["batch"], "latency_threads": latency_costs.table["threads"]} if latency_costs else {}

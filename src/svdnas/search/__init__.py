@@ -3,7 +3,7 @@
 from svdnas.search.candidates import LayerCandidates, fraction_grid, grid_candidates
 from svdnas.search.loop import SearchConfig, SearchHistory, search
 from svdnas.search.select import select_within_budget
-from svdnas.search.supernet import MixedLayer, build_supernet
+from svdnas.search.supernet import MixedLayer, build_supernet, window_dtype
 
 __all__ = [
     "LayerCandidates",
@@ -15,4 +15,5 @@ __all__ = [
     "grid_candidates",
     "search",
     "select_within_budget",
+    "window_dtype",
 ]

@@ -35,6 +35,8 @@ class SearchConfig:
         final_temperature: temperature after the last epoch; the per-epoch factor follows from it
             (the paper's 0.965 per epoch over 100 epochs ends at 0.14).
         sampling: ``mixed`` (default, every candidate in one weight) or ``two`` (the release's).
+        window_dtype: precision of the ``mixed`` super blocks' rank-window products: ``auto``
+            (bfloat16 where the device multiplies it natively, else float32), ``float32``, ``bfloat16``.
         beta: the paper's loss ``CE * (log F / log F0) ** beta`` when set; else the budget mode.
         target: cost ratio F / F0 to steer to in budget mode (1 - reduction).
         penalty_lr: step of the dual ascent on the budget multiplier.
@@ -48,6 +50,7 @@ class SearchConfig:
     temperature: float = 5.0
     final_temperature: float = 5.0 * 0.965**100
     sampling: str = "mixed"
+    window_dtype: str = "auto"
     beta: float | None = None
     target: float | None = None
     penalty_lr: float = 0.5
@@ -61,6 +64,8 @@ class SearchConfig:
             raise SpecError(f"target cost ratio must be in (0, 1), got {self.target}")
         if self.sampling not in ("mixed", "two"):
             raise SpecError(f"sampling must be 'mixed' or 'two', got {self.sampling!r}")
+        if self.window_dtype not in ("auto", "float32", "bfloat16"):
+            raise SpecError(f"search dtype must be auto, float32 or bfloat16, got {self.window_dtype!r}")
 
     @property
     def decay(self) -> float:
