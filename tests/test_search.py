@@ -104,6 +104,8 @@ def test_super_block_moves_with_the_model(sampling):
     out = mixed(torch.randn(2, 8, 8, 8, dtype=torch.float64))
     assert out.dtype == torch.float64
     assert mixed.candidate_weight(len(mixed.candidates) - 1).dtype == torch.float64
+    if sampling == "two":  # runs the candidates' own weights: nothing held for mixing them
+        assert all(f.us_window is None for f in mixed.families) and mixed.stack.shape[0] == 1
 
 
 def _explicit_mixture(mixed, w):

@@ -63,10 +63,11 @@ class _FamilyMix(nn.Module):
 
     ``dtype`` is the precision of the rank window's product, the one matrix product of a step
     (bfloat16 halves its time where the hardware multiplies bfloat16 natively); the dense part
-    below the window and every candidate's own weight stay in the layer's precision.
+    below the window and every candidate's own weight stay in the layer's precision. ``None``: no
+    window (the two-sample scheme only needs the candidates' own weights).
     """
 
-    def __init__(self, residual: Tensor, family, ranks: list[int], indices: list[int], dtype: torch.dtype) -> None:
+    def __init__(self, residual: Tensor, family, ranks: list[int], indices: list[int], dtype: torch.dtype | None) -> None:
         super().__init__()
         order = sorted(range(len(ranks)), key=lambda i: ranks[i])
         ranks = [ranks[i] for i in order]
@@ -79,8 +80,9 @@ class _FamilyMix(nn.Module):
         self.register_buffer("u", u[:, :, :r_max].contiguous(), persistent=False)
         self.register_buffer("s", sv[:, :r_max].contiguous(), persistent=False)
         self.register_buffer("vh", vh[:, :r_max].contiguous(), persistent=False)
-        self.register_buffer("us_window", (u[:, :, r_min:r_max] * sv[:, None, r_min:r_max]).to(dtype), persistent=False)
-        self.register_buffer("vh_window", vh[:, r_min:r_max].to(dtype), persistent=False)
+        window = dtype is not None
+        self.register_buffer("us_window", (u[:, :, r_min:r_max] * sv[:, None, r_min:r_max]).to(dtype) if window else None, persistent=False)
+        self.register_buffer("vh_window", vh[:, r_min:r_max].to(dtype) if window else None, persistent=False)
         # triplet k (0-based, in the window) belongs to every candidate of rank > r_min + k;
         # slot j of the reverse cumulative sum holds the weight of candidates j.. (ascending rank)
         slot = [next(j for j, r in enumerate(ranks) if r > r_min + k) for k in range(r_max - r_min)]
@@ -111,6 +113,7 @@ class MixedLayer(nn.Module):
         temperature: Gumbel-softmax temperature, set by the search loop.
         sampling: ``mixed`` (all candidates in one weight) or ``two`` (the release's scheme).
         last_weights: the candidate weights of the latest forward (for the expected cost).
+        window_dtype: precision of the rank windows' products in ``mixed`` sampling.
     """
 
     def __init__(
@@ -138,13 +141,15 @@ class MixedLayer(nn.Module):
             groups[spec.family()][0].append(spec.rank)
             groups[spec.family()][1].append(i)
         self.window_dtype = window_dtype
-        self.families = nn.ModuleList(_FamilyMix(weight - prefix, fam, r, idx, window_dtype) for fam, (r, idx) in groups.items())
+        mixing = sampling == "mixed"
+        self.families = nn.ModuleList(_FamilyMix(weight - prefix, fam, r, idx, window_dtype if mixing else None) for fam, (r, idx) in groups.items())
         # the dense terms of the mixed weight, one row each, mixed by one matrix-vector product:
         # index 0 (the original layer, or the branches it stands for in a second search), the
         # earlier branches (when there are any), each family's part below its rank window
         rows = [LF.branches_weight(weight, candidates.base) if candidates.base else weight]
-        rows += [prefix] if self.has_prefix else []
-        rows += [fam.dense(fam.r_min) for fam in self.families]
+        if mixing:
+            rows += [prefix] if self.has_prefix else []
+            rows += [fam.dense(fam.r_min) for fam in self.families]
         self.register_buffer("stack", torch.stack(rows).reshape(len(rows), -1), persistent=False)
         self.register_buffer("prefix", prefix, persistent=False)
         self.weight_shape = tuple(weight.shape)
