@@ -106,6 +106,8 @@ def test_super_block_moves_with_the_model(sampling):
     assert mixed.candidate_weight(len(mixed.candidates) - 1).dtype == torch.float64
     if sampling == "two":  # runs the candidates' own weights: nothing held for mixing them
         assert all(f.us_window is None for f in mixed.families) and mixed.stack.shape[0] == 1
+        with pytest.raises(RuntimeError, match="holds no mixed weight"):
+            mixed.mixed_weight(torch.ones(len(mixed.candidates)))
 
 
 def _explicit_mixture(mixed, w):

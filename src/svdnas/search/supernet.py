@@ -168,6 +168,8 @@ class MixedLayer(nn.Module):
 
     def mixed_weight(self, weights: Tensor) -> Tensor:
         """``w0 * W + sum_c w_c * (prefix + A_c)`` for candidate weights ``weights``."""
+        if self.sampling != "mixed":
+            raise RuntimeError("a two-sample super block holds no mixed weight (it runs its candidates' own weights)")
         tails = [fam.tails(weights) for fam in self.families]
         coef = [weights[:1]] + ([weights[1:].sum(0, keepdim=True)] if self.has_prefix else []) + [t[:1] for t in tails]
         out = (torch.cat(coef) @ self.stack).view(self.weight_shape)
