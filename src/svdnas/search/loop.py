@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from svdnas import distributed as ddp
 from svdnas.errors import NonFiniteError, SpecError
 from svdnas.evaluate import batches
-from svdnas.search.supernet import MixedLayer
+from svdnas.search.supernet import WINDOW_DTYPE_NAMES, MixedLayer
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class SearchConfig:
             raise SpecError(f"target cost ratio must be in (0, 1), got {self.target}")
         if self.sampling not in ("mixed", "two"):
             raise SpecError(f"sampling must be 'mixed' or 'two', got {self.sampling!r}")
-        if self.window_dtype not in ("auto", "float32", "bfloat16"):
+        if self.window_dtype not in WINDOW_DTYPE_NAMES:
             raise SpecError(f"search dtype must be auto, float32 or bfloat16, got {self.window_dtype!r}")
 
     @property

@@ -29,6 +29,7 @@ from svdnas.search.candidates import LayerCandidates
 
 
 WINDOW_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+WINDOW_DTYPE_NAMES = ("auto", *WINDOW_DTYPES)  # what --search-dtype takes
 
 
 def native_bfloat16(device: torch.device | str) -> bool:
