@@ -11,7 +11,7 @@ from datetime import date
 
 from torch.utils.data import Subset
 
-from svdnas.data import DataBundle
+from svdnas.data.datasets import DataBundle
 
 
 def first_test_images(data: DataBundle, n: int | None) -> DataBundle:

@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from svdnas.synthetic import SyntheticSet, load_synthetic, save_synthetic
+from svdnas.recovery.synthetic import SyntheticSet, load_synthetic, save_synthetic
 
 
 def main() -> None:

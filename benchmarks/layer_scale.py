@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 import svdnas
-from svdnas.data import load_data
-from svdnas.distill import _Outputs, layer_mse
-from svdnas.models import build_model
-from svdnas.plan import Plan
+from svdnas.data.datasets import load_data
+from svdnas.lowrank.plan import Plan
+from svdnas.models.build import build_model
+from svdnas.recovery.distill import _Outputs, layer_mse
 
 
 def main() -> None:

@@ -16,14 +16,15 @@ import time
 from pathlib import Path
 
 import torch
-
-from svdnas.data import load_data, search_subset
-from svdnas.decompose import decompose
-from svdnas.models import build_model
-from svdnas.search.accuracy_proxy import OneLayerEvaluator
-from svdnas.spec import LowRankSpec
-from svdnas.surgery import example_input, select_targets, trace_layers
 from _common import stamp
+
+from svdnas.data.datasets import load_data, search_subset
+from svdnas.lowrank.decompose import decompose
+from svdnas.lowrank.spec import LowRankSpec
+from svdnas.models.build import build_model
+from svdnas.search.accuracy_proxy import OneLayerEvaluator
+from svdnas.surgery.targets import select_targets
+from svdnas.surgery.trace import example_input, trace_layers
 
 
 def main() -> None:

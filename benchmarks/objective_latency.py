@@ -36,15 +36,16 @@ from pathlib import Path
 
 import torch
 
-from svdnas.data import load_data
+from svdnas.cost.table import LatencyConfig, LatencyTable
+from svdnas.cost.timer import torch_latency
+from svdnas.data.datasets import load_data
+from svdnas.data.evaluate import evaluate
 from svdnas.errors import BudgetError
-from svdnas.evaluate import evaluate
-from svdnas.latency import torch_latency
-from svdnas.latency_table import LatencyConfig, LatencyTable
-from svdnas.models import build_model
-from svdnas.pipeline import CompressConfig, compress
+from svdnas.models.build import build_model
+from svdnas.pipeline.compress import compress
+from svdnas.pipeline.config import CompressConfig
 from svdnas.search import SearchConfig
-from svdnas.surgery import example_input, trace_layers
+from svdnas.surgery.trace import example_input, trace_layers
 
 
 def pct(reduction: float) -> str:

@@ -21,17 +21,18 @@ import time
 from pathlib import Path
 
 import torch
-
-from svdnas.cost import layer_cost
-from svdnas.data import load_data, search_subset
-from svdnas.decompose import conv_weight, decompose
-from svdnas.functional import branches_weight
-from svdnas.models import build_model
-from svdnas.search.accuracy_proxy import OneLayerEvaluator
-from svdnas.search.proxy import capture_inputs
-from svdnas.space import enumerate_space
-from svdnas.surgery import example_input, trace_layers
 from _common import stamp
+
+from svdnas.cost.counting import layer_cost
+from svdnas.data.datasets import load_data, search_subset
+from svdnas.lowrank.decompose import decompose
+from svdnas.lowrank.functional import branches_weight
+from svdnas.lowrank.geometry import conv_weight
+from svdnas.lowrank.space import enumerate_space
+from svdnas.models.build import build_model
+from svdnas.search.accuracy_proxy import OneLayerEvaluator
+from svdnas.search.output_proxy import capture_inputs
+from svdnas.surgery.trace import example_input, trace_layers
 
 
 def ranks(xs: list[float]) -> list[float]:

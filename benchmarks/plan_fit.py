@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 
 import svdnas
-from svdnas.data import load_data
-from svdnas.evaluate import batches
-from svdnas.models import build_model
-from svdnas.pipeline import CompressConfig, _search_data
+from svdnas.data.datasets import load_data
+from svdnas.data.evaluate import batches
+from svdnas.models.build import build_model
+from svdnas.pipeline.compress import _search_data
+from svdnas.pipeline.config import CompressConfig
 
 
 @torch.no_grad()

@@ -19,15 +19,16 @@ import time
 from pathlib import Path
 
 import torch
-
-from svdnas.baselines import SPLITS, run_baseline
-from svdnas.data import load_data
-from svdnas.models import build_model
-from svdnas.pipeline import CompressConfig, compress
-from svdnas.search import SearchConfig
 from _common import first_test_images, stamp
 from summarize import table
 
+from svdnas.baselines.methods import SPLITS
+from svdnas.data.datasets import load_data
+from svdnas.models.build import build_model
+from svdnas.pipeline.baseline import run_baseline
+from svdnas.pipeline.compress import compress
+from svdnas.pipeline.config import CompressConfig
+from svdnas.search import SearchConfig
 
 ALL_METHODS = ["svdnas"] + [f"uniform-{s}" for s in SPLITS] + [f"energy-{s}" for s in SPLITS] + ["lrs2", "alds", "fgroup"]
 
@@ -51,7 +52,7 @@ def main() -> None:
     model, info = build_model(args.model)
     data = load_data(args.data)
     data = first_test_images(data, args.test_images)
-    from svdnas.evaluate import evaluate
+    from svdnas.data.evaluate import evaluate
 
     reference = evaluate(model, data.test)  # the original's accuracy, measured once for every row
     out = Path(args.out or f"benchmarks/results/post_training_{info.spec.replace(':', '_')}.json")

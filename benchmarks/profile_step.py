@@ -14,11 +14,11 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from search_cost import logits_only, supernet_for
 from torch.profiler import ProfilerActivity, profile
 
-from svdnas.models import build_model
-from svdnas.pipeline import CompressConfig
-from search_cost import logits_only, supernet_for
+from svdnas.models.build import build_model
+from svdnas.pipeline.config import CompressConfig
 
 GROUPS = {
     "convolutions": ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::convolution", "aten::_convolution"),

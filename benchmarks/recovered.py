@@ -19,15 +19,16 @@ import time
 from pathlib import Path
 
 import torch
-
-from svdnas.baselines import run_baseline
-from svdnas.data import load_data
-from svdnas.distill import FinetuneConfig
-from svdnas.evaluate import evaluate
-from svdnas.models import build_model
-from svdnas.pipeline import CompressConfig, compress
-from svdnas.recovery import recover
 from _common import first_test_images, stamp
+
+from svdnas.data.datasets import load_data
+from svdnas.data.evaluate import evaluate
+from svdnas.models.build import build_model
+from svdnas.pipeline.baseline import run_baseline
+from svdnas.pipeline.compress import compress
+from svdnas.pipeline.config import CompressConfig
+from svdnas.recovery.distill import FinetuneConfig
+from svdnas.recovery.recover import recover
 
 METHODS = ["svdnas", "lrs2", "energy-kx1", "uniform-1x1", "alds", "fgroup"]
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 from _common import stamp
 
 
@@ -40,8 +41,8 @@ def figure(synthetic: Path, data_spec: str, out: Path, n: int = 8) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from svdnas.data import load_data
-    from svdnas.synthetic import load_synthetic
+    from svdnas.data.datasets import load_data
+    from svdnas.recovery.synthetic import load_synthetic
 
     fake = load_synthetic(synthetic).images[:n]
     real = load_data(data_spec).test.tensors[0][:n]  # type: ignore[union-attr]

@@ -30,13 +30,14 @@ import json
 from pathlib import Path
 
 import torch
-
-from svdnas.data import load_data
-from svdnas.evaluate import evaluate
-from svdnas.models import build_model
-from svdnas.pipeline import CompressConfig, compress
-from svdnas.search import SearchConfig
 from _common import first_test_images, stamp
+
+from svdnas.data.datasets import load_data
+from svdnas.data.evaluate import evaluate
+from svdnas.models.build import build_model
+from svdnas.pipeline.compress import compress
+from svdnas.pipeline.config import CompressConfig
+from svdnas.search import SearchConfig
 
 SEARCH_STAGES = ("candidates", "proxy", "accuracy_proxy", "build", "search", "select")
 

@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from svdnas.cost import model_macs
-from svdnas.models import build_model
-from svdnas.pipeline import CompressConfig, _limit_groups
+from svdnas.cost.counting import model_macs
+from svdnas.models.build import build_model
+from svdnas.pipeline.compress import _limit_groups
+from svdnas.pipeline.config import CompressConfig
 from svdnas.search import MixedLayer, build_supernet, grid_candidates, window_dtype
-from svdnas.surgery import example_input, select_targets, trace_layers
-
+from svdnas.surgery.targets import select_targets
+from svdnas.surgery.trace import example_input, trace_layers
 
 # kind of step -> (sampling, precision of the rank windows)
 KINDS = {"mixed": ("mixed", "auto"), "mixed-float32": ("mixed", "float32"), "two": ("two", "auto")}

@@ -14,12 +14,14 @@ import copy
 import torch
 from torch.utils.data import Subset
 
-from svdnas.data import load_data
-from svdnas.evaluate import evaluate
-from svdnas.models import build_model
-from svdnas.plan import Plan
-from svdnas.spec import LowRankSpec, family_max_rank
-from svdnas.surgery import apply_plan, example_input, select_targets, trace_layers
+from svdnas.data.datasets import load_data
+from svdnas.data.evaluate import evaluate
+from svdnas.lowrank.plan import Plan
+from svdnas.lowrank.spec import LowRankSpec, family_max_rank
+from svdnas.models.build import build_model
+from svdnas.surgery.swap import apply_plan
+from svdnas.surgery.targets import select_targets
+from svdnas.surgery.trace import example_input, trace_layers
 
 
 def main() -> None:

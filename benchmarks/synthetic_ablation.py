@@ -24,16 +24,16 @@ import time
 from pathlib import Path
 
 import torch
-
-from svdnas.data import load_data
-from svdnas.distill import FinetuneConfig
-from svdnas.evaluate import evaluate
-from svdnas.models import build_model
-from svdnas.plan import Plan
-from svdnas.recovery import SyntheticSplits, recover
-from svdnas.rundir import load_run
-from svdnas.synthetic import SynthConfig, generate, load_synthetic, save_synthetic
 from _common import first_test_images, stamp
+
+from svdnas.data.datasets import load_data
+from svdnas.data.evaluate import evaluate
+from svdnas.lowrank.plan import Plan
+from svdnas.models.build import build_model
+from svdnas.recovery.distill import FinetuneConfig
+from svdnas.recovery.recover import SyntheticSplits, recover
+from svdnas.recovery.synthetic import SynthConfig, generate, load_synthetic, save_synthetic
+from svdnas.runs.directory import load_run
 
 
 def main() -> None:

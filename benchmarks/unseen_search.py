@@ -20,13 +20,14 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import stamp
-from svdnas.baselines import run_baseline
-from svdnas.data import DataBundle, load_data
-from svdnas.evaluate import evaluate
-from svdnas.models import build_model
-from svdnas.pipeline import CompressConfig, compress
+
+from svdnas.data.datasets import DataBundle, load_data
+from svdnas.data.evaluate import evaluate
+from svdnas.models.build import build_model
+from svdnas.pipeline.baseline import run_baseline
+from svdnas.pipeline.compress import compress
+from svdnas.pipeline.config import CompressConfig
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from svdnas.data import load_fmnist
+from svdnas.data.datasets import load_fmnist
 from svdnas.zoo.registry import WEIGHTS_DIR, create_model
 
 # epochs, optimiser, peak learning rate, weight decay

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from svdnas.data import load_data
+from svdnas.data.datasets import load_data
 
 
 def write_idx(path: Path, tensor: torch.Tensor) -> None:

@@ -6,11 +6,13 @@ import torch
 from torch import nn
 
 import svdnas.search.accuracy_proxy as ap
-from svdnas.decompose import decompose
-from svdnas.evaluate import evaluate
-from svdnas.pipeline import CompressConfig, compress
+from svdnas.data.evaluate import evaluate
+from svdnas.lowrank.decompose import decompose
+from svdnas.pipeline.compress import compress
+from svdnas.pipeline.config import CompressConfig
 from svdnas.search import SearchConfig, grid_candidates
-from svdnas.surgery import example_input, set_submodule, trace_layers
+from svdnas.surgery.swap import set_submodule
+from svdnas.surgery.trace import example_input, trace_layers
 
 
 class Residual(nn.Module):
@@ -158,7 +160,7 @@ def test_a_bound_is_measured_again_when_the_threshold_rises(residual_and_data):
 
 
 def _specs(layer):
-    from svdnas.spec import LowRankSpec
+    from svdnas.lowrank.spec import LowRankSpec
 
     if layer.in_channels == 1:  # the stem: a 3x1 split holds at most 3 ranks
         return [LowRankSpec((3, 1), (1, 1), r) for r in (1, 2)] + [LowRankSpec((1, 1), (1, 1), 1)]
@@ -226,7 +228,7 @@ def test_compress_reports_the_proxy_and_relaxes_a_threshold_the_budget_cannot_li
 
 
 def test_the_accuracy_proxy_checkpoint_lets_a_resumed_run_skip_measuring(trained_tiny, tmp_path, monkeypatch):
-    import svdnas.pipeline as pipeline
+    import svdnas.pipeline.compress as pipeline
 
     model, data = trained_tiny
     infos = trace_layers(model, example_input(model, (1, 28, 28)))

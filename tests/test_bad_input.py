@@ -286,8 +286,8 @@ def test_cuda_without_gpu(files):
 
 def test_unreachable_budget_names_the_largest_reachable_reduction(files, tiny):
     """The number is the reduction with every target layer (here body.4 alone) at its cheapest rank 1."""
-    from svdnas.cost import layer_cost, model_macs
-    from svdnas.spec import LowRankSpec
+    from svdnas.cost.counting import layer_cost, model_macs
+    from svdnas.lowrank.spec import LowRankSpec
 
     message = one_error(cli("compress", files["tiny"], "--weights", files["weights"], "--data", files["data"], "--out", files["out"],
                             "--reduction", "0.99", "--filter", "pointwise", "--device", "cpu"))
@@ -371,19 +371,19 @@ API_CASES = [
 
 
 def _build(spec: str, weights: str | None = None):
-    from svdnas.models import build_model
+    from svdnas.models.build import build_model
 
     return build_model(spec, weights)
 
 
 def _load_data(spec: str):
-    from svdnas.data import load_data
+    from svdnas.data.datasets import load_data
 
     return load_data(spec)
 
 
 def _compress_config(**kw):
-    from svdnas.pipeline import CompressConfig
+    from svdnas.pipeline.config import CompressConfig
 
     return CompressConfig(**kw)
 
@@ -395,8 +395,8 @@ def _load(directory: Path):
 
 
 def _compress(files, **kw):
-    from svdnas.data import load_data
-    from svdnas.pipeline import compress
+    from svdnas.data.datasets import load_data
+    from svdnas.pipeline.compress import compress
 
     model, _ = _build(files["tiny"], str(files["weights"]))
     return compress(model, load_data(files["data"]), _compress_config(**kw))

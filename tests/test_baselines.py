@@ -1,11 +1,14 @@
 import pytest
 import torch
 
-from svdnas.baselines import METHODS, SPLITS, baseline_plan, run_baseline, split_kernel
-from svdnas.cost import model_macs
+from svdnas.baselines.methods import METHODS, SPLITS, baseline_plan, split_kernel
+from svdnas.cost.counting import model_macs
 from svdnas.errors import BudgetError, SpecError
-from svdnas.modules import LowRankBlock
-from svdnas.surgery import apply_plan, example_input, select_targets, trace_layers
+from svdnas.lowrank.modules import LowRankBlock
+from svdnas.pipeline.baseline import run_baseline
+from svdnas.surgery.swap import apply_plan
+from svdnas.surgery.targets import select_targets
+from svdnas.surgery.trace import example_input, trace_layers
 from svdnas.zoo import create_model
 
 
@@ -52,7 +55,7 @@ def test_splits_and_errors(resnet):
 
 
 def test_best_split_is_the_most_accurate_on_search_images(tiny_fmnist):
-    from svdnas.data import load_data
+    from svdnas.data.datasets import load_data
     from tests.conftest import tiny_net
 
     data = load_data(f"fmnist:{tiny_fmnist}")
@@ -93,11 +96,11 @@ def test_alds_finds_the_brute_force_minimax(tiny):
     """On a three-layer model, every (k, rank) combination: ALDS's largest error is the smallest possible."""
     import itertools
 
-    from svdnas.alds import max_relative_error
-    from svdnas.cost import layer_cost
-    from svdnas.decompose import decompose
-    from svdnas.space import divisors
-    from svdnas.spec import LowRankSpec, family_max_rank
+    from svdnas.baselines.alds import max_relative_error
+    from svdnas.cost.counting import layer_cost
+    from svdnas.lowrank.decompose import decompose
+    from svdnas.lowrank.space import divisors
+    from svdnas.lowrank.spec import LowRankSpec, family_max_rank
 
     infos = trace_layers(tiny, example_input(tiny, (1, 28, 28)))
     targets, _ = select_targets(tiny, infos, "convs")
@@ -142,7 +145,7 @@ def test_alds_beats_uniform_on_its_own_objective(resnet):
 def test_params_objective_budget(resnet, method):
     import copy
 
-    from svdnas.cost import count_params
+    from svdnas.cost.counting import count_params
 
     model, infos, targets, _ = resnet
     total = count_params(model)
@@ -156,9 +159,9 @@ def test_fgroup_pattern_is_the_published_one():
     stages 1-3, which SVD-NAS measured at FLOPs -42.31%, params -10.66% (its Table 1)."""
     import copy
 
-    from svdnas.cost import count_params
-    from svdnas.fgroup import fgroup_pattern
-    from svdnas.plan import Plan
+    from svdnas.baselines.fgroup import fgroup_pattern
+    from svdnas.cost.counting import count_params
+    from svdnas.lowrank.plan import Plan
 
     model = create_model("resnet18_imagenet").eval()
     infos = trace_layers(model, example_input(model, (3, 224, 224)))
@@ -177,8 +180,8 @@ def test_fgroup_pattern_is_the_published_one():
 
 
 def test_fgroup_scales_the_pattern_by_one_factor(resnet):
-    from svdnas.fgroup import fgroup_pattern
-    from svdnas.spec import family_max_rank
+    from svdnas.baselines.fgroup import fgroup_pattern
+    from svdnas.lowrank.spec import family_max_rank
 
     model, infos, targets, total = resnet
     pattern = fgroup_pattern(model, infos, targets)

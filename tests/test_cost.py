@@ -5,8 +5,8 @@ from thop import profile
 from torch import nn
 
 from svdnas import LowRankSpec, decompose, layer_cost, model_macs
-from svdnas.space import groupings, kernel_splits
-from svdnas.spec import family_max_rank
+from svdnas.lowrank.space import groupings, kernel_splits
+from svdnas.lowrank.spec import family_max_rank
 
 
 def thop_macs(module: nn.Module, x: torch.Tensor) -> int:

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from svdnas import LowRankSpec, SpecError, decompose
-from svdnas.space import groupings, kernel_splits
-from svdnas.spec import family_max_rank
+from svdnas.lowrank.space import groupings, kernel_splits
+from svdnas.lowrank.spec import family_max_rank
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -160,7 +160,7 @@ def conv_and_broken_rule(draw):
 def test_invalid_specs_raise_value_error_naming_the_rule(case):
     """Whether the spec itself is malformed or does not fit the layer, decompose and layer_cost
     refuse it with a ValueError saying which rule it breaks."""
-    from svdnas.cost import layer_cost
+    from svdnas.cost.counting import layer_cost
 
     conv, (first, groups, rank), message = case
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from svdnas import LowRankSpec, Plan, apply_plan
+from svdnas.cost.timer import measure, torch_latency
 from svdnas.errors import SvdnasError
-from svdnas.export import export_onnx
-from svdnas.latency import measure, torch_latency
-from svdnas.rundir import save_run
+from svdnas.runs.directory import save_run
+from svdnas.runs.export import export_onnx
 from svdnas.zoo import create_model
 
 pytest.importorskip("onnxruntime")

@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import save_file
 
 from svdnas import WeightsError
-from svdnas.data import load_data, read_idx, search_subset
+from svdnas.data.datasets import load_data, read_idx, search_subset
 from svdnas.errors import DataError
-from svdnas.weights import load_weights, read_state_dict
+from svdnas.models.weights import load_weights, read_state_dict
 from tests.conftest import tiny_net
 
 
@@ -108,7 +108,7 @@ def test_imagefolder(tmp_path):
 
 def test_torchvision_spec_without_torchvision_is_a_clear_error():
     from svdnas.errors import SpecError
-    from svdnas.models import build_model
+    from svdnas.models.build import build_model
 
     try:
         import torchvision  # noqa: F401
@@ -124,7 +124,7 @@ def _write_compressed_run(out, rank: int, report: dict) -> None:
     import copy
 
     from svdnas import LowRankSpec, Plan, apply_plan
-    from svdnas.runreport import write_run
+    from svdnas.runs.directory import write_run
 
     plan = Plan({"body.0": [LowRankSpec((3, 1), (1, 1), rank)], "body.4": []})
     write_run(out, apply_plan(copy.deepcopy(tiny_net()), plan), plan, "python:model", (1, 28, 28), report)
@@ -165,7 +165,7 @@ def test_read_only_run_directory(tmp_path):
     import os
 
     from svdnas.errors import WriteError
-    from svdnas.rundir import atomic_write_json
+    from svdnas.fileio import atomic_write_json
 
     if os.geteuid() == 0:
         pytest.skip("root writes into any directory whatever its permissions")
@@ -182,7 +182,7 @@ def test_read_only_run_directory(tmp_path):
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     import os
 
-    from svdnas.rundir import atomic_write_bytes
+    from svdnas.fileio import atomic_write_bytes
 
     old = os.umask(0o022)
     try:

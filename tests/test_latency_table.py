@@ -6,15 +6,16 @@ import torch
 from torch import nn
 
 from svdnas import LowRankSpec
-from svdnas import latency_table as lt
-from svdnas.data import load_data
+from svdnas.cost import table as lt
+from svdnas.cost.table import LatencyConfig, LatencyTable, layer_key, spec_key
+from svdnas.data.datasets import load_data
 from svdnas.errors import BudgetError, SpecError
-from svdnas.latency_table import LatencyConfig, LatencyTable, layer_key, spec_key
-from svdnas.pipeline import CompressConfig, compress
-from svdnas.plots import markdown
+from svdnas.pipeline.compress import compress
+from svdnas.pipeline.config import CompressConfig
+from svdnas.report.markdown import markdown
 from svdnas.search import SearchConfig, fraction_grid, grid_candidates
 from svdnas.search.latency_costs import attach_latency
-from svdnas.surgery import trace_layers
+from svdnas.surgery.trace import trace_layers
 from tests.conftest import tiny_net
 
 
@@ -126,7 +127,7 @@ def test_blocks_built_for_timing_have_the_decomposed_structure():
     layer = nn.Conv2d(8, 12, 3, stride=2, padding=1)
     specs = [LowRankSpec((3, 1), (2, 1), 3)]
     built = lt._build(layer, specs, torch.device("cpu"))
-    from svdnas import decompose
+    from svdnas.lowrank import decompose
 
     real = decompose(layer, specs)
     x = torch.randn(1, 8, 9, 9)
@@ -171,7 +172,7 @@ def test_compress_meets_a_latency_budget(fake_timer, tiny_fmnist, tmp_path, bran
 
 
 def test_an_unreachable_latency_budget_fails_before_the_accuracy_proxy(fake_timer, tiny_fmnist, tmp_path, monkeypatch):
-    import svdnas.pipeline as pipeline
+    import svdnas.pipeline.compress as pipeline
 
     def proxy(*a, **k):
         raise AssertionError("the accuracy proxy ran")

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from svdnas.baselines import run_baseline
-from svdnas.cost import model_macs
-from svdnas.data import load_data
+from svdnas.cost.counting import model_macs
+from svdnas.data.datasets import load_data
 from svdnas.errors import NonFiniteError, SvdnasError, WeightsError
-from svdnas.pipeline import CompressConfig, compress
+from svdnas.pipeline.baseline import run_baseline
+from svdnas.pipeline.compress import compress
+from svdnas.pipeline.config import CompressConfig
 from svdnas.search import SearchConfig, build_supernet, fraction_grid, grid_candidates, search
 from tests.conftest import TinyNet, tiny_net
 

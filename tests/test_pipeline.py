@@ -7,7 +7,8 @@ import torch
 
 import svdnas
 from svdnas.errors import BudgetError, SpecError
-from svdnas.pipeline import CompressConfig, compress
+from svdnas.pipeline.compress import compress
+from svdnas.pipeline.config import CompressConfig
 from svdnas.search import SearchConfig
 from tests.conftest import TinyNet
 
@@ -191,9 +192,9 @@ def test_killed_search_resumes_to_the_same_plan(tiny_module, tiny_fmnist, tmp_pa
 
 
 def test_proxy_stage_checkpoints_and_a_resumed_run_skips_it(trained_tiny, tmp_path, monkeypatch):
-    import svdnas.pipeline as pipeline
+    import svdnas.pipeline.compress as pipeline
     from svdnas.search import grid_candidates
-    from svdnas.surgery import example_input, trace_layers
+    from svdnas.surgery.trace import example_input, trace_layers
 
     model, data = trained_tiny
     infos = trace_layers(model, example_input(model, (1, 28, 28)))

@@ -10,12 +10,21 @@ import pytest
 import torch
 from torch import nn
 
-from svdnas.distill import FinetuneConfig, NonFiniteError, augment, distill, distill_loss, layer_mse
 from svdnas.errors import DataError, SpecError
-from svdnas.pipeline import CompressConfig, compress
-from svdnas.recovery import split_synthetic
+from svdnas.pipeline.compress import compress
+from svdnas.pipeline.config import CompressConfig
+from svdnas.recovery.distill import FinetuneConfig, NonFiniteError, augment, distill, distill_loss, layer_mse
+from svdnas.recovery.recover import split_synthetic
+from svdnas.recovery.synthetic import (
+    SynthConfig,
+    SyntheticSet,
+    batch_losses,
+    generate,
+    load_synthetic,
+    save_synthetic,
+    statistics_loss,
+)
 from svdnas.search import SearchConfig
-from svdnas.synthetic import SynthConfig, SyntheticSet, batch_losses, generate, load_synthetic, save_synthetic, statistics_loss
 
 FAST = SynthConfig(num=40, batch_size=16, iterations=30, lr=0.2)
 
@@ -131,7 +140,7 @@ def test_augment_flips_and_shifts_within_bounds_reproducibly():
 
 
 def test_augment_is_off_by_default_and_never_touches_synthetic_images(trained_tiny, monkeypatch):
-    import svdnas.distill as distill_module
+    import svdnas.recovery.distill as distill_module
 
     assert not FinetuneConfig(mode="few-shot").augment and not FinetuneConfig(mode="full").augment
     calls = []
@@ -188,16 +197,16 @@ def test_relative_layer_loss_does_not_depend_on_the_activations_scale():
 def _compressed(model):
     import copy
 
-    from svdnas.plan import Plan
-    from svdnas.spec import LowRankSpec
-    from svdnas.surgery import apply_plan
+    from svdnas.lowrank.plan import Plan
+    from svdnas.lowrank.spec import LowRankSpec
+    from svdnas.surgery.swap import apply_plan
 
     plan = Plan({"body.0": [LowRankSpec((3, 1), (1, 1), 2)], "body.4": [LowRankSpec((1, 1), (1, 1), 3)]})
     return apply_plan(copy.deepcopy(model), plan), plan
 
 
 def _layer_error(student, teacher, x):
-    from svdnas.distill import _Outputs
+    from svdnas.recovery.distill import _Outputs
 
     hs, ht = _Outputs(student, ["body.4"]), _Outputs(teacher, ["body.4"])
     with torch.no_grad():
@@ -253,7 +262,7 @@ def test_a_collapse_restarts_from_the_best_state_at_a_lower_rate(trained_tiny):
     x, y = data.train.tensors
     train, val = torch.utils.data.TensorDataset(x[:256], y[:256]), torch.utils.data.TensorDataset(x[256:384], y[256:384])
     student, _ = _compressed(model)
-    from svdnas.distill import _top1
+    from svdnas.recovery.distill import _top1
 
     start = _top1(student, val, "cpu")
     cfg = FinetuneConfig(mode="few-shot", epochs=6, batch_size=64, lr=30.0, min_lr=1e-4, patience=10)  # far too high a rate
@@ -333,8 +342,8 @@ def test_data_free_reads_no_real_image(trained_tiny, tmp_path):
 
 
 def test_data_free_shares_too_few_synthetic_images_between_search_and_proxy(trained_tiny, caplog):
-    from svdnas.pipeline import _synthetic_search_data
-    from svdnas.recovery import SyntheticSplits
+    from svdnas.pipeline.compress import _synthetic_search_data
+    from svdnas.recovery.recover import SyntheticSplits
 
     model, _ = trained_tiny
     images = torch.randn(130, 1, 28, 28)

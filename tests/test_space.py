@@ -2,7 +2,7 @@ import pytest
 from torch import nn
 
 from svdnas import LowRankSpec, count_space, enumerate_space, layer_cost
-from svdnas.space import divisors, groupings, kernel_splits
+from svdnas.lowrank.space import divisors, groupings, kernel_splits
 
 
 def test_splits_and_groupings():

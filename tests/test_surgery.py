@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from svdnas import LowRankBlock, LowRankSpec, Plan, SpecError, apply_plan, select_targets, trace_layers
-from svdnas.rundir import load_run, save_run
+from svdnas.runs.directory import load_run, save_run
 from svdnas.zoo import create_model
 from tests.conftest import tiny_net
 

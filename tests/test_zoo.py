@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from svdnas.cost import count_params, model_macs
-from svdnas.models import build_model
+from svdnas.cost.counting import count_params, model_macs
+from svdnas.models.build import build_model
 from svdnas.zoo import create_model, list_models, weights_path
 from svdnas.zoo.registry import INPUT_SHAPES
 
@@ -63,7 +63,7 @@ def test_eval_command_meets_the_accuracy_floor(name):
     import subprocess
     import sys
 
-    from svdnas.data import fmnist_dir
+    from svdnas.data.datasets import fmnist_dir
     from svdnas.errors import DataError
 
     if weights_path(name) is None:

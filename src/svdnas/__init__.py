@@ -5,15 +5,17 @@ Importing it has no side effects: no CUDA initialisation, no downloads, no threa
 
 from importlib.metadata import PackageNotFoundError, version
 
-from svdnas.cost import count_params, layer_cost, model_macs
-from svdnas.decompose import decompose
+from svdnas.cost.counting import count_params, layer_cost, model_macs
 from svdnas.errors import BudgetError, DataError, NonFiniteError, SpecError, SvdnasError, WeightsError, WriteError
-from svdnas.modules import LowRankBlock, LowRankBranch
-from svdnas.plan import Plan
-from svdnas.rundir import load_run
-from svdnas.space import count_space, enumerate_space
-from svdnas.spec import LowRankSpec
-from svdnas.surgery import PRESETS, apply_plan, select_targets, trace_layers
+from svdnas.lowrank.decompose import decompose
+from svdnas.lowrank.modules import LowRankBlock, LowRankBranch
+from svdnas.lowrank.plan import Plan
+from svdnas.lowrank.space import count_space, enumerate_space
+from svdnas.lowrank.spec import LowRankSpec
+from svdnas.runs.directory import load_run
+from svdnas.surgery.swap import apply_plan
+from svdnas.surgery.targets import PRESETS, select_targets
+from svdnas.surgery.trace import trace_layers
 
 try:
     __version__ = version("svdnas")

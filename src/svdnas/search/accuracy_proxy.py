@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from svdnas.decompose import decompose
-from svdnas.evaluate import batches
+from svdnas.data.evaluate import batches
+from svdnas.lowrank.decompose import decompose
 from svdnas.search.candidates import LayerCandidates
 
 log = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from svdnas.cost import layer_cost
-from svdnas.decompose import ConvGeometry, conv_geometry
-from svdnas.space import families, family_ranks
-from svdnas.spec import LowRankSpec
+from svdnas.cost.counting import layer_cost
+from svdnas.lowrank.geometry import layer_geometry
+from svdnas.lowrank.space import families, family_ranks
+from svdnas.lowrank.spec import LowRankSpec
 
 Family = tuple[tuple[int, int], tuple[int, int]]
 
@@ -76,12 +76,6 @@ class LayerCandidates:
         return list(seen)
 
 
-def _geometry(layer: nn.Module) -> ConvGeometry:
-    if isinstance(layer, nn.Linear):
-        return ConvGeometry(layer.out_features, layer.in_features, (1, 1), (1, 1), (0, 0), (1, 1), "zeros", layer.bias is not None)
-    return conv_geometry(layer)
-
-
 def grid_candidates(
     name: str,
     layer: nn.Module,
@@ -97,7 +91,7 @@ def grid_candidates(
     full rank) are dropped, and duplicates merged. With ``prefix``, the candidates are second
     branches added after those fixed branches, and the fractions are of the original layer.
     """
-    geo = _geometry(layer)
+    geo = layer_geometry(layer)
     macs0, params0 = layer_cost(layer, input_hw)
     base_macs, base_params = layer_cost(layer, input_hw, list(prefix)) if prefix else (0, 0)
     fams = [((1, 1), (1, 1))] if isinstance(layer, nn.Linear) else families(geo)

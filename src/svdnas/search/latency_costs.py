@@ -18,9 +18,9 @@ from typing import Any
 from torch import nn
 
 from svdnas import distributed as ddp
-from svdnas.latency_table import NOISY, LatencyTable
+from svdnas.cost.table import NOISY, LatencyTable
+from svdnas.lowrank.spec import LowRankSpec
 from svdnas.search.candidates import LayerCandidates
-from svdnas.spec import LowRankSpec
 
 log = logging.getLogger(__name__)
 NS_PER_MS = 1e6

@@ -15,8 +15,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from svdnas import distributed as ddp
+from svdnas.data.evaluate import batches
 from svdnas.errors import NonFiniteError, SpecError
-from svdnas.evaluate import batches
+from svdnas.fileio import atomic_write_bytes
 from svdnas.search.supernet import WINDOW_DTYPE_NAMES, MixedLayer
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,6 @@ def _first_non_finite(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -
 def _save_checkpoint(path: Path, state: dict) -> None:
     import io
 
-    from svdnas.rundir import atomic_write_bytes
 
     buf = io.BytesIO()
     torch.save(state, buf)

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from svdnas import functional as LF
+from svdnas.lowrank import functional as LF
 from svdnas.search.candidates import LayerCandidates
-
+from svdnas.surgery.swap import set_submodule
 
 WINDOW_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WINDOW_DTYPE_NAMES = ("auto", *WINDOW_DTYPES)  # what --search-dtype takes
@@ -221,7 +221,6 @@ def build_supernet(
     """A copy of ``model`` whose layers named in ``candidates`` are super blocks (the original is untouched)."""
     import copy
 
-    from svdnas.surgery import set_submodule
 
     net = copy.deepcopy(model)
     layers: dict[str, MixedLayer] = {}

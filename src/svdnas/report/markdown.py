@@ -1,0 +1,48 @@
+"""report.md: the run's summary and per-layer plan as markdown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _branch_text(branches: list[dict[str, Any]]) -> str:
+    if not branches:
+        return "kept"
+    parts = []
+    for b in branches:
+        g1, g2 = b["groups"]
+        groups = f"g{g1} first" if g1 > 1 else (f"g{g2} second" if g2 > 1 else "no groups")
+        parts.append(f"{b['first_kernel'][0]}x{b['first_kernel'][1]} first, {groups}, rank {b['rank']}")
+    return " + ".join(parts)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The run's summary and per-layer plan as markdown."""
+    lines = [f"# {report['method']} on {report['model']}", ""]
+    f, p = report["flops"], report["params"]
+    lines.append(f"- FLOPs: {f['original'] / 1e6:.2f} M -> {f['compressed'] / 1e6:.2f} M (-{100 * f['reduction']:.2f}%)")
+    lines.append(f"- params: {p['original'] / 1e6:.3f} M -> {p['compressed'] / 1e6:.3f} M (-{100 * p['reduction']:.2f}%)")
+    if report.get("latency"):
+        lat = report["latency"]
+        line = (f"- latency ({lat['device']}, batch {lat['batch']}, {lat['threads']} threads): {lat['original_ms']:.3f} ms -> "
+                f"{lat['compressed_ms']:.3f} ms ({-100 * lat['reduction']:+.2f}%)")
+        if "predicted" in lat:
+            line += f"; the lookup table predicted {-100 * lat['predicted']['reduction']:+.2f}%"
+        lines.append(line)
+    if report.get("top1"):
+        t = report["top1"]
+        lines.append(f"- top-1: {t['original']:.2f}% -> {t['compressed']:.2f}% (drop {t['drop_pp']:.2f}pp)")
+    if report.get("seconds"):
+        lines.append("- seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
+    lines += ["", "| layer | input | weight | plan | MFLOPs before | MFLOPs after |", "| --- | --- | --- | --- | ---: | ---: |"]
+    for layer in report.get("layers", []):
+        hw = "x".join(map(str, layer["input_hw"]))
+        w = "x".join(map(str, layer["weight_shape"]))
+        lines.append(
+            f"| `{layer['name']}` | {hw} | {w} | {_branch_text(layer['branches'])} | "
+            f"{layer['flops'][0] / 1e6:.2f} | {layer['flops'][1] / 1e6:.2f} |"
+        )
+    if report.get("skipped"):
+        lines.append("")
+        lines += [f"- left alone: `{s['name']}`: {s['reason']}" for s in report["skipped"]]
+    return "\n".join(lines) + "\n"

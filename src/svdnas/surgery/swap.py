@@ -1,0 +1,38 @@
+"""Swapping layers by dotted name: a plan applied to a model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from svdnas.errors import SpecError
+from svdnas.lowrank.decompose import decompose, empty_block
+from svdnas.lowrank.plan import Plan
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the module at dotted ``name`` by ``new``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+
+
+def apply_plan(model: nn.Module, plan: Plan, derive: bool = True) -> nn.Module:
+    """Decompose, in place, every layer the plan compresses; returns the model.
+
+    Args:
+        derive: derive weights by SVD; False builds the structure only (to load saved weights into).
+    """
+    for name, specs in plan.compressed().items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError as e:
+            raise SpecError(f"the plan names layer {name!r}, which the model does not have") from e
+        build = decompose if derive else empty_block
+        try:
+            set_submodule(model, name, build(layer, specs))
+        except SpecError as e:
+            raise SpecError(f"layer {name}: {e}") from e
+    return model
