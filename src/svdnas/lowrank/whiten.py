@@ -1,0 +1,461 @@
+"""Output-aware derivation: a branch's two factors fitted to the layer's output on calibration inputs.
+
+A family unfolds a group of the weight into M (rows x cols); the first layer applies A (r x cols) to
+the input patch p, the second B (rows x r). With C = E[p p^T] (+ damping) = L L^T:
+
+- whitened: SVD of M L = U S V^T, B = U_r S_r, A = V_r^T L^-1, minimising E||(M - BA) p||^2 under the
+  pooled patch moment; the error of rank r is the sum of the dropped S^2. Exact (the layer's true
+  output error) when the second layer is 1x1 and the first is not grouped.
+- refit: alternating least squares on the two factors under the full patch moment of the original
+  kernel (the true output error whatever the split), started from the whitened factors.
+- prefix: the asymmetric fit (Zhang et al., TPAMI 2016): the branch on the compressed model's inputs
+  x_comp reproduces the original layer on the original inputs x_orig; with C_oc = E[p_orig p_comp^T]
+  and C_cc = E[p_comp p_comp^T] = L L^T the least-squares target is W* = M C_oc C_cc^-1 and
+  E||M p_orig - BA p_comp||^2 = const + ||(W* - BA) L||_F^2, so B A is the truncated SVD of
+  W* L = M C_oc L^-T, mapped back by L^-1.
+
+All factors are float64 :class:`~svdnas.lowrank.functional.SVDFactors` (``vh`` already carries
+L^-1), so :func:`~svdnas.lowrank.functional.factor_weights` folds any rank of them into the two conv
+weights exactly as for the data-free SVD.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from svdnas.errors import SpecError
+from svdnas.lowrank import functional as F
+from svdnas.lowrank.calibration import CrossMoments, PatchMoments
+from svdnas.lowrank.decompose import check_layer_specs, decompose, empty_block
+from svdnas.lowrank.geometry import conv_weight
+from svdnas.lowrank.modules import LowRankBlock
+from svdnas.lowrank.spec import LowRankSpec
+
+logger = logging.getLogger(__name__)
+
+DERIVATIONS = ("weight", "whitened", "refit")
+_DENSE_SOLVE_MAX = 3000  # unknowns of the first-layer step solved directly; above, preconditioned CG
+
+
+def _roots(c: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """(L, L^+) per matrix of a batch (b, n, n) of moments, L L^T = C + lambda I with lambda =
+    damping * trace / n (1 for an all-zero moment); eigenvalues at rounding level are dropped."""
+    n = c.shape[-1]
+    c = (c + c.transpose(-2, -1)) / 2
+    trace = c.diagonal(dim1=-2, dim2=-1).sum(-1)
+    lam = torch.where(trace > 0, damping * trace / n, torch.ones_like(trace))
+    e, q = torch.linalg.eigh(c + lam[:, None, None] * torch.eye(n, dtype=c.dtype, device=c.device))
+    live = e > e.amax(-1, keepdim=True) * n * torch.finfo(c.dtype).eps
+    root = e.clamp_min(0).sqrt()
+    inv = torch.where(live, 1 / torch.where(live, root, torch.ones_like(root)), torch.zeros_like(root))
+    return q * root[:, None, :], inv[:, :, None] * q.transpose(-2, -1)
+
+
+def _per_group(moment: Tensor, mats: Tensor) -> Tensor:
+    """A (g1, n, n) moment laid out for the (g, rows, n) matrices of a family (broadcast over g2 groups)."""
+    c = moment.to(device=mats.device, dtype=torch.float64)
+    if c.dim() == 2:
+        c = c[None]
+    if c.shape[-1] != mats.shape[-1] or c.shape[0] not in (1, mats.shape[0]):
+        raise SpecError(
+            f"a moment of shape {tuple(c.shape)} does not fit this family's {mats.shape[0]} matrices of "
+            f"{mats.shape[-1]} columns: take it from the same first_kernel and first-layer groups"
+        )
+    return c.expand(mats.shape[0], -1, -1)
+
+
+def whitened_svd(weight: Tensor, family: F.Family, moment: Tensor, *, damping: float = 1e-6) -> F.SVDFactors:
+    """Whitened SVD of every group of ``weight`` for ``family``; any rank is a prefix of it.
+
+    Args:
+        weight: (O, I, kh, kw).
+        family: (first_kernel, groups).
+        moment: E[p p^T] of the first layer's patches per first-layer group, (g1, n, n), as
+            :meth:`PatchMoments.moment(first_kernel, groups[0]) <PatchMoments.moment>` gives it.
+        damping: lambda = damping * trace(C) / n added to C's diagonal.
+    """
+    mats = F.unfold(weight.detach().double(), *family)
+    root, inverse = _roots(_per_group(moment, mats), damping)
+    u, s, vh = F.thin_svd(mats @ root)
+    return F.SVDFactors(u, s, vh @ inverse)
+
+
+def prefix_svd(
+    weight: Tensor,
+    family: F.Family,
+    cross: Tensor,
+    comp: Tensor,
+    *,
+    fitted: Tensor | None = None,
+    damping: float = 1e-6,
+) -> F.SVDFactors:
+    """Asymmetric fit: factors whose branch, applied to the compressed model's patches, best
+    reproduces the original layer (minus the branches ``fitted`` before it) on the original patches.
+
+    Args:
+        cross: E[p_orig p_comp^T] per first-layer group (g1, n, n).
+        comp: E[p_comp p_comp^T] per first-layer group (g1, n, n).
+        fitted: dense weight (O, I, kh, kw) of the branches already fitted (residual branches).
+    """
+    mats = F.unfold(weight.detach().double(), *family)
+    c_oc, c_cc = _per_group(cross, mats), _per_group(comp, mats)
+    target = mats @ c_oc
+    if fitted is not None:
+        target = target - F.unfold(fitted.detach().double(), *family) @ c_cc
+    _, inverse = _roots(c_cc, damping)
+    u, s, vh = F.thin_svd(target @ inverse.transpose(-2, -1))
+    return F.SVDFactors(u, s, vh @ inverse)
+
+
+def rank_errors(factors: F.SVDFactors) -> Tensor:
+    """Squared output error (per patch, summed over groups) of every rank 0..K: ``out[r]`` is the
+    sum of the dropped squared singular values. For whitened factors it is E||(M - BA) p||^2 under
+    the damped pooled moment; for prefix factors, the error less a constant."""
+    s2 = factors.s.double() ** 2
+    total = s2.sum(-1, keepdim=True)
+    tails = torch.cat([total, total - s2.cumsum(-1)], -1).clamp_min(0)
+    return tails.sum(0)
+
+
+# ---- a branch as the dense weight it stands for, and its error under the full patch moment ----
+
+
+def _slots(kernel: tuple[int, int], first_kernel: tuple[int, int], in_channels: int) -> Tensor:
+    """(S, I * a_h * a_w) columns of the full patch (I, kh, kw) that the first layer's patch at each of
+    the second layer's S = b_h * b_w kernel offsets covers."""
+    (kh, kw), (fh, fw) = kernel, first_kernel
+    i = torch.arange(in_channels).view(1, 1, -1, 1, 1)
+    uh, uw = torch.arange(fh).view(1, 1, 1, -1, 1), torch.arange(fw).view(1, 1, 1, 1, -1)
+    sh, sw = torch.arange(kh // fh).view(-1, 1, 1, 1, 1), torch.arange(kw // fw).view(1, -1, 1, 1, 1)
+    idx = i * kh * kw + (uh + sh) * kw + (uw + sw)
+    return idx.reshape((kh // fh) * (kw // fw), -1)
+
+
+def _to_big(w1: Tensor, w2: Tensor, spec: LowRankSpec, out_channels: int, in_channels: int) -> tuple[Tensor, Tensor]:
+    """Conv weights -> A (R, I*a) with grouped blocks in place and B (O, S, R)."""
+    (g1, g2), r, big_r = spec.groups, spec.rank, spec.width
+    w1, w2 = w1.double(), w2.double()
+    cols = w1[0].numel() * g1
+    a = w1.reshape(big_r, -1)
+    if g1 > 1:
+        a, nj = torch.zeros(big_r, cols, dtype=w1.dtype, device=w1.device), cols // g1
+        for j in range(g1):
+            a[j * r : (j + 1) * r, j * nj : (j + 1) * nj] = w1[j * r : (j + 1) * r].reshape(r, nj)
+    b = w2.reshape(out_channels, big_r // g2, -1).transpose(1, 2)
+    if g2 > 1:
+        part, oj = b, out_channels // g2
+        b = torch.zeros(out_channels, part.shape[1], big_r, dtype=w2.dtype, device=w2.device)
+        for j in range(g2):
+            b[j * oj : (j + 1) * oj, :, j * r : (j + 1) * r] = part[j * oj : (j + 1) * oj]
+    return a, b
+
+
+def _from_big(a: Tensor, b: Tensor, spec: LowRankSpec, w1_shape, w2_shape) -> tuple[Tensor, Tensor]:
+    (g1, g2), r = spec.groups, spec.rank
+    if g1 > 1:
+        nj = a.shape[1] // g1
+        a = torch.cat([a[j * r : (j + 1) * r, j * nj : (j + 1) * nj] for j in range(g1)])
+    if g2 > 1:
+        oj = b.shape[0] // g2
+        b = torch.cat([b[j * oj : (j + 1) * oj, :, j * r : (j + 1) * r] for j in range(g2)])
+    return a.reshape(w1_shape), b.transpose(1, 2).reshape(w2_shape)
+
+
+def _masks(spec: LowRankSpec, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Where A (R, I*a) and B (O, R) may be non-zero."""
+    (g1, g2), r = spec.groups, spec.rank
+    ma = torch.ones_like(a, dtype=torch.bool)
+    mb = torch.ones(b.shape[0], b.shape[2], dtype=torch.bool, device=b.device)
+    if g1 > 1:
+        ma = torch.block_diag(*[torch.ones(r, a.shape[1] // g1, device=a.device)] * g1).bool()
+    if g2 > 1:
+        mb = torch.block_diag(*[torch.ones(b.shape[0] // g2, r, device=b.device)] * g2).bool()
+    return ma, mb
+
+
+def branch_weight(w1: Tensor, w2: Tensor, spec: LowRankSpec, shape: Sequence[int]) -> Tensor:
+    """The dense float64 weight (O, I, kh, kw) of a branch whose two conv weights are ``w1``, ``w2``."""
+    o, i, kh, kw = shape
+    a, b = _to_big(w1, w2, spec, o, i)
+    idx = _slots((kh, kw), spec.first_kernel, i).to(a.device)
+    dense = torch.zeros(o, i * kh * kw, dtype=torch.float64, device=a.device)
+    dense[:, idx.flatten()] = torch.einsum("osk,kc->osc", b, a).reshape(o, -1)
+    return dense.reshape(o, i, kh, kw)
+
+
+def output_error(weight: Tensor, approx: Tensor, full_moment: Tensor) -> float:
+    """E||(W - W_hat) p||^2 per patch over the original kernel's patch moment: tr(D C D^T) with
+    D = (W - W_hat) reshaped to (O, I*kh*kw). ``approx`` is a dense weight (see :func:`branch_weight`)."""
+    d = (weight.detach().double() - approx.double().to(weight.device)).reshape(weight.shape[0], -1)
+    c = full_moment.double().to(d.device)
+    return float(((d @ c) * d).sum())
+
+
+def _psd_solve(h: Tensor, rhs: Tensor) -> Tensor:
+    """Minimum-norm solution of h x = rhs (columns of rhs) for a symmetric PSD h."""
+    e, q = torch.linalg.eigh((h + h.T) / 2)
+    live = e > e.amax().clamp_min(0) * h.shape[0] * torch.finfo(h.dtype).eps * 10
+    inv = torch.where(live, 1 / torch.where(live, e, torch.ones_like(e)), torch.zeros_like(e))
+    return q @ (inv[:, None] * (q.T @ rhs))
+
+
+def refit(
+    weight: Tensor,
+    spec: LowRankSpec,
+    full_moment: Tensor,
+    init: tuple[Tensor, Tensor],
+    *,
+    iters: int = 4,
+    cg_iters: int = 50,
+) -> tuple[Tensor, Tensor, float]:
+    """Alternating least squares on a branch's two factors under the full patch moment.
+
+    Each step minimises tr((W - W_hat) C (W - W_hat)^T) exactly over one factor with the other fixed
+    (the second layer's by a direct solve; the first's directly when small, else by conjugate
+    gradients preconditioned with a Kronecker approximation of its normal equations). The error
+    never rises; the best factors seen are returned.
+
+    Args:
+        weight: (O, I, kh, kw) the branch approximates (the residual for a later branch).
+        spec: the branch (rank included).
+        full_moment: E[p p^T] of the original kernel's patches (I*kh*kw square).
+        init: (first, second) conv weights to start from, e.g. the whitened ones.
+
+    Returns:
+        (first, second, error) in float64, the conv weights' shapes as ``init``'s.
+    """
+    o, i, kh, kw = weight.shape
+    w1, w2 = init
+    a, b = _to_big(w1, w2, spec, o, i)
+    dev = a.device
+    idx = _slots((kh, kw), spec.first_kernel, i).to(dev).flatten()
+    c = full_moment.double().to(dev)[idx][:, idx]
+    s_n, n_f, big_r = b.shape[1], a.shape[1], a.shape[0]
+    w = weight.detach().double().to(dev).reshape(o, -1)[:, idx]
+    wc = w @ c
+    mask_a, mask_b = _masks(spec, a, b)
+    c4 = c.reshape(s_n, n_f, s_n, n_f)
+
+    def error(a: Tensor, b: Tensor) -> float:
+        d = w - torch.einsum("osk,kc->osc", b, a).reshape(o, -1)
+        return float(((d @ c) * d).sum())
+
+    best = (error(a, b), a, b)
+    start = best[0]
+    for _ in range(iters):
+        # second layer: per output row a least-squares problem over its allowed (slot, rank) weights
+        a_t = torch.block_diag(*[a] * s_n)
+        h, z = a_t @ c @ a_t.T, wc @ a_t.T
+        b = torch.zeros_like(b)
+        for rows in mask_b.unique(dim=0):
+            sel_o = (mask_b == rows).all(1)
+            sel = torch.cat([rows.nonzero().flatten() + s * big_r for s in range(s_n)])
+            sol = _psd_solve(h[sel][:, sel], z[sel_o][:, sel].T).T
+            part = torch.zeros(int(sel_o.sum()), s_n * big_r, dtype=b.dtype, device=dev)
+            part[:, sel] = sol
+            b[sel_o] = part.reshape(-1, s_n, big_r)
+        # first layer: the normal equations sum_{s,t} B_s^T B_t A C_ts = sum_s B_s^T (W C)_s on A's support
+        rhs = torch.einsum("osk,osc->kc", b, wc.reshape(o, s_n, n_f)) * mask_a
+        if mask_a.sum() <= _DENSE_SOLVE_MAX:
+            g = torch.einsum("atk,asl->tskl", b, b)
+            k = torch.einsum("tskl,tcsd->kcld", g, c4).reshape(big_r * n_f, big_r * n_f)
+            sup = mask_a.flatten()
+            a = torch.zeros_like(a)
+            a.view(-1)[sup] = _psd_solve(k[sup][:, sup], rhs.flatten()[sup, None])[:, 0]
+        else:
+            a = _cg_first(a * mask_a, b, c, c4, rhs, mask_a, spec, cg_iters)
+        err = error(a, b)
+        if err < best[0]:
+            best = (err, a, b)
+    logger.debug("refit %s: output error %.4g -> %.4g", spec, start, best[0])
+    w1_new, w2_new = _from_big(best[1], best[2], spec, w1.shape, w2.shape)
+    return w1_new, w2_new, best[0]
+
+
+def _cg_first(a, b, c, c4, rhs, mask, spec: LowRankSpec, iters: int) -> Tensor:
+    """Preconditioned CG on the first layer's normal equations, started at ``a`` (so never worse)."""
+    o, s_n, _ = b.shape
+    n_f = a.shape[1]
+
+    def apply(x: Tensor) -> Tensor:
+        y = (torch.einsum("osk,kc->osc", b, x).reshape(o, -1) @ c).reshape(o, s_n, n_f)
+        return torch.einsum("osk,osc->kc", b, y) * mask
+
+    g_bar = torch.einsum("osk,osl->kl", b, b)
+    c_bar = c4.diagonal(dim1=0, dim2=2).mean(-1)
+    g1, r = spec.groups[0], spec.rank
+    blocks = [(slice(j * r, (j + 1) * r), slice(j * n_f // g1, (j + 1) * n_f // g1)) for j in range(g1)] if g1 > 1 else [(slice(None), slice(None))]
+    inverses = []
+    for rows, cols in blocks:
+        gi, ci = g_bar[rows, rows], c_bar[cols, cols]
+        eye_g, eye_c = torch.eye(gi.shape[0], dtype=gi.dtype, device=gi.device), torch.eye(ci.shape[0], dtype=ci.dtype, device=ci.device)
+        inverses.append((_psd_solve(gi + 1e-9 * gi.trace() * eye_g / gi.shape[0] + 1e-300 * eye_g, eye_g),
+                         _psd_solve(ci + 1e-9 * ci.trace() * eye_c / ci.shape[0] + 1e-300 * eye_c, eye_c)))
+
+    def precondition(x: Tensor) -> Tensor:
+        out = torch.zeros_like(x)
+        for (rows, cols), (gi, ci) in zip(blocks, inverses):
+            out[rows, cols] = gi @ x[rows, cols] @ ci
+        return out
+
+    x = a.clone()
+    res = rhs - apply(x)
+    z = precondition(res)
+    p, rz = z, (res * z).sum()
+    norm = rhs.norm()
+    for _ in range(iters):
+        tp = apply(p)
+        curvature = (p * tp).sum()
+        if curvature <= 0 or res.norm() <= 1e-10 * norm:
+            break
+        alpha = rz / curvature
+        x, res = x + alpha * p, res - alpha * tp
+        z = precondition(res)
+        rz, rz_old = (res * z).sum(), rz
+        p = z + (rz / rz_old) * p
+    return x
+
+
+# ---- whole layers ----
+
+
+def _specs(specs: Sequence[LowRankSpec] | LowRankSpec) -> list[LowRankSpec]:
+    return [specs] if isinstance(specs, LowRankSpec) else list(specs)
+
+
+def bias_shift(weight: Tensor, approx: Tensor, mean_orig: Tensor, mean_comp: Tensor | None = None) -> Tensor:
+    """Change of the output mean to add to the bias: W E[p_orig] - W_hat E[p_comp] (full patches).
+
+    Without ``mean_comp`` (no prefix) it is (W - W_hat) E[p]. For a layer with no bias of its own,
+    the shift can go to whatever follows (a BatchNorm's running mean, say).
+    """
+    mean_comp = mean_orig if mean_comp is None else mean_comp
+    w = weight.detach().double().reshape(weight.shape[0], -1)
+    dev = w.device
+    return w @ mean_orig.double().to(dev) - approx.double().to(dev).reshape(w.shape[0], -1) @ mean_comp.double().to(dev)
+
+
+def _fill(layer: nn.Module, block: LowRankBlock, weights: list[tuple[Tensor, Tensor]], shift: Tensor | None) -> LowRankBlock:
+    with torch.no_grad():
+        for branch, (w1, w2) in zip(block.branches, weights):
+            branch.first.weight.copy_(w1.reshape(branch.first.weight.shape))
+            branch.second.weight.copy_(w2.reshape(branch.second.weight.shape))
+        if layer.bias is not None:
+            bias = layer.bias.detach().double() + (0 if shift is None else shift.to(layer.bias.device))
+            block.branches[0].second.bias.copy_(bias)
+    return block
+
+
+def _bias_wanted(layer: nn.Module, bias_correction: bool | None) -> bool:
+    if bias_correction and layer.bias is None:
+        raise SpecError("bias_correction needs a layer with a bias; use bias_shift() to move the shift elsewhere")
+    return layer.bias is not None if bias_correction is None else bias_correction
+
+
+@torch.no_grad()
+def derive(
+    layer: nn.Module,
+    specs: Sequence[LowRankSpec] | LowRankSpec,
+    derivation: str = "weight",
+    stats: PatchMoments | None = None,
+    *,
+    damping: float = 1e-6,
+    refit_iters: int = 4,
+    bias_correction: bool = False,
+) -> LowRankBlock:
+    """Replace-ready low-rank version of ``layer``, its factors derived as ``derivation`` says.
+
+    Args:
+        layer: an ``nn.Conv2d`` (groups=1) or ``nn.Linear``.
+        specs: one spec per branch; branch n approximates what the branches before it left.
+        derivation: "weight" (exactly :func:`~svdnas.lowrank.decompose.decompose`), "whitened" or
+            "refit" (whitened, then :func:`refit` where the second layer holds kernel dims or the
+            first is grouped).
+        stats: the layer's input statistics (see :func:`~svdnas.lowrank.calibration.moments_for`):
+            every family's moment for "whitened", plus the full moment for "refit".
+        bias_correction: add :func:`bias_shift` (from ``stats``' full patch mean) to the bias.
+
+    Raises:
+        SpecError: for an unknown derivation, missing statistics or a spec that does not fit.
+    """
+    if derivation not in DERIVATIONS:
+        raise SpecError(f"derivation must be one of {', '.join(DERIVATIONS)}; got {derivation!r}")
+    specs = _specs(specs)
+    if derivation == "weight" and not bias_correction:
+        return decompose(layer, specs)
+    if stats is None:
+        raise SpecError(f"the {derivation!r} derivation needs calibration statistics of the layer's inputs")
+    _bias_wanted(layer, bias_correction)
+    block = empty_block(layer, specs)
+    weight = conv_weight(layer).detach()
+    kernel = (weight.shape[2], weight.shape[3])
+    residual = weight.double().clone()
+    weights = []
+    for spec in specs:
+        fk, groups = spec.family()
+        if derivation == "weight":
+            factors = F.svd(residual, fk, groups)
+        else:
+            factors = whitened_svd(residual, spec.family(), stats.moment(fk, groups[0]), damping=damping)
+        w1, w2 = F.factor_weights(factors, spec, kernel)
+        if derivation == "refit" and (fk != kernel or groups[0] > 1):
+            w1, w2, _ = refit(residual, spec, stats.full_moment(), (w1, w2), iters=refit_iters)
+        weights.append((w1, w2))
+        residual -= branch_weight(w1, w2, spec, weight.shape)
+    shift = bias_shift(weight, weight.double() - residual, stats.full_mean()) if bias_correction else None
+    return _fill(layer, block, weights, shift)
+
+
+@torch.no_grad()
+def derive_prefix(
+    layer: nn.Module,
+    specs: Sequence[LowRankSpec] | LowRankSpec,
+    stats: CrossMoments,
+    *,
+    damping: float = 1e-6,
+    bias_correction: bool | None = None,
+) -> LowRankBlock:
+    """Low-rank version of ``layer`` fitted to run on the compressed model's inputs (asymmetric fit).
+
+    Exact (the least-squares optimum of the output error against the original layer on the original
+    inputs) for a single branch with the whole kernel in the first layer and no first-layer groups;
+    other families use the pooled, per-group moments as :func:`whitened_svd` does.
+
+    Args:
+        stats: the layer's inputs under both streams, with every family's moments.
+        bias_correction: shift the bias by W E[p_orig] - W_hat E[p_comp]; None: when the layer has a bias.
+    """
+    specs = _specs(specs)
+    check_layer_specs(layer, specs)
+    correct = _bias_wanted(layer, bias_correction)
+    block = empty_block(layer, specs)
+    weight = conv_weight(layer).detach()
+    kernel = (weight.shape[2], weight.shape[3])
+    fitted = torch.zeros_like(weight, dtype=torch.float64)
+    weights = []
+    for spec in specs:
+        fk, groups = spec.family()
+        factors = prefix_svd(
+            weight, spec.family(), stats.cross(fk, groups[0]), stats.comp(fk, groups[0]),
+            fitted=fitted if weights else None, damping=damping,
+        )
+        w1, w2 = F.factor_weights(factors, spec, kernel)
+        weights.append((w1, w2))
+        fitted += branch_weight(w1, w2, spec, weight.shape)
+    shift = bias_shift(weight, fitted, *stats.full_means()) if correct else None
+    return _fill(layer, block, weights, shift)
+
+
+def family_ranks_errors(weight: Tensor, family: F.Family, stats: PatchMoments, *, damping: float = 1e-6) -> Tensor:
+    """Whitened error of every rank 0..K of a family, from one decomposition (no convolution)."""
+    return rank_errors(whitened_svd(weight, family, stats.moment(family[0], family[1][0]), damping=damping))
+
+
+__all__ = [
+    "DERIVATIONS", "bias_shift", "branch_weight", "derive", "derive_prefix", "family_ranks_errors",
+    "output_error", "prefix_svd", "rank_errors", "refit", "whitened_svd",
+]
