@@ -127,7 +127,7 @@ def test_blocks_built_for_timing_have_the_decomposed_structure():
     layer = nn.Conv2d(8, 12, 3, stride=2, padding=1)
     specs = [LowRankSpec((3, 1), (2, 1), 3)]
     built = lt._build(layer, specs, torch.device("cpu"))
-    from svdnas.lowrank import decompose
+    from svdnas import decompose
 
     real = decompose(layer, specs)
     x = torch.randn(1, 8, 9, 9)
