@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# What a lent GPU machine ran: issue 5's synthetic ablation at the paper's scale (1k / 5k / 25k images
-# of 500 iterations) and issue 7's step cost on a GPU (`paper`), and data-free compressions on 5,120
+# What a lent GPU machine ran: the synthetic ablation at the paper's scale (1k / 5k / 25k images
+# of 500 iterations) and the search step's cost on a GPU (`paper`), and data-free compressions on 5,120
 # synthetic images of 500 iterations (`data-free`, two seeds).
 #
 #   SVDNAS_FMNIST=DIR OUT=DIR benchmarks/gpu_run.sh [paper|data-free|smoke] [SECONDS]
 #
-# Needs the post-training run directory runs/recovery-resnet18-1k/post (benchmarks/recovery.py makes
-# it) and torch with CUDA; the package is used from src/ (no install). The lent machine had no
+# Needs the post-training run directory runs/recovery-resnet18-1k/post (benchmarks/tables/data_limited_recovery.py
+# makes it) and torch with CUDA; the package is used from src/ (no install). The lent machine had no
 # ultralytics-thop: wheels in .whl/ (pip download) are installed into /tmp/site first. `smoke` runs
 # every stage tiny (on the CPU when there is no GPU) to check the script itself. Each stage runs even
 # if one before it failed (the ablation and data-free stages need the images of the first); the
 # data-free stage gets what is left of SECONDS (default 560). Results and a log go to $OUT.
+# Filed in the repository as benchmarks/results/synthetic_ablation/resnet18_paper_<gpu>.json,
+# benchmarks/results/search_step_cost/ and benchmarks/results/gpu_run/ (the log, the data-free reports).
 # Distillation runs at 0.001, the default when these ran (2026-11-26; the default is 0.01 since).
 set -uo pipefail
 scale=${1:-paper}
 budget=${2:-560}
-export PYTHONPATH=src:benchmarks:/tmp/site PYTHONUNBUFFERED=1
+# the benchmarks run as modules of the benchmarks package, from the repository root
+export PYTHONPATH=src:.:/tmp/site PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1 || echo "!! wheels not installed"
 fi
@@ -44,8 +47,8 @@ stage() { echo "== $1 (t=${SECONDS}s, $(date -u +%T))"; }
 probe() {
   $py - "$dev" "$parallel" "$num" "$iters" <<'PY'
 import sys, time, torch
-from svdnas.models import build_model
-from svdnas.synthetic import SynthConfig, generate_batches
+from svdnas.models.build import build_model
+from svdnas.recovery.synthetic import SynthConfig, generate_batches
 dev, parallel, num, iters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = build_model("zoo:resnet18")[0].to(dev).eval().requires_grad_(False)
 generate_batches(model, (1, 28, 28), 32, SynthConfig(iterations=3), list(range(parallel)), dev)
@@ -67,16 +70,16 @@ ablation() {
   stage "ablation"
   rm -f "$work/synthetic-plain.safetensors" "$work/synthetic-plain.json"
   # shellcheck disable=SC2086
-  $py benchmarks/synthetic_ablation.py --run runs/recovery-resnet18-1k/post --synthetic "$work/synthetic.safetensors" \
+  $py -m benchmarks.tables.synthetic_ablation --run runs/recovery-resnet18-1k/post --synthetic "$work/synthetic.safetensors" \
     --counts $counts --val "$val" --epochs "$epochs" --lr 0.001 $test --device "$dev" --parallel "$parallel" \
     --out "$out/synthetic_ablation_resnet18_paper.json"
 }
 
 step_cost() {
   stage "search step cost"
-  $py benchmarks/search_cost.py --model zoo:resnet18 --batch "$batch" --repeats "$repeats" --device "$dev" \
+  $py -m benchmarks.tables.search_step_cost --model zoo:resnet18 --batch "$batch" --repeats "$repeats" --device "$dev" \
     --out "$out/search_cost_gpu_zoo.json"
-  $py benchmarks/search_cost.py --model module:benchmarks/models.py:resnet18_full_fmnist --max-groups 1 --batch "$batch" \
+  $py -m benchmarks.tables.search_step_cost --model module:benchmarks/bench_models.py:resnet18_full_fmnist --max-groups 1 --batch "$batch" \
     --repeats "$repeats" --device "$dev" --out "$out/search_cost_gpu_full.json"
 }
 

@@ -1,6 +1,6 @@
 """The benchmark scripts import and parse their arguments; their small helpers are right."""
 
-import importlib.util
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -8,26 +8,29 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p for p in (ROOT / "benchmarks").glob("*.py") if p.name != "models.py" and not p.name.startswith("_"))
+# the benchmarks are modules of the benchmarks package, run from the repository root: python -m benchmarks.tables.NAME
+SCRIPTS = sorted(
+    ".".join(p.relative_to(ROOT).with_suffix("").parts)
+    for folder in ("tables", "diagnostics", "tools")
+    for p in (ROOT / "benchmarks" / folder).glob("*.py")
+    if not p.name.startswith("_")
+)
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
-def test_benchmark_help(script):
-    res = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.split(".", 1)[1])
+def test_benchmark_help(module):
+    res = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "usage:" in res.stdout
 
 
 def _load(name, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as when run as a script: siblings import
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    monkeypatch.syspath_prepend(str(ROOT))  # as when run with -m from the repository root
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_spearman_and_pareto(monkeypatch):
-    m = _load("one_layer_space", monkeypatch)
+    m = _load("tables.one_layer_space", monkeypatch)
     assert m.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert m.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert m.ranks([5.0, 1.0, 5.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
@@ -40,7 +43,7 @@ def test_spearman_and_pareto(monkeypatch):
 def test_allocation_reads_kept_share_and_groups(monkeypatch, tmp_path):
     import json
 
-    m = _load("allocation", monkeypatch)
+    m = _load("diagnostics.budget_allocation", monkeypatch)
     layers = [
         {"name": "a", "flops": [100, 25], "branches": [{"first_kernel": [1, 1], "groups": [24, 1], "rank": 8}]},
         {"name": "b", "flops": [100, 100], "branches": []},

@@ -1,23 +1,18 @@
 """How much each target layer matters on its own: the top-1 drop when only that layer is replaced
 by a low-rank version (the one-layer accuracy proxy, for a few fixed ranks).
 
-    .venv/bin/python benchmarks/layer_sensitivity.py --model zoo:resnet18 --ranks 1 4
+    .venv/bin/python -m benchmarks.diagnostics.layer_sensitivity --model zoo:resnet18 --ranks 1 4
 
 Each layer gets the spatial-separable split (kx1 first; 1x1 layers the plain SVD), ungrouped, at
 each rank of --ranks; top-1 on --images held-out training images (drawn as the search's proxy
-images are). Prints one row per layer and writes benchmarks/results/layer_sensitivity_<model>.json.
+images are). Prints one row per layer and writes benchmarks/results/layer_sensitivity/<model>.json.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
-import torch
-from _common import stamp
-
+from benchmarks.common import parser, result_path, setup, short_name, stamp, write_json
 from svdnas.data.datasets import load_data, search_subset
 from svdnas.lowrank.decompose import decompose
 from svdnas.lowrank.spec import LowRankSpec
@@ -28,15 +23,11 @@ from svdnas.surgery.trace import example_input, trace_layers
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="zoo:resnet18")
-    p.add_argument("--data", default="fmnist")
+    p = parser(__doc__)
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 4])
     p.add_argument("--images", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    setup(args)
     model, info = build_model(args.model)
     model.eval()
     data = load_data(args.data)
@@ -55,14 +46,12 @@ def main() -> None:
         specs = [LowRankSpec(first, (1, 1), r) for r in args.ranks]
         drops = [original - a for a in ev.top1([decompose(layer, [s]) for s in specs])]
         rows.append({"layer": name, "weight_shape": list(layer.weight.shape), "drops_pp": dict(zip(map(str, args.ranks), drops))})
-        print(f"{name:24s} {str(tuple(layer.weight.shape)):>18s} " + " ".join(f"{d:8.2f}" for d in drops), flush=True)
+        print(f"{name:24s} {tuple(layer.weight.shape)!s:>18s} " + " ".join(f"{d:8.2f}" for d in drops), flush=True)
     print(f"original top-1 {original:.2f}% on {args.images} images; {time.perf_counter() - t0:.0f}s")
-    out = Path("benchmarks/results") / f"layer_sensitivity_{args.model.split(':')[-1]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    out = write_json(result_path("layer_sensitivity", f"{short_name(args.model)}.json"), {
         "model": args.model, "images": args.images, "ranks": args.ranks, "original_top1": original, "rows": rows,
         **stamp(args.threads),
-    }, indent=1) + "\n")
+    })
     print(f"wrote {out}")
 
 

@@ -3,17 +3,17 @@ images, each compressed layer's MSE against the original's output and the mean s
 output, the sum of the MSEs (the paper's term) and of the relative MSEs (svdnas's default). Shows
 why the paper's plain sum suits one model's learning rate and wrecks another's (issue 5).
 
-    .venv/bin/python benchmarks/layer_scale.py runs/mbv2-r0.3 zoo:mobilenetv2
+    .venv/bin/python -m benchmarks.diagnostics.distill_layer_scale runs/mbv2-r0.3 zoo:mobilenetv2
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 import svdnas
+from benchmarks.common import parser, setup
 from svdnas.data.datasets import load_data
 from svdnas.lowrank.plan import Plan
 from svdnas.models.build import build_model
@@ -21,13 +21,13 @@ from svdnas.recovery.distill import _Outputs, layer_mse
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, model=None, threads=None, seed=None)
     p.add_argument("run", type=Path, help="a run directory written by compress or baseline")
     p.add_argument("model", help="the original model's spec")
-    p.add_argument("--data", default="fmnist")
     p.add_argument("--images", type=int, default=64, help="the first N training images (one batch)")
     p.add_argument("--top", type=int, default=5, help="layers to list, largest MSE first")
     args = p.parse_args()
+    setup(args)
     student = svdnas.load(str(args.run))
     teacher, _ = build_model(args.model)
     layers = [n for n, specs in Plan.from_json((args.run / "plan.json").read_text()).layers.items() if specs]

@@ -2,21 +2,20 @@
 super model, the operators grouped into the convolutions (forward and backward) and the building
 of the mixed weights (batched matmuls of the rank windows; scaling, adding and folding).
 
-    .venv/bin/python benchmarks/profile_step.py --model module:benchmarks/models.py:resnet18_full_fmnist --max-groups 1 --threads 1
+    .venv/bin/python -m benchmarks.diagnostics.search_step_profile --model module:benchmarks/bench_models.py:resnet18_full_fmnist --max-groups 1 --threads 1
 
-Same model, grid, batch and candidates as benchmarks/search_cost.py. Prints the profiler's table and
+Same model, grid, batch and candidates as benchmarks/tables/search_step_cost.py. Prints the profiler's table and
 the share of each group in the self CPU time.
 """
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
-from search_cost import logits_only, supernet_for
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.common import parser, setup
+from benchmarks.tables.search_step_cost import logits_only, supernet_for
 from svdnas.models.build import build_model
 from svdnas.pipeline.config import CompressConfig
 
@@ -28,18 +27,15 @@ GROUPS = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="zoo:resnet18")
+    p = parser(__doc__, data=None, seed=None, threads=1)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--reduction", type=float, default=0.6)
     p.add_argument("--max-groups", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="precision of the rank windows")
     p.add_argument("--input-shape", type=int, nargs=3, default=[1, 28, 28], help="C H W, for module: models")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    setup(args, manual_seed=0)
     model, info = build_model(args.model)
     shape = info.input_shape or tuple(args.input_shape)
     net, n, _ = supernet_for(model, shape, info.default_filter, CompressConfig(reduction=args.reduction).fractions(), args.max_groups, "mixed", args.dtype)

@@ -1,7 +1,7 @@
 """One layer's whole LR-space (the paper's Figure 3 analogue, issue 6): every candidate's top-1
 with only that layer compressed, against its FLOPs, and how well two cheap proxies predict it.
 
-    .venv/bin/python benchmarks/one_layer_space.py --model zoo:resnet18 --layer layer2.0.conv2
+    .venv/bin/python -m benchmarks.tables.one_layer_space --model zoo:resnet18 --layer layer2.0.conv2
 
 For every candidate of the layer (every kernel split, grouping and rank of ``svdnas.space``):
   * top-1 on --images held-out training images with that layer alone replaced (the one-layer
@@ -9,20 +9,18 @@ For every candidate of the layer (every kernel split, grouping and rank of ``svd
   * the relative squared error of its reconstructed weight (the proxy the paper argues against);
   * the relative squared error of the layer's output on the same images (svdnas's family proxy).
 Prints the Spearman rank correlation of each proxy with the top-1 drop, writes
-benchmarks/results/one_layer_space_<model>_<layer>.json and a two-panel figure: the Pareto front of top-1
+benchmarks/results/one_layer_space/<model>_<layer>.json and a two-panel figure (.png beside it): the Pareto front of top-1
 against the layer's MACs coloured by kernel split, and each proxy against the drop.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
-from _common import stamp
 
+from benchmarks.common import parser, result_path, setup, short_name, stamp, write_json
 from svdnas.cost.counting import layer_cost
 from svdnas.data.datasets import load_data, search_subset
 from svdnas.lowrank.decompose import decompose
@@ -109,16 +107,12 @@ def figure(rows: list[dict], original_top1: float, layer: str, rho: dict[str, fl
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="zoo:resnet18")
-    p.add_argument("--data", default="fmnist")
+    p = parser(__doc__)
     p.add_argument("--layer", default="layer2.0.conv2")
     p.add_argument("--images", type=int, default=256, help="held-out training images (drawn as the proxy's are)")
     p.add_argument("--chunk", type=int, default=32, help="candidates evaluated per recorded pass")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    setup(args)
     model, _ = build_model(args.model)
     model.eval()
     data = load_data(args.data)
@@ -171,18 +165,16 @@ def main() -> None:
         if best is not None:
             print(f"  best at <= {frac:.0%} MACs: top-1 {best['top1']:.2f} ({best['split']}, {best['grouping']}, rank {best['spec']['rank']})")
 
-    name = f"{args.model.split(':')[-1]}_{args.layer}"
-    out = Path("benchmarks/results")
-    out.mkdir(parents=True, exist_ok=True)
-    fig = out / f"one_layer_space_{name}.png"
+    name = f"{short_name(args.model)}_{args.layer}"
+    fig = result_path("one_layer_space", f"{name}.png")
+    fig.parent.mkdir(parents=True, exist_ok=True)
     figure(rows, ev.original_top1, args.layer, rho, fig)
     result = {
         "benchmark": "one_layer_space", "model": args.model, "layer": args.layer, "images": args.images,
         **stamp(args.threads), "seconds": seconds, "original_top1": ev.original_top1,
         "spearman": rho, "spearman_macs_le_half": rho_cheap, "pareto": front, "candidates": rows,
     }
-    path = out / f"one_layer_space_{name}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = write_json(result_path("one_layer_space", f"{name}.json"), result)
     print(f"wrote {path} and {fig}")
 
 

@@ -1,6 +1,6 @@
 """How far a zoo model survives one rank fraction in every target layer (and that full rank is exact).
 
-    .venv/bin/python benchmarks/spectrum_check.py [--model zoo:resnet18] [--images 2000]
+    .venv/bin/python -m benchmarks.diagnostics.rank_fraction_accuracy [--model zoo:resnet18] [--images 2000]
 
 Every target layer gets the same split at the same fraction of its full rank; prints top-1 on the
 first N test images per fraction.
@@ -8,12 +8,11 @@ first N test images per fraction.
 
 from __future__ import annotations
 
-import argparse
 import copy
 
-import torch
 from torch.utils.data import Subset
 
+from benchmarks.common import parser, setup
 from svdnas.data.datasets import load_data
 from svdnas.data.evaluate import evaluate
 from svdnas.lowrank.plan import Plan
@@ -25,13 +24,13 @@ from svdnas.surgery.trace import example_input, trace_layers
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default="zoo:resnet18")
+    p = parser(__doc__, seed=None)
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0, 0.7, 0.5, 0.3])
     args = p.parse_args()
+    setup(args)
     model, info = build_model(args.model)
-    data = load_data("fmnist")
+    data = load_data(args.data)
     sub = Subset(data.test, list(range(args.images)))
     print(f"{args.model}: original top-1 {evaluate(model, sub)['top1']:.2f} on {args.images} test images")
     infos = trace_layers(model, example_input(model, info.input_shape))
@@ -49,5 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     main()

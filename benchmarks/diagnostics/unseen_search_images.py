@@ -8,20 +8,17 @@ images from the training split) and once searching on images of the first half (
 original), and compresses it with ALDS (data-free). All three are scored on the second half only.
 A diagnosis, not a way to use the tool: a user's test split is not for searching.
 
-    .venv/bin/python benchmarks/unseen_search.py --model zoo:efficientnet_b0 --reduction 0.1
+    .venv/bin/python -m benchmarks.diagnostics.unseen_search_images --model zoo:efficientnet_b0 --reduction 0.1
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import time
-from pathlib import Path
 
 import torch
-from _common import stamp
 
+from benchmarks.common import parser, result_path, setup, short_name, stamp, write_json
 from svdnas.data.datasets import DataBundle, load_data
 from svdnas.data.evaluate import evaluate
 from svdnas.models.build import build_model
@@ -31,15 +28,11 @@ from svdnas.pipeline.config import CompressConfig
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="zoo:efficientnet_b0")
-    p.add_argument("--data", default="fmnist")
+    p = parser(__doc__, model="zoo:efficientnet_b0", threads=1, seed=None,
+               out="JSON path (default benchmarks/results/unseen_search_images/<model>_r<R>.json)")
     p.add_argument("--reduction", type=float, default=0.1)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/unseen_search_<model>_r<R>.json)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    setup(args, manual_seed=0)
     data = load_data(args.data)
     n = len(data.test)  # type: ignore[arg-type]
     first = torch.utils.data.Subset(data.test, range(n // 2))
@@ -52,7 +45,8 @@ def main() -> None:
     rows = []
     for name, bundle in (("svdnas, search on training images (as shipped)", scored), ("svdnas, search on unseen images", unseen)):
         t0 = time.perf_counter()
-        result = compress(copy.deepcopy(model), bundle, CompressConfig(reduction=args.reduction), data.input_shape, info.default_filter, seed=0)
+        result = compress(copy.deepcopy(model), bundle, CompressConfig(reduction=args.reduction), input_shape=data.input_shape,
+                          filter_fn=info.default_filter, seed=0)
         r = result.report
         rows.append({"method": name, "top1": r["top1"]["compressed"], "drop_pp": original - r["top1"]["compressed"],
                      "flops_reduction": r["flops"]["reduction"], "seconds": time.perf_counter() - t0})
@@ -66,10 +60,8 @@ def main() -> None:
     print("| method | top-1 | drop (pp) | FLOPs reduction |\n| --- | ---: | ---: | ---: |")
     for row in rows:
         print(f"| {row['method']} | {row['top1']:.2f} | {row['drop_pp']:.2f} | {100 * row['flops_reduction']:.1f}% |")
-    out = Path(args.out or f"benchmarks/results/unseen_search_{args.model.split(':')[-1]}_r{args.reduction}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "unseen_search", "model": args.model, "reduction": args.reduction, **stamp(args.threads),
-                               "scored_images": len(second), "original_top1": original, "rows": rows}, indent=1) + "\n")
+    out = write_json(args.out or result_path("unseen_search_images", f"{short_name(args.model)}_r{args.reduction}.json"), {"benchmark": "unseen_search", "model": args.model, "reduction": args.reduction, **stamp(args.threads),
+                               "scored_images": len(second), "original_top1": original, "rows": rows})
     print(f"wrote {out}")
 
 

@@ -1,30 +1,25 @@
 """Post-training comparison (Table 1 / issue 7 analogue): svdnas beside every baseline, same model,
 data, budget and test images, in one run.
 
-    .venv/bin/python benchmarks/post_training.py --model zoo:resnet18 --reductions 0.4 0.5 0.6 0.7
+    .venv/bin/python -m benchmarks.tables.post_training_comparison --model zoo:resnet18 --reductions 0.4 0.5 0.6 0.7
 
 Baselines: uniform and energy with every kernel split, data-free LR-S2, ALDS and F-Group. With
 --branches 2 the svdnas run is the residual extension and gives two rows, B1 (the first search,
 which meets the budget on its own) and B2. Prints one table, writes
-benchmarks/results/post_training_<model>.json after every row (a rerun with the same settings skips
+benchmarks/results/post_training_comparison/<model>.json after every row (a rerun with the same settings skips
 the rows already there, so a stopped run resumes) and a plot of top-1 drop against FLOPs reduction.
 --test-images N evaluates every method on the same first N test images (default: all).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
-import torch
-from _common import first_test_images, stamp
-from summarize import table
-
+from benchmarks.common import model_and_data, parser, result_path, setup, stamp
+from benchmarks.common import post_training_table as table
 from svdnas.baselines.methods import SPLITS
-from svdnas.data.datasets import load_data
-from svdnas.models.build import build_model
 from svdnas.pipeline.baseline import run_baseline
 from svdnas.pipeline.compress import compress
 from svdnas.pipeline.config import CompressConfig
@@ -34,9 +29,7 @@ ALL_METHODS = ["svdnas"] + [f"uniform-{s}" for s in SPLITS] + [f"energy-{s}" for
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="zoo:resnet18")
-    p.add_argument("--data", default="fmnist")
+    p = parser(__doc__, out="JSON to write (default benchmarks/results/post_training_comparison/<model>.json)")
     p.add_argument("--reductions", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7])
     p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS, metavar="METHOD")
     p.add_argument("--epochs", type=int, default=20)
@@ -44,18 +37,13 @@ def main() -> None:
     p.add_argument("--proxy-drop", type=float, default=5.0)
     p.add_argument("--branches", type=int, default=1, choices=(1, 2))
     p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images (default: all)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model, info = build_model(args.model)
-    data = load_data(args.data)
-    data = first_test_images(data, args.test_images)
+    setup(args)
+    model, info, data = model_and_data(args, args.test_images)
     from svdnas.data.evaluate import evaluate
 
     reference = evaluate(model, data.test)  # the original's accuracy, measured once for every row
-    out = Path(args.out or f"benchmarks/results/post_training_{info.spec.replace(':', '_')}.json")
+    out = Path(args.out or result_path("post_training_comparison", f"{info.spec.replace(':', '_')}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": info.spec, "data": args.data, "epochs": args.epochs, "families": args.families, "proxy_drop": args.proxy_drop,
             "branches": args.branches, "seed": args.seed, "test_images": len(data.test), "threads": args.threads,
@@ -97,7 +85,7 @@ def main() -> None:
             if method == "svdnas":
                 config = CompressConfig(reduction=r, families=args.families, proxy_drop=args.proxy_drop, branches=args.branches,
                                         search=SearchConfig(epochs=args.epochs, target=1 - r))
-                rep = compress(model, data, config, info.input_shape, info.default_filter, seed=args.seed, model_spec=info.spec,
+                rep = compress(model, data, config, input_shape=info.input_shape, filter_fn=info.default_filter, seed=args.seed,
                                reference=reference).report
                 if args.branches == 2:
                     row(r, "svdnas-B1", rep["branches"]["b1"], time.perf_counter() - t0)
@@ -106,12 +94,12 @@ def main() -> None:
             else:
                 name, _, split = method.partition("-")
                 _, _, rep = run_baseline(name, model, data, r, info.input_shape, info.default_filter, split or "kx1", seed=args.seed,
-                                         model_spec=info.spec, reference=reference)
+                                         reference=reference)
             row(r, method, rep, time.perf_counter() - t0)
     rows.sort(key=lambda x: (x["reduction_target"], labels.index(x["method"]) if x["method"] in labels else len(labels)))
     save()
     print()
-    print(table(out))  # the markdown table and verdicts of benchmarks/summarize.py
+    print(table(out))  # the markdown table and verdicts of benchmarks/tools/summarize.py
     try:
         import matplotlib
 

@@ -3,7 +3,7 @@ super model (its rank windows in the default precision: bfloat16 where the devic
 natively), the same in float32 (`mixed-float32`) and the release's `two`-sample scheme, on the same
 model, batch and candidates.
 
-    .venv/bin/python benchmarks/search_cost.py [--model zoo:resnet18] [--batch 128] [--repeats 5]
+    .venv/bin/python -m benchmarks.tables.search_step_cost [--model zoo:resnet18] [--batch 128] [--repeats 5]
 
 Prints a table (medians of interleaved repeats, ratios to the training step) and writes JSON.
 Peak memory: each kind of step also runs in a fresh process of its own (3 steps after the model and
@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import parser, result_path, short_name, write_json
 from svdnas.cost.counting import model_macs
 from svdnas.models.build import build_model
-from svdnas.pipeline.compress import _limit_groups
 from svdnas.pipeline.config import CompressConfig
 from svdnas.search import MixedLayer, build_supernet, grid_candidates, window_dtype
+from svdnas.search.candidates import limit_groups
 from svdnas.surgery.targets import select_targets
 from svdnas.surgery.trace import example_input, trace_layers
 
@@ -46,7 +47,7 @@ def supernet_for(model, shape, filt, fractions, max_groups, sampling, dtype="aut
     infos = trace_layers(model, example_input(model, shape))
     targets, _ = select_targets(model, infos, filt)
     t0 = time.perf_counter()
-    cands = {n: _limit_groups(grid_candidates(n, model.get_submodule(n), infos[n].input_hw, fractions), max_groups) for n in targets}
+    cands = {n: limit_groups(grid_candidates(n, model.get_submodule(n), infos[n].input_hw, fractions), max_groups) for n in targets}
     net, _ = build_supernet(model, cands, sampling, window_dtype(dtype, device))
     return net, sum(len(c) - 1 for c in cands.values()), time.perf_counter() - t0
 
@@ -110,7 +111,7 @@ def probe(kind: str, args) -> None:
 def memory(args) -> dict[str, dict]:
     out = {}
     for kind in ("train", *KINDS):
-        cmd = [sys.executable, __file__, "--probe", kind, "--model", args.model, "--batch", str(args.batch), "--reduction", str(args.reduction),
+        cmd = [sys.executable, "-m", "benchmarks.tables.search_step_cost", "--probe", kind, "--model", args.model, "--batch", str(args.batch), "--reduction", str(args.reduction),
                "--max-groups", str(args.max_groups), "--threads", str(args.threads), "--input-shape", *map(str, args.input_shape)]
         res = subprocess.run(cmd, check=True, capture_output=True, text=True)
         out[kind] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -146,20 +147,18 @@ def gpu_memory(args, dev: torch.device) -> dict[str, dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default="zoo:resnet18")
+    p = parser(__doc__, data=None, seed=None, device=True)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--reduction", type=float, default=0.6)
     p.add_argument("--max-groups", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/search_cost.json")
+    p.add_argument("--out", default=None, help="JSON to write (default benchmarks/results/search_step_cost/<model>.json)")
     p.add_argument("--input-shape", type=int, nargs=3, default=[1, 28, 28], help="C H W, for module: models")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory processes (updates --out's JSON)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--probe", choices=("train", *KINDS), help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.out = args.out or str(result_path("search_step_cost", f"{short_name(args.model)}.json"))
     if args.probe:
         probe(args.probe, args)
         return
@@ -174,7 +173,7 @@ def main() -> None:
             old = json.loads(path.read_text()) if path.is_file() else {}
             old.update({"memory_mib": mem, "memory_ratio_to_train": {k: m["growth_mib"] / mem["train"]["growth_mib"] for k, m in mem.items()},
                         "memory_date": date.today().isoformat()})
-            path.write_text(json.dumps(old, indent=1))
+            write_json(path, old)
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -239,8 +238,7 @@ def main() -> None:
         "macs": model_macs(model, shape), "machine": platform.processor() or platform.machine(), "date": date.today().isoformat(),
         "mixed_window_dtype": str(window_dtype("auto", dev)).removeprefix("torch."), "device": args.device, "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -2,20 +2,19 @@
 set reuses images already made (``compress`` and ``finetune`` hold out the *last* images of a set for
 validation and fidelity: put the set whose last images should play that part last).
 
-    .venv/bin/python benchmarks/join_synthetic.py A.safetensors B.safetensors --out AB.safetensors
+    .venv/bin/python -m benchmarks.tools.join_synthetic A.safetensors B.safetensors --out AB.safetensors
 """
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
+from benchmarks.common import parser
 from svdnas.recovery.synthetic import SyntheticSet, load_synthetic, save_synthetic
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, model=None, data=None, threads=None, seed=None)
     p.add_argument("sets", nargs="+", help="synthetic image files written by svdnas synth")
     p.add_argument("--out", required=True)
     args = p.parse_args()

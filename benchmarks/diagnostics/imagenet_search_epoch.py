@@ -1,29 +1,27 @@
 """One search epoch of an ImageNet-size ResNet-18 (random weights, 224x224, random images) on this
 machine: does it fit in memory, and how long does it take?
 
-    .venv/bin/python benchmarks/imagenet_search.py [--images 256] [--batch 32] [--max-groups 1]
+    .venv/bin/python -m benchmarks.diagnostics.imagenet_search_epoch [--images 256] [--batch 32] [--max-groups 1]
 
 Prints time per stage and the process's peak resident memory; writes JSON.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import resource
 import time
 from datetime import date
-from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
 
+from benchmarks.common import parser, result_path, setup, write_json
 from svdnas.cost.counting import model_macs
 from svdnas.models.build import build_model
-from svdnas.pipeline.compress import _limit_groups
 from svdnas.pipeline.config import CompressConfig
 from svdnas.search import SearchConfig, build_supernet, grid_candidates, search, window_dtype
+from svdnas.search.candidates import limit_groups
 from svdnas.surgery.targets import select_targets
 from svdnas.surgery.trace import example_input, trace_layers
 
@@ -33,16 +31,13 @@ def peak_gib() -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = parser(__doc__, model=None, data=None, seed=None, out="JSON to write (default benchmarks/results/imagenet_search_epoch/resnet18_imagenet.json)")
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-groups", type=int, default=1)
     p.add_argument("--reduction", type=float, default=0.6)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/imagenet_search.json")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    setup(args, manual_seed=0)
     stages = {}
     t0 = time.perf_counter()
     model, info = build_model("zoo:resnet18_imagenet")
@@ -50,7 +45,7 @@ def main() -> None:
     infos = trace_layers(model, example_input(model, shape))
     targets, _ = select_targets(model, infos, "all-but-first")
     fractions = CompressConfig(reduction=args.reduction).fractions()
-    candidates = {n: _limit_groups(grid_candidates(n, model.get_submodule(n), infos[n].input_hw, fractions), args.max_groups) for n in targets}
+    candidates = {n: limit_groups(grid_candidates(n, model.get_submodule(n), infos[n].input_hw, fractions), args.max_groups) for n in targets}
     total = float(model_macs(model, shape))
     stages["candidates_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -68,8 +63,7 @@ def main() -> None:
     }
     for k, v in result.items():
         print(f"{k:16s} {v:.2f}" if isinstance(v, float) else f"{k:16s} {v}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(args.out or result_path("imagenet_search_epoch", "resnet18_imagenet.json"), result)
 
 
 if __name__ == "__main__":

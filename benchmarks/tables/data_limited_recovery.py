@@ -1,7 +1,7 @@
 """Data-limited recovery (issue 5 / the paper's Table 2 and S1.3 analogue): one compressed model,
 recovered with synthetic images, with a few labelled images, and a fully data-free run, side by side.
 
-    .venv/bin/python benchmarks/recovery.py --model zoo:resnet18 --reduction 0.6
+    .venv/bin/python -m benchmarks.tables.data_limited_recovery --model zoo:resnet18 --reduction 0.6
 
 Every step is a `svdnas` command (printed before it runs), so each row can be reproduced by hand:
   1. synth: synthetic images from the model's BatchNorm statistics (made once, shared by 3 and 5);
@@ -11,12 +11,11 @@ Every step is a `svdnas` command (printed before it runs), so each row can be re
   5. compress --mode data-free (search on the synthetic images with the original's soft labels,
      then synthetic recovery; the real test split is read only to report accuracy).
 Steps whose run directory already holds a report are not run again (the benchmark resumes).
-Writes benchmarks/results/recovery_<model>.json and a figure of synthetic images beside real ones.
+Writes benchmarks/results/data_limited_recovery/<model>.json and a figure of synthetic images beside real ones.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -25,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import stamp
+from benchmarks.common import parser, result_path, short_name, stamp, write_json
 
 
 def run(cmd: list[str], env: dict[str, str]) -> float:
@@ -60,9 +59,7 @@ def figure(synthetic: Path, data_spec: str, out: Path, n: int = 8) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="zoo:resnet18")
-    p.add_argument("--data", default="fmnist")
+    p = parser(__doc__, seed=None)
     p.add_argument("--reduction", type=float, default=0.6)
     p.add_argument("--synth-images", type=int, default=1384, help="all synthetic images (learning + val + test)")
     p.add_argument("--synth-iterations", type=int, default=500)
@@ -71,11 +68,10 @@ def main() -> None:
     p.add_argument("--shots", type=int, default=1000)
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--finetune-lr", type=float, default=None, help="default: the mode's (0.001 before 2026-11-26)")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="folder of the run directories (default runs/recovery-<model>)")
-    p.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/recovery_<model>.json)")
+    p.add_argument("--json", default=None, help="where to write the results (default benchmarks/results/data_limited_recovery/<model>.json)")
     args = p.parse_args()
-    name = args.model.split(":")[-1]
+    name = short_name(args.model)
     out = Path(args.out or f"runs/recovery-{name}")
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -129,7 +125,7 @@ def main() -> None:
     post_drop = rows[0]["drop_pp"]
     synth_drop = rows[1]["drop_pp"]
     print(f"synthetic recovery removes {100 * (post_drop - synth_drop) / post_drop:.1f}% of the post-training drop")
-    fig = Path("benchmarks/results") / f"synthetic_vs_real_{name}.png"
+    fig = result_path("data_limited_recovery", f"{name}_synthetic_vs_real.png")
     fig.parent.mkdir(parents=True, exist_ok=True)
     figure(synth_file, args.data, fig)
     result = {
@@ -137,9 +133,7 @@ def main() -> None:
         "synthetic": {"images": synth_meta["num"], "config": synth_meta["config"], "seconds": synth_meta["seconds"]},
         "rows": rows,
     }
-    path = Path(args.json or f"benchmarks/results/recovery_{name}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = write_json(args.json or result_path("data_limited_recovery", f"{name}.json"), result)
     print(f"wrote {path} and {fig}")
 
 

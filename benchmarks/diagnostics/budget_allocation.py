@@ -2,7 +2,7 @@
 and the branch it chose, for run directories of one model side by side (issue 6: what ALDS does on
 EfficientNet-B0 that the search does not). Reads only the runs' report.json; nothing is run.
 
-    .venv/bin/python benchmarks/allocation.py runs/svdnas runs/alds [--grid-low 0.65 --max-groups 8]
+    .venv/bin/python -m benchmarks.diagnostics.budget_allocation runs/svdnas runs/alds [--grid-low 0.65 --max-groups 8]
 
 With ``--grid-low`` and ``--max-groups`` (the search's default grid floor and group limit for the
 runs' budget) it also counts the layers whose chosen branch lies outside that part of the space.
@@ -10,9 +10,10 @@ runs' budget) it also counts the layers whose chosen branch lies outside that pa
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+
+from benchmarks.common import parser
 
 
 def allocation(run: Path) -> dict[str, tuple[float, str, int]]:
@@ -28,7 +29,7 @@ def allocation(run: Path) -> dict[str, tuple[float, str, int]]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, model=None, data=None, threads=None, seed=None)
     p.add_argument("runs", nargs="+", type=Path, help="run directories written by compress or baseline (same model)")
     p.add_argument("--grid-low", type=float, default=None, help="the search grid's smallest kept share")
     p.add_argument("--max-groups", type=int, default=None, help="the search's largest group count")

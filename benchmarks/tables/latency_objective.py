@@ -1,6 +1,6 @@
 """The latency objective beside the FLOPs objective (the paper's Table 4, on this machine's CPU).
 
-    .venv/bin/python benchmarks/objective_latency.py --model zoo:resnet18 --reduction 0.4 [--batches 1 32]
+    .venv/bin/python -m benchmarks.tables.latency_objective --model zoo:resnet18 --reduction 0.4 [--batches 1 32]
 
 Compresses the model at the same reduction R with ``--objective flops`` and ``--objective latency``
 (searched at each batch of ``--search-batches``), same data, search settings and seed; then, for
@@ -12,7 +12,7 @@ every plan and every batch of ``--batches``:
 - measured latency reduction: the whole compressed model against the original, end to end,
   interleaved (``--rounds`` rounds of ``--repeats`` runs each, median of the round medians).
 
-Prints one table, writes ``benchmarks/results/objective_latency_<model>.json`` with the time the
+Prints one table, writes ``benchmarks/results/latency_objective/<model>.json`` with the time the
 lookup table took. The table starts empty (a fresh file in a temporary folder) unless
 ``--latency-cache`` names one, so that its build time is measured from scratch. Timings on a
 machine shared with other jobs are noisy: the JSON records the load average before and after.
@@ -24,8 +24,6 @@ table measured at load average 3.4 on 2 cores), so R well above 0.5 cannot be me
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import parser, result_path, setup, write_json
 from svdnas.cost.table import LatencyConfig, LatencyTable
 from svdnas.cost.timer import torch_latency
 from svdnas.data.datasets import load_data
@@ -75,22 +74,17 @@ def measured_reduction(original, compressed, shape, batch: int, rounds: int, rep
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="zoo:resnet18")
-    p.add_argument("--data", default="fmnist")
+    p = parser(__doc__, out="JSON to write (default benchmarks/results/latency_objective/<model>.json)")
     p.add_argument("--reduction", type=float, default=0.4, help="the same R for both objectives (default 0.4)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batches the plans are timed at")
     p.add_argument("--search-batches", type=int, nargs="+", default=[1], help="batches the latency objective searches at")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--search-images", type=int, default=1000)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--latency-cache", default=None, help="table file to use (default: a fresh one, to time building it)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    setup(args)
     load_before = os.getloadavg()
     model, info = build_model(args.model)
     model.eval()
@@ -111,7 +105,7 @@ def main() -> None:
         )
         name = objective if batch is None else f"latency@{batch}"
         try:
-            result = compress(model, data, config, shape, info.default_filter, seed=args.seed, model_spec=info.spec, reference=reference)
+            result = compress(model, data, config, input_shape=shape, filter_fn=info.default_filter, seed=args.seed, reference=reference)
         except BudgetError as e:
             print(f"{name:11s} {e}", flush=True)
             rows.append({"objective": name, "error": str(e)})
@@ -156,8 +150,6 @@ def main() -> None:
             print(f"lookup table for {row['objective']}: {t['entries']} entries, {t['measured']} measured in {t['measure_seconds']:.1f}s "
                   f"({t['seconds']:.1f}s with the whole model), {t['noisy']} disturbed")
 
-    out = Path(args.out or f"benchmarks/results/objective_latency_{info.spec.replace(':', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": info.spec, "data": args.data, "reduction": args.reduction, "epochs": args.epochs,
         "search_images": args.search_images, "seed": args.seed,
@@ -165,7 +157,7 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__, "date": date.today().isoformat(),
         "load_average_before": load_before, "load_average_after": os.getloadavg(), "original_top1": reference["top1"],
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out = write_json(args.out or result_path("latency_objective", f"{info.spec.replace(':', '_')}.json"), {"meta": meta, "rows": rows})
     print(f"wrote {out}")
 
 

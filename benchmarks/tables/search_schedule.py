@@ -1,7 +1,7 @@
 """The whole search, svdnas against the official release's schedule (issue 7): wall time of every
 search stage and the accuracy of the plan each reaches, at the same budget, in one process.
 
-    .venv/bin/python benchmarks/schedule.py --model zoo:resnet18
+    .venv/bin/python -m benchmarks.tables.search_schedule --model zoo:resnet18
 
 The release has no budget mode: its user picks ``beta`` and gets whatever reduction it gives. So:
 
@@ -25,13 +25,7 @@ as small as the release's.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-import torch
-from _common import first_test_images, stamp
-
+from benchmarks.common import first_test_images, parser, result_path, setup, short_name, stamp, write_json
 from svdnas.data.datasets import load_data
 from svdnas.data.evaluate import evaluate
 from svdnas.models.build import build_model
@@ -63,26 +57,21 @@ def ours_configs(reduction: float, fast_epochs: int, fast_proxy_images: list[int
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="zoo:resnet18")
-    p.add_argument("--data", default="fmnist")
+    p = parser(__doc__, out="JSON to write (default benchmarks/results/search_schedule/<model>.json)")
     p.add_argument("--release-betas", type=float, nargs="+", default=[16.0, 48.0], help="the issue's two measured betas")
     p.add_argument("--release-epochs", type=int, default=100)
     p.add_argument("--fast-epochs", type=int, default=5)
     p.add_argument("--fast-proxy-images", type=int, nargs="*", default=[128, 64],
                    help="further fast rows with fewer proxy images (--proxy-images) than the default 256")
     p.add_argument("--test-images", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON to write (default benchmarks/results/schedule_<model>.json)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    setup(args)
     model, info = build_model(args.model)
     data = first_test_images(load_data(args.data), args.test_images)
     reference = evaluate(model, data.test)
 
     def run(config: CompressConfig) -> dict:
-        rep = compress(model, data, config, info.input_shape, info.default_filter, seed=args.seed, model_spec=info.spec, reference=reference).report
+        rep = compress(model, data, config, input_shape=info.input_shape, filter_fn=info.default_filter, seed=args.seed, reference=reference).report
         stages = {k: v for k, v in rep["seconds"].items() if k in SEARCH_STAGES}
         return {
             "search_seconds": sum(stages.values()), "stages": stages, "candidates": rep["search"]["candidates"],
@@ -122,12 +111,10 @@ def main() -> None:
         for name, x in e["ours"].items():
             print(f"| R = {e['reduction']:.3f} | svdnas {name} | {x['epochs']} | {x['search_seconds']:.0f} | {100 * x['flops_reduction']:.2f}% "
                   f"| {x['drop_pp']:.2f} | {x['speedup']:.1f}x | {'yes' if x['as_good'] else 'no'} |")
-    out = Path(args.out or f"benchmarks/results/schedule_{args.model.split(':')[-1]}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    out = write_json(args.out or result_path("search_schedule", f"{short_name(args.model)}.json"), {
         "model": args.model, "test_images": len(data.test), "original_top1": reference["top1"], "comparisons": comparisons,
         **stamp(args.threads),
-    }, indent=1) + "\n")
+    })
     print(f"wrote {out}")
 
 

@@ -1,7 +1,7 @@
 """The paper's ablation of synthetic recovery, at the scale this machine allows (issue 5): how many
 synthetic images, and the per-layer loss averaged over channels or not.
 
-    .venv/bin/python benchmarks/synthetic_ablation.py --run runs/recovery-resnet18/post \
+    .venv/bin/python -m benchmarks.tables.synthetic_ablation --run runs/recovery-resnet18/post \
         --synthetic runs/recovery-resnet18/synthetic.safetensors --counts 128 256 512
 
 One compressed run directory (post-training) is recovered by synthetic distillation (per-layer
@@ -11,12 +11,11 @@ epochs and seed:
   * with --counts' middle N images made without the channel averaging (generated here, with the
     settings --synthetic was made with, unless --synthetic-plain names such a file).
 Validation (agreement with the original) uses the same held-out synthetic images for every row;
-accuracy is top-1 on the test split. Writes benchmarks/results/synthetic_ablation_<model>.json.
+accuracy is top-1 on the test split. Writes benchmarks/results/synthetic_ablation/<model>.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -24,8 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from _common import first_test_images, stamp
 
+from benchmarks.common import first_test_images, parser, result_path, setup, short_name, stamp, write_json
 from svdnas.data.datasets import load_data
 from svdnas.data.evaluate import evaluate
 from svdnas.lowrank.plan import Plan
@@ -37,7 +36,7 @@ from svdnas.runs.directory import load_run
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, model=None, device=True, out="JSON to write (default benchmarks/results/synthetic_ablation/<model>.json)")
     p.add_argument("--run", required=True, help="a post-training run directory")
     p.add_argument("--synthetic", required=True, help="synthetic images made with the channel averaging (svdnas synth)")
     p.add_argument("--synthetic-plain", default=None, help="the same made without it (default: made here)")
@@ -45,15 +44,10 @@ def main() -> None:
     p.add_argument("--val", type=int, default=64, help="held-out synthetic images for the schedule (the last of --synthetic)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--lr", type=float, default=None, help="distillation learning rate (default: synthetic's; 0.001 before 2026-11-26)")
-    p.add_argument("--data", default="fmnist")
     p.add_argument("--test-images", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--parallel", type=int, default=1, help="batches optimised at once when the plain images are made here")
-    p.add_argument("--out", default=None, help="JSON to write (default benchmarks/results/synthetic_ablation_<model>.json)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    setup(args)
     run = Path(args.run)
     arch = json.loads((run / "architecture.json").read_text())
     plan = Plan.from_dict(arch["plan"])
@@ -96,13 +90,11 @@ def main() -> None:
         print(f"{label:32s} top-1 {before:6.2f} -> {after:6.2f} (drop {original - after:5.2f}pp, {rows[-1]['seconds']:.0f}s)", flush=True)
     print(f"\noriginal top-1 {original:.2f}, post-training {before:.2f}, on {len(data.test)} test images; "
           f"{args.epochs} epochs; synthetic images: {made.iterations} iterations each")
-    out = Path(args.out or f"benchmarks/results/synthetic_ablation_{arch['base'].split(':')[-1]}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    out = write_json(args.out or result_path("synthetic_ablation", f"{short_name(arch['base'])}.json"), {
         "run": str(run), "base": arch["base"], "original_top1": original, "post_training_top1": before, "rows": rows,
         "synth_config": dataclasses.asdict(made), "plain_generation_seconds": plain_seconds, "test_images": len(data.test),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", **stamp(args.threads),
-    }, indent=1) + "\n")
+    })
     print(f"wrote {out}")
 
 

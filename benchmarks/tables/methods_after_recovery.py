@@ -1,29 +1,24 @@
 """svdnas and the baselines after the same recovery (the paper's Tables 2 and 3 analogue, issue 6).
 
-    .venv/bin/python benchmarks/recovered.py --model zoo:resnet18 --reduction 0.6 --mode few-shot
+    .venv/bin/python -m benchmarks.tables.methods_after_recovery --model zoo:resnet18 --reduction 0.6 --mode few-shot
 
 Every method compresses the same model to the same FLOPs budget post-training, then each
 compressed model is fine-tuned by the same distillation (``svdnas.recovery.recover``, the settings
 of ``--mode``: few-shot is MSE + KL at T=6 + CE, alpha 0.95, on --shots labelled training images;
 full is CE on the whole training split), with the same epochs, seed and validation images. The
 table gives top-1 before and after on the same test images. Writes
-benchmarks/results/recovered_<mode>_<model>.json after every method (a rerun resumes).
+benchmarks/results/methods_after_recovery/<mode>_<model>.json after every method (a rerun resumes).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
 from pathlib import Path
 
-import torch
-from _common import first_test_images, stamp
-
-from svdnas.data.datasets import load_data
+from benchmarks.common import model_and_data, parser, result_path, setup, short_name, stamp
 from svdnas.data.evaluate import evaluate
-from svdnas.models.build import build_model
 from svdnas.pipeline.baseline import run_baseline
 from svdnas.pipeline.compress import compress
 from svdnas.pipeline.config import CompressConfig
@@ -34,9 +29,7 @@ METHODS = ["svdnas", "lrs2", "energy-kx1", "uniform-1x1", "alds", "fgroup"]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="zoo:resnet18")
-    p.add_argument("--data", default="fmnist")
+    p = parser(__doc__, out="JSON to write (default benchmarks/results/methods_after_recovery/<mode>_<model>.json)")
     p.add_argument("--reduction", type=float, default=0.6)
     p.add_argument("--mode", choices=("few-shot", "full"), default="few-shot")
     p.add_argument("--methods", nargs="+", default=METHODS)
@@ -45,20 +38,14 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default: the mode's)")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: the mode's; 0.001 before 2026-11-26)")
     p.add_argument("--test-images", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON to write (default benchmarks/results/recovered_<mode>_<model>.json)")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model, info = build_model(args.model)
-    data = load_data(args.data)
-    data = first_test_images(data, args.test_images)
+    setup(args)
+    model, info, data = model_and_data(args, args.test_images)
     fconf = FinetuneConfig(mode=args.mode, shots=args.shots, augment=args.augment, lr=args.lr)
     if args.epochs is not None:
         fconf.epochs = args.epochs
     fconf.__post_init__()
-    name = args.model.split(":")[-1]
-    out = Path(args.out or f"benchmarks/results/recovered_{args.mode}_{name}.json")
+    out = Path(args.out or result_path("methods_after_recovery", f"{args.mode}_{short_name(args.model)}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "reduction": args.reduction, "mode": args.mode, "finetune": dataclasses.asdict(fconf),
             "test_images": len(data.test), "seed": args.seed, **stamp(args.threads)}
@@ -73,13 +60,13 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         if method == "svdnas":
-            res = compress(model, data, CompressConfig(reduction=args.reduction), info.input_shape, info.default_filter,
-                           seed=args.seed, model_spec=info.spec, reference=reference)
+            res = compress(model, data, CompressConfig(reduction=args.reduction), input_shape=info.input_shape,
+                           filter_fn=info.default_filter, seed=args.seed, reference=reference)
             compressed, plan, rep = res.model, res.plan, res.report
         else:
             base, _, split = method.partition("-")
             compressed, plan, rep = run_baseline(base, model, data, args.reduction, info.input_shape, info.default_filter, split or "kx1",
-                                                 seed=args.seed, model_spec=info.spec, reference=reference)
+                                                 seed=args.seed, reference=reference)
         t1 = time.perf_counter()
         rec = recover(model, compressed, plan, args.mode, fconf, data, None, "cpu", args.seed)
         after = evaluate(compressed, data.test)

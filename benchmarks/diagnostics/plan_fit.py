@@ -4,12 +4,11 @@ proxy images that ``compress`` draws (same counts and seed as its defaults), wit
 top-1 from its report. Tells a search that does not optimise its objective from one whose plan
 does not carry over to the test set (issue 6, EfficientNet-B0 against ALDS).
 
-    .venv/bin/python benchmarks/plan_fit.py zoo:efficientnet_b0 runs/svdnas runs/alds
+    .venv/bin/python -m benchmarks.diagnostics.plan_fit zoo:efficientnet_b0 runs/svdnas runs/alds
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -17,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import svdnas
+from benchmarks.common import parser, setup
 from svdnas.data.datasets import load_data
 from svdnas.data.evaluate import batches
 from svdnas.models.build import build_model
-from svdnas.pipeline.compress import _search_data
 from svdnas.pipeline.config import CompressConfig
+from svdnas.pipeline.images import real_search_images
 
 
 @torch.no_grad()
@@ -38,16 +38,14 @@ def fit(model: torch.nn.Module, dataset) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, model=None, seed=None)
     p.add_argument("model", help="the original model's spec")
     p.add_argument("runs", nargs="+", type=Path, help="run directories written by compress or baseline")
-    p.add_argument("--data", default="fmnist")
     p.add_argument("--seed", type=int, default=0, help="the seed the runs were made with")
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    setup(args)
     data = load_data(args.data)
-    search, proxy = _search_data(data, CompressConfig(reduction=0.5), args.seed)  # the subsets depend on the counts and seed only
+    search, proxy = real_search_images(data, CompressConfig(reduction=0.5), args.seed)  # the subsets depend on the counts and seed only
     rows = [("original", build_model(args.model)[0], None)]
     for run in args.runs:
         rows.append((run.name, svdnas.load(str(run)), json.loads((run / "report.json").read_text())["top1"]))

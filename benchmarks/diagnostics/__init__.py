@@ -1,0 +1,1 @@
+"""Diagnostics: measurements that explain a table's numbers (see benchmarks/RESULTS.md)."""

@@ -1,0 +1,1 @@
+"""Helpers that measure nothing: tables from result files, joining synthetic image sets."""
