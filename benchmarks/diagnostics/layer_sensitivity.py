@@ -23,7 +23,7 @@ from svdnas.surgery.trace import example_input, trace_layers
 
 
 def main() -> None:
-    p = parser(__doc__)
+    p = parser(__doc__, out="JSON to write (default benchmarks/results/layer_sensitivity/<model>.json)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 4])
     p.add_argument("--images", type=int, default=256)
     args = p.parse_args()
@@ -48,7 +48,7 @@ def main() -> None:
         rows.append({"layer": name, "weight_shape": list(layer.weight.shape), "drops_pp": dict(zip(map(str, args.ranks), drops))})
         print(f"{name:24s} {tuple(layer.weight.shape)!s:>18s} " + " ".join(f"{d:8.2f}" for d in drops), flush=True)
     print(f"original top-1 {original:.2f}% on {args.images} images; {time.perf_counter() - t0:.0f}s")
-    out = write_json(result_path("layer_sensitivity", f"{short_name(args.model)}.json"), {
+    out = write_json(args.out or result_path("layer_sensitivity", f"{short_name(args.model)}.json"), {
         "model": args.model, "images": args.images, "ranks": args.ranks, "original_top1": original, "rows": rows,
         **stamp(args.threads),
     })

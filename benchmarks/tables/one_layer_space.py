@@ -107,7 +107,7 @@ def figure(rows: list[dict], original_top1: float, layer: str, rho: dict[str, fl
 
 
 def main() -> None:
-    p = parser(__doc__)
+    p = parser(__doc__, out="JSON to write, the figure beside it (default benchmarks/results/one_layer_space/<model>_<layer>.json)")
     p.add_argument("--layer", default="layer2.0.conv2")
     p.add_argument("--images", type=int, default=256, help="held-out training images (drawn as the proxy's are)")
     p.add_argument("--chunk", type=int, default=32, help="candidates evaluated per recorded pass")
@@ -166,7 +166,8 @@ def main() -> None:
             print(f"  best at <= {frac:.0%} MACs: top-1 {best['top1']:.2f} ({best['split']}, {best['grouping']}, rank {best['spec']['rank']})")
 
     name = f"{short_name(args.model)}_{args.layer}"
-    fig = result_path("one_layer_space", f"{name}.png")
+    path = Path(args.out or result_path("one_layer_space", f"{name}.json"))
+    fig = path.with_suffix(".png")
     fig.parent.mkdir(parents=True, exist_ok=True)
     figure(rows, ev.original_top1, args.layer, rho, fig)
     result = {
@@ -174,7 +175,7 @@ def main() -> None:
         **stamp(args.threads), "seconds": seconds, "original_top1": ev.original_top1,
         "spearman": rho, "spearman_macs_le_half": rho_cheap, "pareto": front, "candidates": rows,
     }
-    path = write_json(result_path("one_layer_space", f"{name}.json"), result)
+    write_json(path, result)
     print(f"wrote {path} and {fig}")
 
 
