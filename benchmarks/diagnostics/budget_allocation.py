@@ -1,5 +1,5 @@
 """Where each plan spends its budget: per target layer, the share of the layer's FLOPs a plan keeps
-and the branch it chose, for run directories of one model side by side (issue 6: what ALDS does on
+and the branch it chose, for run directories of one model side by side (what ALDS does on
 EfficientNet-B0 that the search does not). Reads only the runs' report.json; nothing is run.
 
     .venv/bin/python -m benchmarks.diagnostics.budget_allocation runs/svdnas runs/alds [--grid-low 0.65 --max-groups 8]

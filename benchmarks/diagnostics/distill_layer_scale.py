@@ -1,7 +1,7 @@
 """How large the distillation's per-layer term is for a compressed model: over one batch of training
 images, each compressed layer's MSE against the original's output and the mean square of that
 output, the sum of the MSEs (the paper's term) and of the relative MSEs (svdnas's default). Shows
-why the paper's plain sum suits one model's learning rate and wrecks another's (issue 5).
+why the paper's plain sum suits one model's learning rate and wrecks another's.
 
     .venv/bin/python -m benchmarks.diagnostics.distill_layer_scale runs/mbv2-r0.3 zoo:mobilenetv2
 """

@@ -2,7 +2,7 @@
 and mean cross-entropy of the original and of each run directory on the search images and on the
 proxy images that ``compress`` draws (same counts and seed as its defaults), with each run's test
 top-1 from its report. Tells a search that does not optimise its objective from one whose plan
-does not carry over to the test set (issue 6, EfficientNet-B0 against ALDS).
+does not carry over to the test set (EfficientNet-B0 against ALDS).
 
     .venv/bin/python -m benchmarks.diagnostics.plan_fit zoo:efficientnet_b0 runs/svdnas runs/alds
 """

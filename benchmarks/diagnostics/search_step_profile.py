@@ -1,4 +1,4 @@
-"""Where the time of one `mixed` search step goes (issue 7): torch.profiler over a few steps of the
+"""Where the time of one `mixed` search step goes: torch.profiler over a few steps of the
 super model, the operators grouped into the convolutions (forward and backward) and the building
 of the mixed weights (batched matmuls of the rank windows; scaling, adding and folding).
 

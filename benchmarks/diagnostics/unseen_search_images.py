@@ -1,4 +1,4 @@
-"""Does the search generalise worse because its images were seen in training? (issue 6)
+"""Does the search generalise worse because its images were seen in training?
 
 The zoo's models were trained on the whole Fashion-MNIST training split, so every image ``compress``
 searches on (and runs its proxies on) is one the original model has fitted; the paper searched on

@@ -1,4 +1,4 @@
-"""Data-limited recovery (issue 5 / the paper's Table 2 and S1.3 analogue): one compressed model,
+"""Data-limited recovery (the paper's Table 1 synthetic rows, Table 2 and S1.3 analogue): one compressed model,
 recovered with synthetic images, with a few labelled images, and a fully data-free run, side by side.
 
     .venv/bin/python -m benchmarks.tables.data_limited_recovery --model zoo:resnet18 --reduction 0.6
@@ -11,7 +11,8 @@ Every step is a `svdnas` command (printed before it runs), so each row can be re
   5. compress --mode data-free (search on the synthetic images with the original's soft labels,
      then synthetic recovery; the real test split is read only to report accuracy).
 Steps whose run directory already holds a report are not run again (the benchmark resumes).
-Writes benchmarks/results/data_limited_recovery/<model>.json and a figure of synthetic images beside real ones.
+Writes benchmarks/results/data_limited_recovery/<model>.json (or --json) and beside it <stem>_synthetic_vs_real.png,
+synthetic images beside real ones.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ def main() -> None:
     post_drop = rows[0]["drop_pp"]
     synth_drop = rows[1]["drop_pp"]
     print(f"synthetic recovery removes {100 * (post_drop - synth_drop) / post_drop:.1f}% of the post-training drop")
-    fig = result_path("data_limited_recovery", f"{name}_synthetic_vs_real.png")
+    path = Path(args.json or result_path("data_limited_recovery", f"{name}.json"))
+    fig = path.with_name(f"{path.stem}_synthetic_vs_real.png")  # the plot beside the JSON
     fig.parent.mkdir(parents=True, exist_ok=True)
     figure(synth_file, args.data, fig)
     result = {
@@ -133,7 +135,7 @@ def main() -> None:
         "synthetic": {"images": synth_meta["num"], "config": synth_meta["config"], "seconds": synth_meta["seconds"]},
         "rows": rows,
     }
-    path = write_json(args.json or result_path("data_limited_recovery", f"{name}.json"), result)
+    write_json(path, result)
     print(f"wrote {path} and {fig}")
 
 

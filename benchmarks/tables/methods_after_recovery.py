@@ -1,4 +1,4 @@
-"""svdnas and the baselines after the same recovery (the paper's Tables 2 and 3 analogue, issue 6).
+"""svdnas and the baselines after the same recovery (the paper's Tables 2 and 3 analogue).
 
     .venv/bin/python -m benchmarks.tables.methods_after_recovery --model zoo:resnet18 --reduction 0.6 --mode few-shot
 

@@ -1,4 +1,4 @@
-"""One layer's whole LR-space (the paper's Figure 3 analogue, issue 6): every candidate's top-1
+"""One layer's whole LR-space (the paper's Figure 3 analogue): every candidate's top-1
 with only that layer compressed, against its FLOPs, and how well two cheap proxies predict it.
 
     .venv/bin/python -m benchmarks.tables.one_layer_space --model zoo:resnet18 --layer layer2.0.conv2

@@ -1,4 +1,4 @@
-"""Post-training comparison (Table 1 / issue 7 analogue): svdnas beside every baseline, same model,
+"""Post-training comparison (the paper's Table 1 analogue): svdnas beside every baseline, same model,
 data, budget and test images, in one run.
 
     .venv/bin/python -m benchmarks.tables.post_training_comparison --model zoo:resnet18 --reductions 0.4 0.5 0.6 0.7

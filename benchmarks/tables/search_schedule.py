@@ -1,4 +1,4 @@
-"""The whole search, svdnas against the official release's schedule (issue 7): wall time of every
+"""The whole search, svdnas against the official release's schedule: wall time of every
 search stage and the accuracy of the plan each reaches, at the same budget, in one process.
 
     .venv/bin/python -m benchmarks.tables.search_schedule --model zoo:resnet18

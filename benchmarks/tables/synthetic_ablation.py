@@ -1,4 +1,4 @@
-"""The paper's ablation of synthetic recovery, at the scale this machine allows (issue 5): how many
+"""The paper's ablation of synthetic recovery, at the scale this machine allows: how many
 synthetic images, and the per-layer loss averaged over channels or not.
 
     .venv/bin/python -m benchmarks.tables.synthetic_ablation --run runs/recovery-resnet18/post \
