@@ -79,7 +79,8 @@ class _Moments:
         # a group-1 moment holds every grouped one of the same unfolding: store only it
         self.stored = sorted(k for k in wanted if k[1] == 1 or (k[0], 1) not in wanted)
         self.sums: dict[Key, Tensor] = {}
-        self.count = 0
+        self.count = 0  # patches of the original kernel (output positions) seen
+        self.counts: dict[tuple[int, int], int] = {}  # patches seen per unfolding (first layer's positions)
 
     def _zeros(self, key: Key, like: Tensor) -> Tensor:
         fk, g = key
@@ -101,11 +102,11 @@ class _Moments:
             raise SpecError("no calibration inputs were seen: call update() with at least one batch first")
         fk = tuple(first_kernel)
         if (fk, groups) in store:
-            return store[(fk, groups)] / self.count
+            return store[(fk, groups)] / self.counts[fk]
         if (fk, 1) in store:
             full = store[(fk, 1)][0]
             n = full.shape[0] // groups
-            return torch.stack([full[j * n : (j + 1) * n, j * n : (j + 1) * n] for j in range(groups)]) / self.count
+            return torch.stack([full[j * n : (j + 1) * n, j * n : (j + 1) * n] for j in range(groups)]) / self.counts[fk]
         raise SpecError(f"the moment of first_kernel {fk} with {groups} groups was not requested; ask for it when creating the statistics")
 
     def nbytes(self) -> int:
@@ -163,6 +164,7 @@ class PatchMoments(_Moments):
         for chunk in _chunks(x.detach(), width, self.linear):
             for fk in unfoldings:
                 p = patches(chunk, self.geo, fk, linear=self.linear).double()
+                self.counts[fk] = self.counts.get(fk, 0) + p.shape[0]
                 if fk == self.geo.kernel:
                     dev = self.device or p.device
                     self.mean_sum = self.mean_sum.to(dev) + p.sum(0).to(dev)
@@ -229,6 +231,7 @@ class CrossMoments(_Moments):
         for xo, xc in zip(_chunks(x_orig.detach(), width, self.linear), _chunks(x_comp.detach(), width, self.linear)):
             for fk in unfoldings:
                 po, pc = (patches(t, self.geo, fk, linear=self.linear).double() for t in (xo, xc))
+                self.counts[fk] = self.counts.get(fk, 0) + po.shape[0]
                 if fk == self.geo.kernel:
                     dev = self.device or po.device
                     self.mean_sums = [m.to(dev) + p.sum(0).to(dev) for m, p in zip(self.mean_sums, (po, pc))]

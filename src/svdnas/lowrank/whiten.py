@@ -190,7 +190,7 @@ def branch_weight(w1: Tensor, w2: Tensor, spec: LowRankSpec, shape: Sequence[int
 def output_error(weight: Tensor, approx: Tensor, full_moment: Tensor) -> float:
     """E||(W - W_hat) p||^2 per patch over the original kernel's patch moment: tr(D C D^T) with
     D = (W - W_hat) reshaped to (O, I*kh*kw). ``approx`` is a dense weight (see :func:`branch_weight`)."""
-    d = (weight.detach().double() - approx.double().to(weight.device)).reshape(weight.shape[0], -1)
+    d = (weight.detach().double() - approx.detach().double().to(weight.device)).reshape(weight.shape[0], -1)
     c = full_moment.double().to(d.device)
     return float(((d @ c) * d).sum())
 

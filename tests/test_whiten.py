@@ -1,0 +1,352 @@
+import pytest
+import torch
+from torch import nn
+
+from svdnas import LowRankSpec, SpecError, decompose
+from svdnas.lowrank import functional as F
+from svdnas.lowrank import whiten
+from svdnas.lowrank.calibration import CrossMoments, PatchMoments, moments_for, patches
+from svdnas.lowrank.geometry import layer_geometry
+from svdnas.lowrank.space import families
+from svdnas.lowrank.spec import family_max_rank
+from svdnas.lowrank.whiten import (
+    bias_shift,
+    branch_weight,
+    derive,
+    derive_prefix,
+    output_error,
+    rank_errors,
+    refit,
+    whitened_svd,
+)
+
+D = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """LAPACK's eigh on small matrices is far slower multi-threaded on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def correlated(n: int, channels: int, size: tuple[int, int], rank: int = 2, seed: int = 0, dtype=D) -> torch.Tensor:
+    """Inputs drawn from a low-rank Gaussian across channels (plus a little isotropic noise)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, rank, *size, generator=g, dtype=D)
+    mix = torch.randn(rank, channels, generator=g, dtype=D)
+    x = torch.einsum("nrhw,rc->nchw", z, mix) + 0.05 * torch.randn(n, channels, *size, generator=g, dtype=D)
+    return x.to(dtype)
+
+
+def small_conv(mode: str = "zeros", dtype=D, seed: int = 0) -> nn.Conv2d:
+    torch.manual_seed(seed)
+    return nn.Conv2d(4, 6, 3, stride=(2, 1), padding=(1, 2), dilation=(1, 2), padding_mode=mode).to(dtype)
+
+
+def fed(layer: nn.Module, x: torch.Tensor, fams=None, full: bool = True) -> PatchMoments:
+    stats = PatchMoments(layer, families(layer_geometry(layer)) if fams is None else fams, full=full)
+    stats.update(x)
+    return stats
+
+
+def out_err(layer: nn.Module, block: nn.Module, x: torch.Tensor) -> float:
+    """Squared output error per output position, summed over channels."""
+    with torch.no_grad():
+        y = layer(x)
+        return float(((block(x) - y) ** 2).sum() / (y.numel() / y.shape[1]))
+
+
+def max_rank(layer: nn.Module, spec: LowRankSpec) -> int:
+    geo = layer_geometry(layer)
+    return family_max_rank(spec, geo.out_channels, geo.in_channels, geo.kernel)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
+def test_patch_columns_follow_unfold(mode):
+    """The first layer a decomposition builds is, for every family, its weight rows applied to our
+    patches group by group; and the whole-kernel patches times unfold's matrix are the conv itself."""
+    conv = small_conv(mode)
+    geo = layer_geometry(conv)
+    x = torch.randn(2, 4, 9, 8, dtype=D)
+    for fk, groups in families(geo):
+        spec = LowRankSpec(fk, groups, 1)
+        block = decompose(conv, spec.with_rank(max_rank(conv, spec)))
+        first = block.branches[0].first
+        y1 = first(x).permute(0, 2, 3, 1).reshape(-1, first.out_channels)
+        p = patches(x, geo, fk)
+        g1 = groups[0]
+        w = first.weight.reshape(g1, first.out_channels // g1, -1)
+        n = p.shape[1] // g1
+        ours = torch.cat([p[:, j * n : (j + 1) * n] @ w[j].T for j in range(g1)], 1)
+        torch.testing.assert_close(ours, y1, rtol=1e-10, atol=1e-10)
+    y = (conv(x) - conv.bias[:, None, None]).permute(0, 2, 3, 1).reshape(-1, 6)
+    torch.testing.assert_close(patches(x, geo) @ F.unfold(conv.weight, (3, 3), (1, 1))[0].T, y)
+
+
+def test_moments_stream_and_slice():
+    conv = small_conv()
+    geo = layer_geometry(conv)
+    x = correlated(5, 4, (7, 6))
+    wanted = [((1, 3), (1, 1)), ((1, 3), (2, 1)), ((3, 1), (4, 1))]
+    one, two = PatchMoments(conv, wanted, full=True), PatchMoments(conv, wanted, full=True)
+    one.update(x)
+    two.update(x[:2])
+    two.update(x[2:])
+    for (fk, g) in wanted:
+        torch.testing.assert_close(one.moment(fk, g[0]), two.moment(fk, g[0]))
+        p = patches(x, geo, fk)
+        n = p.shape[1] // g[0]
+        ref = torch.stack([p[:, j * n : (j + 1) * n].T @ p[:, j * n : (j + 1) * n] for j in range(g[0])]) / p.shape[0]
+        torch.testing.assert_close(one.moment(fk, g[0]), ref)
+    p = patches(x, geo)
+    torch.testing.assert_close(one.full_moment(), p.T @ p / p.shape[0])
+    torch.testing.assert_close(one.full_mean(), p.mean(0))
+    # (1, 3) is stored once (its 2-group blocks are slices); (3, 1) only as 4 blocks
+    assert one.nbytes() == sum(t.numel() * 8 for t in one.sums.values()) + one.mean_sum.numel() * 8
+    assert sorted(one.sums) == [((1, 3), 1), ((3, 1), 4), ((3, 3), 1)]
+    with pytest.raises(SpecError, match="not requested"):
+        one.moment((1, 1), 1)
+
+
+def test_nbytes_before_any_input_for_a_large_layer():
+    """What a 512-channel 3x3 layer's moments weigh, known before a batch is seen (nothing allocated)."""
+    conv = nn.Conv2d(512, 512, 3, padding=1, bias=False, device="meta")
+    full = PatchMoments(conv, full=True).nbytes()
+    assert full == 4608 * 4608 * 8 + 4608 * 8
+    pointwise = PatchMoments(conv, [((1, 1), (8, 1))]).nbytes() - 4608 * 8
+    assert pointwise == 8 * 64 * 64 * 8
+
+
+def test_linear_patches_are_rows():
+    lin = nn.Linear(5, 3).double()
+    x = torch.randn(4, 2, 5, dtype=D)
+    stats = fed(lin, x)
+    rows = x.reshape(-1, 5)
+    torch.testing.assert_close(stats.full_moment(), rows.T @ rows / 8)
+
+
+FAMILIES = families(layer_geometry(small_conv()))
+
+
+@pytest.mark.parametrize("derivation", whiten.DERIVATIONS)
+def test_full_rank_is_exact(derivation):
+    conv = small_conv(dtype=torch.float32)
+    x = correlated(6, 4, (9, 8), dtype=torch.float32)
+    stats = fed(conv, x)
+    for fk, groups in FAMILIES:
+        spec = LowRankSpec(fk, groups, 1)
+        block = derive(conv, spec.with_rank(max_rank(conv, spec)), derivation, stats)
+        y = conv(x)
+        assert ((block(x) - y).norm() / y.norm()).item() < 1e-5, (fk, groups)
+
+
+@pytest.mark.parametrize("derivation", whiten.DERIVATIONS)
+def test_full_rank_second_branch_is_exact_float64(derivation):
+    conv = small_conv()
+    x = correlated(6, 4, (9, 8))
+    stats = fed(conv, x)
+    second = LowRankSpec((1, 3), (1, 1), 1)
+    block = derive(conv, [LowRankSpec((3, 1), (2, 1), 1), second.with_rank(max_rank(conv, second))], derivation, stats)
+    y = conv(x)
+    assert ((block(x) - y).norm() / y.norm()).item() < 1e-10
+
+
+def test_weight_derivation_is_decompose_byte_for_byte():
+    conv = small_conv(dtype=torch.float32)
+    lin = nn.Linear(7, 5)
+    for layer, specs in (
+        (conv, [LowRankSpec((3, 1), (2, 1), 2), LowRankSpec((1, 3), (1, 3), 1)]),
+        (lin, [LowRankSpec((1, 1), (1, 1), 3)]),
+    ):
+        ours, ref = derive(layer, specs, "weight").state_dict(), decompose(layer, specs).state_dict()
+        assert ours.keys() == ref.keys()
+        assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_spectrum_error_is_the_measured_output_error():
+    """Whole kernel in the first layer, first layer not grouped: the dropped spectrum is the error."""
+    conv = small_conv()
+    x = correlated(6, 4, (9, 8))
+    stats = fed(conv, x)
+    for groups in [(1, 1), (1, 2), (1, 3)]:
+        factors = whitened_svd(conv.weight, ((3, 3), groups), stats.moment((3, 3), 1), damping=1e-12)
+        errors = rank_errors(factors)
+        for r in range(1, factors.s.shape[1] + 1):
+            block = derive(conv, LowRankSpec((3, 3), groups, r), "whitened", stats, damping=1e-12)
+            measured = out_err(conv, block, x)
+            assert errors[r].item() == pytest.approx(measured, rel=1e-6, abs=1e-9 * errors[0].item())
+            w1, w2 = block.branches[0].first.weight, block.branches[0].second.weight
+            dense = branch_weight(w1, w2, block.specs[0], conv.weight.shape)
+            assert output_error(conv.weight, dense, stats.full_moment()) == pytest.approx(measured, rel=1e-8, abs=1e-12)
+
+
+def _plain_pooled_error(weight, family, moment, rank):
+    """Pooled (per-group, block-diagonal) error of the plain SVD's rank-r truncation."""
+    weight = weight.detach()
+    mats = F.unfold(weight.double(), *family)
+    d = mats - F.unfold(F.reconstruct(F.svd(weight.double(), *family), rank, weight.shape, family), *family)
+    c = moment.expand(mats.shape[0], -1, -1)
+    return float(((d @ c) * d).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_whitened_beats_weight_and_refit_beats_whitened_at_every_rank(seed):
+    conv = small_conv(seed=seed)
+    x = correlated(6, 4, (9, 8), seed=seed)
+    stats = fed(conv, x)
+    full_c = stats.full_moment()
+    for fk, groups in FAMILIES:
+        spec = LowRankSpec(fk, groups, 1)
+        moment = stats.moment(fk, groups[0])
+        spectrum = rank_errors(whitened_svd(conv.weight, spec.family(), moment, damping=0.0))
+        for r in range(1, max_rank(conv, spec)):
+            errs = {}
+            for derivation in whiten.DERIVATIONS:
+                b = derive(conv, spec.with_rank(r), derivation, stats).branches[0]
+                dense = branch_weight(b.first.weight, b.second.weight, spec.with_rank(r), conv.weight.shape)
+                errs[derivation] = output_error(conv.weight, dense, full_c)
+            tol = 1e-9 * output_error(conv.weight, torch.zeros_like(conv.weight), full_c)
+            assert errs["refit"] <= errs["whitened"] + tol, (fk, groups, r, errs)
+            # under the pooled moment whitening is optimal for every family
+            assert spectrum[r] <= _plain_pooled_error(conv.weight, spec.family(), moment, r) + tol
+            if fk == (3, 3) and groups[0] == 1:  # where the pooled moment is the true one
+                assert errs["whitened"] <= errs["weight"] + tol, (fk, groups, r, errs)
+
+
+def test_refit_reaches_the_brute_force_optimum():
+    """A tiny layer whose second layer holds a kernel dim: ALS against many LBFGS restarts."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(2, 2, (3, 1), padding=(1, 0), bias=False).double()
+    x = correlated(8, 2, (6, 5), rank=2, seed=3)
+    stats = fed(conv, x, [((1, 1), (1, 1))])
+    c = stats.full_moment()
+    spec = LowRankSpec((1, 1), (1, 1), 1)
+    w1, w2 = F.factor_weights(whitened_svd(conv.weight, spec.family(), stats.moment((1, 1))), spec, (3, 1))
+    _, _, als = refit(conv.weight, spec, c, (w1, w2), iters=60)
+
+    def loss(a, b):
+        return output_error(conv.weight, branch_weight(a, b, spec, conv.weight.shape), c)
+
+    best = float("inf")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        a = torch.randn(w1.shape, generator=g, dtype=D).requires_grad_()
+        b = torch.randn(w2.shape, generator=g, dtype=D).requires_grad_()
+        opt = torch.optim.LBFGS([a, b], max_iter=200, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+        def closure(a=a, b=b, opt=opt):
+            opt.zero_grad()
+            d = (conv.weight.detach() - branch_weight(a, b, spec, conv.weight.shape)).reshape(2, -1)
+            value = ((d @ c) * d).sum()
+            value.backward()
+            return value
+
+        opt.step(closure)
+        best = min(best, loss(a.detach(), b.detach()))
+    assert als == pytest.approx(best, rel=1e-5, abs=1e-10)
+
+
+def test_conjugate_gradient_step_matches_the_direct_solve(monkeypatch):
+    conv = small_conv()
+    x = correlated(6, 4, (9, 8))
+    stats = fed(conv, x)
+    for fk, groups, r in [((1, 3), (1, 1), 3), ((3, 1), (2, 1), 2), ((1, 1), (1, 2), 2)]:
+        spec = LowRankSpec(fk, groups, r)
+        init = F.factor_weights(whitened_svd(conv.weight, spec.family(), stats.moment(fk, groups[0])), spec, (3, 3))
+        direct = refit(conv.weight, spec, stats.full_moment(), init, iters=3)[2]
+        monkeypatch.setattr(whiten, "_DENSE_SOLVE_MAX", 0)
+        cg = refit(conv.weight, spec, stats.full_moment(), init, iters=3, cg_iters=200)[2]
+        monkeypatch.undo()
+        assert cg == pytest.approx(direct, rel=1e-6)
+
+
+def test_bias_correction_zeroes_the_mean_output_error():
+    conv = small_conv()
+    x = correlated(6, 4, (9, 8)) + 1.0  # inputs with a mean
+    stats = fed(conv, x)
+    spec = LowRankSpec((1, 3), (1, 1), 2)
+    plain = derive(conv, spec, "whitened", stats)
+    corrected = derive(conv, spec, "whitened", stats, bias_correction=True)
+    mean_err = (corrected(x) - conv(x)).mean((0, 2, 3))
+    assert mean_err.abs().max() < 1e-10 * conv(x).abs().max()
+    assert out_err(conv, corrected, x) <= out_err(conv, plain, x)
+    with pytest.raises(SpecError, match="bias"):
+        derive(nn.Conv2d(4, 6, 3, bias=False).double(), spec, "whitened", stats, bias_correction=True)
+
+
+def test_prefix_fit_on_perturbed_inputs():
+    """The compressed prefix hands the layer distorted inputs; fitting to them beats fitting to the
+    originals, and with undistorted inputs the prefix fit is the whitened one."""
+    conv = small_conv()
+    x = correlated(8, 4, (9, 8))
+    g = torch.Generator().manual_seed(5)
+    distort = torch.eye(4, dtype=D) + 0.3 * torch.randn(4, 4, generator=g, dtype=D)
+    x_comp = torch.einsum("nchw,cd->ndhw", x, distort) + 0.2
+    cross = CrossMoments(conv, [((3, 3), (1, 1)), ((3, 3), (1, 2))], orig=True)
+    cross.update(x[:3], x_comp[:3])
+    cross.update(x[3:], x_comp[3:])
+    for groups in [(1, 1), (1, 2)]:
+        spec = LowRankSpec((3, 3), groups, 3)
+        prefix = derive_prefix(conv, spec, cross)
+        on_orig = derive(conv, spec, "whitened", fed(conv, x))
+        on_comp = derive(conv, spec, "whitened", fed(conv, x_comp))
+        with torch.no_grad():
+            y = conv(x)
+
+        def err(block, y=y):
+            with torch.no_grad():
+                return float(((block(x_comp) - y) ** 2).mean())
+
+        assert err(prefix) < 0.8 * min(err(on_orig), err(on_comp))
+        # the output mean over the calibration set is matched
+        assert (prefix(x_comp) - y).mean((0, 2, 3)).abs().max() < 1e-8
+    same = CrossMoments(conv, [((3, 3), (1, 1))])
+    same.update(x, x)
+    spec = LowRankSpec((3, 3), (1, 1), 3)
+    a = derive_prefix(conv, spec, same, bias_correction=False, damping=1e-12)
+    b = derive(conv, spec, "whitened", fed(conv, x), damping=1e-12)
+    wa = branch_weight(a.branches[0].first.weight, a.branches[0].second.weight, spec, conv.weight.shape)
+    wb = branch_weight(b.branches[0].first.weight, b.branches[0].second.weight, spec, conv.weight.shape)
+    torch.testing.assert_close(wa, wb, rtol=1e-6, atol=1e-8)
+
+
+def test_prefix_residual_branch_completes_the_fit():
+    """Two branches fitted in turn: at full rank the second makes the block the least-squares map."""
+    lin = nn.Linear(5, 4).double()
+    torch.manual_seed(1)
+    x = torch.randn(200, 5, dtype=D)
+    x_comp = x @ (torch.eye(5, dtype=D) + 0.2 * torch.randn(5, 5, dtype=D))
+    cross = CrossMoments(lin, [((1, 1), (1, 1))])
+    cross.update(x, x_comp)
+    block = derive_prefix(lin, [LowRankSpec((1, 1), (1, 1), 1), LowRankSpec((1, 1), (1, 1), 4)], cross, damping=1e-12)
+    # least squares of the original outputs on [x_comp, 1]
+    design = torch.cat([x_comp, torch.ones(200, 1, dtype=D)], 1)
+    solution = torch.linalg.lstsq(design, lin(x)).solution
+    torch.testing.assert_close(block(x_comp), design @ solution, rtol=1e-6, atol=1e-8)
+
+
+def test_moments_for_asks_for_what_derive_reads():
+    conv = small_conv()
+    specs = [LowRankSpec((1, 3), (2, 1), 1), LowRankSpec((3, 3), (1, 2), 1)]
+    stats = moments_for(conv, specs, "whitened")
+    assert sorted(stats.sums.keys() | set(stats.stored)) == [((1, 3), 2), ((3, 3), 1)]
+    stats.update(correlated(2, 4, (7, 7)))
+    derive(conv, specs, "whitened", stats)
+    first_only = moments_for(conv, specs[:1], "whitened")
+    first_only.update(correlated(2, 4, (7, 7)))
+    with pytest.raises(SpecError, match="not requested"):
+        derive(conv, specs[:1], "refit", first_only)
+    refit_stats = moments_for(conv, specs, "refit")
+    assert ((3, 3), 1) in refit_stats.stored
+    with pytest.raises(SpecError, match="derivation"):
+        derive(conv, specs, "magic", stats)
+
+
+def test_bias_shift_formula():
+    w = torch.randn(3, 2, 1, 1, dtype=D)
+    approx = torch.randn(3, 2, 1, 1, dtype=D)
+    mo, mc = torch.randn(2, dtype=D), torch.randn(2, dtype=D)
+    torch.testing.assert_close(bias_shift(w, approx, mo, mc), w[:, :, 0, 0] @ mo - approx[:, :, 0, 0] @ mc)
