@@ -6,7 +6,7 @@ from svdnas import LowRankSpec, SpecError, decompose
 from svdnas.lowrank import functional as F
 from svdnas.lowrank import whiten
 from svdnas.lowrank.calibration import CrossMoments, PatchMoments, moments_for, patches
-from svdnas.lowrank.geometry import layer_geometry
+from svdnas.lowrank.geometry import conv_weight, layer_geometry
 from svdnas.lowrank.space import families
 from svdnas.lowrank.spec import family_max_rank
 from svdnas.lowrank.whiten import (
@@ -141,6 +141,25 @@ def test_full_rank_is_exact(derivation):
         block = derive(conv, spec.with_rank(max_rank(conv, spec)), derivation, stats)
         y = conv(x)
         assert ((block(x) - y).norm() / y.norm()).item() < 1e-5, (fk, groups)
+
+
+@pytest.mark.parametrize("derivation", whiten.DERIVATIONS)
+def test_linear_layer(derivation):
+    """A linear layer as a 1x1 conv: full rank exact; truncated, the whitened error is the spectrum's."""
+    torch.manual_seed(2)
+    lin = nn.Linear(6, 5).double()
+    x = correlated(50, 6, (1, 1)).reshape(50, 6)
+    stats = fed(lin, x)
+    full = derive(lin, LowRankSpec((1, 1), (1, 1), 5), derivation, stats)
+    torch.testing.assert_close(full(x), lin(x))
+    block = derive(lin, LowRankSpec((1, 1), (1, 1), 2), derivation, stats, damping=1e-12)
+    errors = rank_errors(whitened_svd(conv_weight(lin), ((1, 1), (1, 1)), stats.moment((1, 1)), damping=1e-12))
+    with torch.no_grad():
+        measured = float(((block(x) - lin(x)) ** 2).sum() / 50)
+    if derivation == "weight":  # the whitened error is the least of any rank-2 pair
+        assert measured > errors[2].item()
+    else:
+        assert measured == pytest.approx(errors[2].item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("derivation", whiten.DERIVATIONS)

@@ -261,11 +261,14 @@ def refit(
         # first layer: the normal equations sum_{s,t} B_s^T B_t A C_ts = sum_s B_s^T (W C)_s on A's support
         rhs = torch.einsum("osk,osc->kc", b, wc.reshape(o, s_n, n_f)) * mask_a
         if mask_a.sum() <= _DENSE_SOLVE_MAX:
-            g = torch.einsum("atk,asl->tskl", b, b)
-            k = torch.einsum("tskl,tcsd->kcld", g, c4).reshape(big_r * n_f, big_r * n_f)
-            sup = mask_a.flatten()
+            # on the support: K[(k,c),(l,d)] = sum_{t,s} (B_t^T B_s)[k,l] C_ts[c,d]
+            ki, ci = mask_a.nonzero(as_tuple=True)
+            k = torch.zeros(ki.numel(), ki.numel(), dtype=a.dtype, device=dev)
+            for t in range(s_n):
+                for s in range(s_n):
+                    k += (b[:, t, ki].T @ b[:, s, ki]) * c4[t, :, s][ci][:, ci]
             a = torch.zeros_like(a)
-            a.view(-1)[sup] = _psd_solve(k[sup][:, sup], rhs.flatten()[sup, None])[:, 0]
+            a[ki, ci] = _psd_solve(k, rhs[ki, ci][:, None])[:, 0]
         else:
             a = _cg_first(a * mask_a, b, c, c4, rhs, mask_a, spec, cg_iters)
         err = error(a, b)
