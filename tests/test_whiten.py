@@ -369,3 +369,20 @@ def test_bias_shift_formula():
     approx = torch.randn(3, 2, 1, 1, dtype=D)
     mo, mc = torch.randn(2, dtype=D), torch.randn(2, dtype=D)
     torch.testing.assert_close(bias_shift(w, approx, mo, mc), w[:, :, 0, 0] @ mo - approx[:, :, 0, 0] @ mc)
+
+
+def test_hook_feeds_the_layer_inputs():
+    conv = small_conv()
+    model = nn.Sequential(nn.Conv2d(3, 4, 1).double(), conv)
+    x = torch.randn(3, 3, 8, 8, dtype=D)
+    stats = PatchMoments(conv, [((1, 3), (1, 1))])
+    handle = stats.hook(conv)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    with torch.no_grad():
+        model(x)  # no longer fed
+    ref = PatchMoments(conv, [((1, 3), (1, 1))])
+    ref.update(model[0](x).detach())
+    torch.testing.assert_close(stats.moment((1, 3)), ref.moment((1, 3)))
+    assert stats.count == ref.count
