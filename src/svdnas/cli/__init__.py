@@ -66,10 +66,10 @@ def _input_shape(args: argparse.Namespace, info, data) -> tuple[int, int, int]:
 def _model_and_data(args: argparse.Namespace, device: torch.device, data_free: bool = False):
     """The MODEL and the labelled DATA of a command, checked against each other (DATA may be none only when ``data_free``)."""
     from svdnas.data.datasets import load_data
-    from svdnas.models.build import build_model
+    from svdnas.runs.directory import load_model
     from svdnas.surgery.trace import check_input
 
-    model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
+    model, info = load_model(args.model, args.weights, allow_code=args.allow_code)
     data = load_data(args.data)
     if data is None and not data_free:
         raise SvdnasError(f"{args.command} needs real data: --data none works only with --mode data-free")
@@ -101,11 +101,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_space(args: argparse.Namespace) -> int:
     from svdnas.lowrank.space import count_space
-    from svdnas.models.build import build_model
+    from svdnas.runs.directory import load_model
     from svdnas.surgery.targets import select_targets
     from svdnas.surgery.trace import example_input, trace_layers
 
-    model, info = build_model(args.model, args.weights, pretrained=False)
+    model, info = load_model(args.model, args.weights, pretrained=False)
     shape = _input_shape(args, info, None)
     infos = trace_layers(model, example_input(model, shape))
     targets, skipped = select_targets(model, infos, args.filter or info.default_filter)
@@ -175,6 +175,9 @@ def _save_config(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from svdnas.runs.directory import RunDir
     from svdnas.pipeline.compress import compress
     from svdnas.pipeline.config import CompressConfig
     from svdnas.search import SearchConfig
@@ -210,8 +213,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     try:
         result = compress(
-            model, data, config, shape, device=device, seed=args.seed, out=args.out,
-            model_spec=info.spec, progress=progress, resume=True,
+            model, data, config, input_shape=shape, device=device, seed=args.seed,
+            out=RunDir(Path(args.out), base=info.spec), progress=progress, resume=True,
         )
     finally:
         bar.close()
@@ -328,12 +331,12 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
 def cmd_synth(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from svdnas.models.build import build_model
     from svdnas.recovery.synthetic import generate, meta_path, require_batchnorm, save_synthetic
+    from svdnas.runs.directory import load_model
 
     _need(args, "num", "out")
     device = _device(args.device)
-    model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
+    model, info = load_model(args.model, args.weights, allow_code=args.allow_code)
     shape = _input_shape(args, info, None)
     require_batchnorm(model, info.spec)
     out = Path(args.out)
@@ -359,8 +362,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from svdnas import distributed as ddp
     from svdnas.data.datasets import load_data
-    from svdnas.models.build import build_model
     from svdnas.pipeline.finetune import finetune
+    from svdnas.runs.directory import load_model
 
     _need(args, "data", "out", "mode")
     device = _device(args.device)
@@ -370,7 +373,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise SvdnasError(f"--mode {args.mode} needs real data: --data none works only with --mode data-free")
     teacher = None
     if args.teacher is not None:
-        teacher, _ = build_model(args.teacher, args.teacher_weights, allow_code=args.allow_code)
+        teacher, _ = load_model(args.teacher, args.teacher_weights, allow_code=args.allow_code)
     bar, progress = _start_run(args, "finetune")
 
     try:
@@ -393,6 +396,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from svdnas.runs.directory import RunDir
     from svdnas.pipeline.baseline import run_baseline
 
     _need(args, "data", "reduction", "out")
@@ -402,7 +408,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     _save_config(args)
     _, _, r = run_baseline(
         args.method, model, data, args.reduction, shape, args.filter or info.default_filter, args.split,
-        args.objective, args.search_images, device, args.seed, args.out, info.spec,
+        args.objective, args.search_images, device, args.seed, RunDir(Path(args.out), base=info.spec),
     )
     print(f"{args.method} ({r['split']}) on {info.spec}: FLOPs -{100 * r['flops']['reduction']:.2f}%  params -{100 * r['params']['reduction']:.2f}%")
     _write_report_quietly(args.out)
@@ -425,11 +431,11 @@ def _write_report_quietly(out: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from svdnas.models.build import build_model
+    from svdnas.runs.directory import load_model
     from svdnas.runs.export import export_onnx
 
     _need(args, "onnx")
-    model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
+    model, info = load_model(args.model, args.weights, allow_code=args.allow_code)
     shape = _input_shape(args, info, None)
     result = export_onnx(model, shape, args.onnx, opset=args.opset)
     print(f"wrote {result['path']} (opset {result['opset']}); ONNX Runtime vs PyTorch max abs difference {result['max_abs_diff']:.2e}")
@@ -438,9 +444,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_latency(args: argparse.Namespace) -> int:
     from svdnas.cost.timer import onnx_latency, torch_latency
-    from svdnas.models.build import build_model
+    from svdnas.runs.directory import load_model
 
-    model, info = build_model(args.model, args.weights, allow_code=args.allow_code)
+    model, info = load_model(args.model, args.weights, allow_code=args.allow_code)
     shape = _input_shape(args, info, None)
     kw = {"batch": args.batch, "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats}
     result = {"model": info.spec, "batch": args.batch, "threads": args.threads or torch.get_num_threads(), "pytorch": torch_latency(model, shape, **kw)}

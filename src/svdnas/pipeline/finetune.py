@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,23 +13,19 @@ from torch import nn
 
 from svdnas import distributed as ddp
 from svdnas.data.datasets import DataBundle
-from svdnas.data.evaluate import evaluate
 from svdnas.errors import DataError, SpecError
 from svdnas.lowrank.plan import Plan
 from svdnas.models.build import build_model
+from svdnas.pipeline import stages
 from svdnas.recovery.distill import FinetuneConfig
 from svdnas.recovery.recover import (
     RECOVERY_MODES,
-    fidelity,
+    SyntheticSplits,
     obtain_synthetic,
-    recover,
     split_synthetic,
-    synthetic_summary,
 )
 from svdnas.recovery.synthetic import SynthConfig
-from svdnas.report.build import build_report
-from svdnas.runs.directory import load_run, write_run
-from svdnas.surgery.trace import example_input, trace_layers
+from svdnas.runs.directory import RunDir, load_run
 
 
 def finetune(
@@ -61,10 +58,6 @@ def finetune(
     Returns:
         the fine-tuned model and its report (also written to ``out``).
     """
-    import json
-
-
-    t_start = time.perf_counter()
     directory = Path(directory)
     if mode not in RECOVERY_MODES:
         raise SpecError(f"--mode must be one of {', '.join(RECOVERY_MODES)} for finetune, got {mode!r}")
@@ -78,48 +71,30 @@ def finetune(
         raise SpecError(f"cannot tell the input shape of {directory}")
     if data is not None and tuple(data.input_shape) != shape:
         raise DataError(f"{directory} takes inputs {shape}, but {data.name} has {data.input_shape}")
-    student, teacher = student.to(device), teacher.to(device).eval()
-    config = config or FinetuneConfig(mode="synthetic" if mode == "data-free" else mode)
-    seconds: dict[str, float] = {}
-    out_dir = Path(out) if out is not None else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    splits = None
-    if mode in ("synthetic", "data-free"):
+    run = RunDir(Path(out), arch["base"]) if out is not None else None
+    job = stages.prepare(teacher, data, shape, lambda m, n: n in plan.layers, device, seed, run, resume, progress)
+    student = student.to(job.device)
+    if run is not None:
+        run.path.mkdir(parents=True, exist_ok=True)
+
+    def make_synthetic() -> SyntheticSplits:
         t0 = time.perf_counter()
-        synth = synth or SynthConfig()
-        synthetic = obtain_synthetic(
-            teacher, shape, synth, seed, device, out_dir, synthetic_path, (lambda d, t: progress("synthetic", d, t)) if progress else None,
-        )
-        splits = split_synthetic(synthetic, synth_val, synth_test)
-        seconds["synthetic"] = time.perf_counter() - t0
-    before = evaluate(student, data.test, device) if data is not None and ddp.is_main() else None
-    ckpt = out_dir / "checkpoint-finetune.pt" if out_dir is not None and resume else None
-    block = recover(
-        teacher, student, plan, mode, config, data, splits, device, seed, ckpt, (lambda d, t: progress("finetune", d, t)) if progress else None,
-    )
-    seconds["finetune"] = block["seconds"]
+        synthetic = obtain_synthetic(job.model, shape, synth or SynthConfig(), seed, job.device, run.path if run else None, synthetic_path, job.ticker("synthetic"))
+        job.seconds["synthetic"] = time.perf_counter() - t0
+        return split_synthetic(synthetic, synth_val, synth_test)
+
+    recovered = stages.recover(job, mode, student, plan, config, make_synthetic=make_synthetic)
     if not ddp.is_main():  # under torchrun, rank 0 evaluates and writes
         return student, {}
-    infos = trace_layers(teacher, example_input(teacher, shape))
     previous = json.loads((directory / "report.json").read_text()) if (directory / "report.json").is_file() else {}
     header = {
         "model": arch["base"], "method": previous.get("method", "svdnas"), "mode": mode, "objective": previous.get("objective", "flops"),
         "seed": seed, "source": str(directory),
     }
-    report = build_report(teacher, student, plan, infos, shape, data, device, header, progress=progress)
-    if before is not None:
-        block["before"] = {"top1": before["top1"], "top5": before["top5"]}
-        block["after"] = {"top1": report["top1"]["compressed"], "top5": report["top5"]["compressed"]}
-    if splits is not None:
-        report["fidelity"] = fidelity(student, teacher, splits.test, device)
-        report["synthetic"] = synthetic_summary(splits.meta) | {"images": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}}
-    report["recovery"] = block
-    seconds["search"] = float(previous.get("seconds", {}).get("search", 0.0))
-    seconds["total"] = time.perf_counter() - t_start
-    report["seconds"] = seconds
-    if out_dir is not None:
-        write_run(out_dir, student, plan, arch["base"], shape, report)
-        if ckpt is not None:
-            ckpt.unlink(missing_ok=True)
+    if recovered.block is not None and "before" in recovered.block:
+        recovered.block["before"] = {k: recovered.block["before"][k] for k in ("top1", "top5")}
+    report = stages.report(job, student, plan, header, recovered)
+    job.seconds["search"] = float(previous.get("seconds", {}).get("search", 0.0))
+    stages.finish(job, report)
+    stages.write(job, student, plan, report)
     return student, report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,26 @@ from svdnas.models.weights import fit_state_dict, read_state_dict
 from svdnas.surgery.swap import apply_plan
 
 FORMAT = "svdnas-run/1"
+PYTHON_BASE = "python:model"  # the base of a run made from a Python object: svdnas.load needs base_model=
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Where a run is written, and how its uncompressed base can be rebuilt when it is loaded.
+
+    Attributes:
+        path: the run directory.
+        base: the MODEL spec recorded in architecture.json (``zoo:resnet18``, ``module:f.py:make``, ...);
+            the default says the model was a Python object, so loading it needs ``base_model=``.
+    """
+
+    path: Path
+    base: str = PYTHON_BASE
+
+    @classmethod
+    def of(cls, out: str | Path | RunDir) -> RunDir:
+        """``out`` as a RunDir (a plain path records a Python-object base)."""
+        return out if isinstance(out, RunDir) else cls(Path(out))
 
 
 def save_model_file(path: str | Path, model: nn.Module) -> None:

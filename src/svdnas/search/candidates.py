@@ -120,3 +120,10 @@ def fraction_grid(start: float, stop: float, step: float = 0.05) -> list[float]:
     """[start, start + step, ..., stop] without float drift."""
     n = int(round((stop - start) / step))
     return [round(start + i * step, 6) for i in range(n + 1)]
+
+
+def limit_groups(cands: LayerCandidates, max_groups: int | None) -> LayerCandidates:
+    """Only the candidates with at most ``max_groups`` groups (all when None)."""
+    if max_groups is None:
+        return cands
+    return cands.subset(lambda s: s.num_groups <= max_groups)

@@ -47,8 +47,15 @@ def _linear(m: nn.Module, name: str) -> bool:
     return isinstance(m, nn.Linear)
 
 
+def _all_but_first(m: nn.Module, name: str) -> bool:
+    return _convs(m, name)
+
+
+_all_but_first.skips_first_conv = True  # type: ignore[attr-defined]  # select_targets leaves the first conv called alone
+
+
 PRESETS: dict[str, FilterFn] = {
-    "all-but-first": _convs,  # the first conv in forward order is removed in select_targets
+    "all-but-first": _all_but_first,
     "convs": _convs,
     "pointwise": _pointwise,
     "linear": _linear,
@@ -64,13 +71,16 @@ def select_targets(
     Args:
         model: the model.
         infos: :func:`trace_layers` of it; layers never called in the forward pass are not targets.
-        filter_fn: a ``(module, name) -> bool`` or the name of a preset in :data:`PRESETS`.
+        filter_fn: a ``(module, name) -> bool`` or the name of a preset in :data:`PRESETS` (the
+            preset's function itself works the same as its name).
+
+    A layer called more than once in the forward pass (its weights shared between calls) is left
+    alone: its low-rank version would run at every call, and the plan's cost could not be that of one layer.
     """
-    preset = filter_fn if isinstance(filter_fn, str) else None
-    if preset is not None:
-        if preset not in PRESETS:
-            raise SpecError(f"unknown layer filter {preset!r}; choose one of {', '.join(PRESETS)}")
-        filter_fn = PRESETS[preset]
+    if isinstance(filter_fn, str):
+        if filter_fn not in PRESETS:
+            raise SpecError(f"unknown layer filter {filter_fn!r}; choose one of {', '.join(PRESETS)}")
+        filter_fn = PRESETS[filter_fn]
     modules = dict(model.named_modules())
     ordered = sorted(infos.values(), key=lambda i: i.order)
     targets: list[str] = []
@@ -82,7 +92,10 @@ def select_targets(
         if reason is not None:
             skipped[info.name] = reason
             continue
-        if preset == "all-but-first" and info.name == first_conv:
+        if info.calls > 1:
+            skipped[info.name] = f"called {info.calls} times in one forward pass (shared weights); not a target"
+            continue
+        if getattr(filter_fn, "skips_first_conv", False) and info.name == first_conv:
             continue
         if filter_fn(m, info.name):  # type: ignore[operator]
             targets.append(info.name)

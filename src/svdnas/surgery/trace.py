@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,18 +22,20 @@ class LayerInfo:
         input_hw: spatial size of its input ((positions, 1) for nn.Linear).
         output_hw: spatial size of its output.
         order: position in the forward pass.
+        calls: how many times the forward pass called it (more than 1: weights shared between calls).
     """
 
     name: str
     input_hw: tuple[int, int]
     output_hw: tuple[int, int]
     order: int
+    calls: int = 1
 
 
 def trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInfo]:
     """Shapes of every Conv/Linear layer from one forward pass, in forward order.
 
-    A layer called several times keeps its first call's shapes.
+    A layer called several times keeps its first call's shapes and counts its calls.
     """
     infos: dict[str, LayerInfo] = {}
     handles = []
@@ -39,6 +43,7 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInfo
     def hook(name: str) -> Callable:
         def fn(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if name in infos:
+                infos[name] = replace(infos[name], calls=infos[name].calls + 1)
                 return
             x = inputs[0]
             if isinstance(module, nn.Linear):
@@ -62,8 +67,25 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInfo
     return infos
 
 
+# words of PyTorch's messages when a tensor's shape does not fit a layer or an op (conv, linear, view, cat, ...)
+_SHAPE_WORDS = ("shape", "size", "dimension", "channels", "expected input", "mat1", "mat2", "input[")
+_TORCH_DIR = Path(torch.__file__).parent
+
+
+def _raised_at(e: BaseException) -> str:
+    """``file:line`` of the deepest frame outside PyTorch where ``e`` was raised (the user's code)."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not Path(f.filename).is_relative_to(_TORCH_DIR)]
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "inside PyTorch"
+
+
 def _forward(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
-    """One forward pass in eval mode without gradients; a model that cannot take ``example`` is a SpecError."""
+    """One forward pass in eval mode without gradients.
+
+    Raises:
+        SpecError: the model cannot take ``example`` (PyTorch says a shape does not fit: the input
+            shape is the likely cause); or the model's own code failed otherwise, named with where it
+            raised, so that a bug in the model is not mistaken for a wrong input shape.
+    """
     was_training = model.training
     try:
         model.eval()
@@ -71,13 +93,24 @@ def _forward(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
             return model(example)
     except torch.OutOfMemoryError:
         raise
-    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+    except (RuntimeError, ValueError) as e:
+        if not any(w in str(e).lower() for w in _SHAPE_WORDS):
+            raise _model_bug(e, example) from e
         raise SpecError(
             f"the model fails on an input of shape {tuple(example.shape[1:])} ({describe(e)}); "
             "give the right --input-shape C,H,W or data of that shape"
         ) from e
+    except Exception as e:
+        raise _model_bug(e, example) from e
     finally:
         model.train(was_training)
+
+
+def _model_bug(e: BaseException, example: torch.Tensor) -> SpecError:
+    return SpecError(
+        f"the model's forward raised {describe(e)} at {_raised_at(e)} on an input of shape {tuple(example.shape[1:])}; "
+        "this is an error in the model's code, not of its input shape"
+    )
 
 
 def check_input(model: nn.Module, input_shape: Sequence[int]) -> None:

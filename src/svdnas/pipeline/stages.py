@@ -1,0 +1,429 @@
+"""The named stages of a compress job, shared by ``compress``, ``run_baseline`` and ``finetune``.
+
+Each stage takes the :class:`Job` (the original model, its data and where the run goes) and what the
+stages before it produced, records its seconds and peak memory in ``job.seconds``, and returns what
+the next stage needs. In order, for ``compress``:
+
+1. :func:`prepare`: copy the model, check its weights, trace the layers' shapes, choose the targets.
+2. :func:`make_candidates`: the FLOPs grid of each target layer's LR-space, checked against the budget.
+3. :func:`search_images`: the labelled (or synthetic) search images and, apart from them, the proxy's.
+4. :func:`prune`: families by output error, latencies measured where that is the objective, candidates
+   by the one-layer accuracy proxy; what is left is checked against the budget again.
+5. :func:`search_plan`: a super model, its logits learned, one candidate per layer within the budget;
+   with two branches, a second search over the first branch's residual.
+6. :func:`recover`: distillation, in the modes that fine-tune.
+7. :func:`report`, then :func:`write`: accuracy, costs and latency measured; the run directory written.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from svdnas import distributed as ddp
+from svdnas.cost.counting import count_params, model_macs
+from svdnas.cost.table import LatencyTable
+from svdnas.data.datasets import DataBundle
+from svdnas.data.evaluate import evaluate
+from svdnas.errors import DataError, SpecError, WriteError
+from svdnas.lowrank.plan import Plan
+from svdnas.models.weights import check_finite
+from svdnas.pipeline.config import CompressConfig
+from svdnas.pipeline.images import real_search_images, soft_labelled, synthetic_search_images, synthetic_splits
+from svdnas.pipeline.timing import StageSeconds
+from svdnas.recovery.distill import FinetuneConfig
+from svdnas.recovery.recover import SyntheticSplits, fidelity, synthetic_summary
+from svdnas.recovery.recover import recover as distil
+from svdnas.recovery.synthetic import require_batchnorm
+from svdnas.report.build import build_report
+from svdnas.runs.directory import PYTHON_BASE, RunDir, write_run
+from svdnas.search import SearchConfig, grid_candidates, window_dtype
+from svdnas.search.branch import search_branch
+from svdnas.search.budget import cheapest_total, check_budget, rank_one_reach
+from svdnas.search.candidates import LayerCandidates, limit_groups
+from svdnas.search.latency_costs import LatencyCosts, attach_latency, attach_second_branch, predicted_report
+from svdnas.search.output_proxy import keep_families
+from svdnas.search.pruning import accuracy_prune, proxy_errors
+from svdnas.search.residual import second_branch_candidates
+from svdnas.surgery.swap import apply_plan
+from svdnas.surgery.targets import FilterFn, require_targets
+from svdnas.surgery.trace import LayerInfo, example_input, trace_layers
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Job:
+    """What every stage of a run reads: the original model and its traced layers, data and destination.
+
+    Attributes:
+        model: the job's own copy of the original model, on ``device`` in eval mode (the caller's is untouched).
+        shape: (C, H, W) of one input.
+        infos: every Conv/Linear layer met in one forward pass, by dotted name.
+        targets: the layers to compress, in forward order; ``skipped``: layers left alone, with why.
+        macs, params: the original model's whole counts.
+        run: where the run directory goes (None: nothing is written).
+        resume: checkpoint each stage in ``run`` and pick up from what a killed run left there.
+        seconds: seconds (and peak memory) per stage, as the report gives them.
+    """
+
+    model: nn.Module
+    data: DataBundle | None
+    shape: tuple[int, ...]
+    device: torch.device
+    seed: int
+    infos: dict[str, LayerInfo]
+    targets: list[str]
+    skipped: dict[str, str]
+    macs: int
+    params: int
+    run: RunDir | None = None
+    resume: bool = False
+    progress: Progress | None = None
+    reference: dict[str, float] | None = None
+    seconds: StageSeconds = field(default_factory=StageSeconds)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def checkpoints(self) -> Path | None:
+        """The folder that stage checkpoints go to, when the job resumes."""
+        return self.run.path if self.run is not None and self.resume else None
+
+    def total(self, objective: str) -> float:
+        """The original's whole cost on ``objective`` (latency is measured later, by :func:`prune`)."""
+        return float(self.macs if objective in ("flops", "latency") else self.params)
+
+    def tick(self, stage: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(stage, done, total)
+
+    def ticker(self, stage: str) -> Callable[[int, int], None] | None:
+        return (lambda d, t: self.tick(stage, d, t)) if self.progress is not None else None
+
+
+def prepare(
+    model: nn.Module,
+    data: DataBundle | None,
+    input_shape: tuple[int, ...] | None,
+    filter_fn: FilterFn | str,
+    device: torch.device | str,
+    seed: int,
+    out: str | Path | RunDir | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    reference: dict[str, float] | None = None,
+) -> Job:
+    """The job's copy of the model, checked and traced, with its target layers.
+
+    Raises:
+        SpecError: no input shape, a model that fails on it, or no layer to compress.
+        WeightsError: non-finite weights.
+    """
+    started = time.perf_counter()
+    if input_shape is None and data is None:
+        raise SpecError("without data, give the input shape (--input-shape C,H,W)")
+    shape = tuple(input_shape or data.input_shape)  # type: ignore[union-attr]
+    device = torch.device(device)
+    model = copy.deepcopy(model).to(device).eval()
+    check_finite(model.state_dict(), "the model")
+    infos = trace_layers(model, example_input(model, shape))
+    targets, skipped = require_targets(model, infos, filter_fn)
+    run = RunDir.of(out) if out is not None else None
+    if run is not None and ddp.is_main():
+        try:
+            run.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WriteError(run.path, e) from e
+    return Job(
+        model, data, shape, device, seed, infos, targets, skipped, model_macs(model, shape), count_params(model),
+        run, resume, progress, reference, started=started,
+    )
+
+
+def make_candidates(job: Job, config: CompressConfig) -> dict[str, LayerCandidates]:
+    """Each target layer's candidates on the FLOPs grid, checked against the budget (latency: later)."""
+    t0 = time.perf_counter()
+    fractions = config.fractions()
+    candidates = {}
+    for name in job.targets:
+        layer = job.model.get_submodule(name)
+        cands = limit_groups(grid_candidates(name, layer, job.infos[name].input_hw, fractions, config.objective), config.max_groups)
+        if cands.specs:
+            candidates[name] = cands
+    if not candidates:
+        raise SpecError("no target layer has a candidate on the grid; widen --grid")
+    if config.objective != "latency":  # latencies are measured once the proxy has pruned the candidates
+        total = job.total(config.objective)
+        check_budget(candidates, config.objective, config.reduction, total, lambda: rank_one_reach(job.model, job.infos, job.targets, config.objective, total))
+    job.seconds["candidates"] = time.perf_counter() - t0
+    return candidates
+
+
+@dataclass
+class SearchImages:
+    """The search's images (labels or soft labels), the proxy's (None when both proxies are off), and
+    the synthetic images a data-free run made (None otherwise)."""
+
+    search: torch.utils.data.Dataset
+    proxy: torch.utils.data.Dataset | None
+    synthetic: SyntheticSplits | None = None
+
+
+def search_images(job: Job, config: CompressConfig) -> SearchImages:
+    """Real training images apart for search and proxy, or (data-free) synthetic ones."""
+    if config.mode in ("synthetic", "data-free") and config.synthetic_path is None:
+        require_batchnorm(job.model, job.run.base if job.run is not None else "the model")  # fail before the search, not after it
+    if config.mode == "data-free":
+        splits = synthetic_splits(job.model, job.shape, config, job.seed, job.device, _run_path(job), job.progress, job.seconds)
+        return SearchImages(*synthetic_search_images(job.model, splits, config, job.device), splits)
+    return SearchImages(*real_search_images(job.data, config, job.seed))
+
+
+@dataclass
+class Pruned:
+    """The candidates the search runs over and their costs on the objective.
+
+    Attributes:
+        costs: per layer, each candidate's cost (the original first); ``fixed``: the cost of
+            everything outside the target layers; ``total``: the original's whole cost.
+        latency: the measured latency table's costs (latency objective only).
+        accuracy_proxy: the accuracy proxy's summary for the report (None when it is off).
+    """
+
+    candidates: dict[str, LayerCandidates]
+    costs: dict[str, list[float]]
+    fixed: float
+    total: float
+    latency: LatencyCosts | None = None
+    accuracy_proxy: dict[str, Any] | None = None
+
+
+def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidates], proxy_set) -> Pruned:
+    """Families kept by output error, latency measured (latency objective), candidates kept by the accuracy proxy."""
+    model, total = job.model, job.total(config.objective)
+
+    def reach() -> float:
+        return rank_one_reach(model, job.infos, job.targets, config.objective, total)
+
+    t0 = time.perf_counter()
+    kept = 1 - config.reduction if config.reduction is not None else sum(config.fractions()) / len(config.fractions())
+    if config.families > 0:
+        ckpt = job.checkpoints / "checkpoint-proxy.json" if job.checkpoints is not None else None
+        errors = proxy_errors(model, candidates, proxy_set, kept, job.device, ckpt, job.progress)
+        for name in list(candidates):
+            candidates[name] = keep_families(candidates[name], errors[name], config.families)
+    job.seconds["proxy"] = time.perf_counter() - t0
+    latency_costs = None
+    if config.objective == "latency":
+        t0 = time.perf_counter()
+        latency_costs = attach_latency(model, job.shape, candidates, LatencyTable(job.device, config.latency))
+        total = latency_costs.total
+        job.seconds["latency_table"] = time.perf_counter() - t0
+
+        def reach() -> float:  # measured latencies of the candidates left: the cheapest of each layer
+            return 1 - cheapest_total({n: c.cost("latency") for n, c in candidates.items()}, total) / total
+
+        check_budget(candidates, config.objective, config.reduction, total, reach)  # before the accuracy proxy spends its time
+    summary = None
+    if config.proxy_drop > 0:
+        t0 = time.perf_counter()
+        ckpt = job.checkpoints / "checkpoint-accuracy.json" if job.checkpoints is not None else None
+        candidates, summary = accuracy_prune(
+            model, candidates, proxy_set, config.proxy_drop, config.objective, config.reduction, total, job.device, ckpt, job.progress,
+        )
+        summary["seconds"] = job.seconds["accuracy_proxy"] = time.perf_counter() - t0
+    costs = check_budget(candidates, config.objective, config.reduction, total, reach)
+    fixed = total - sum(c[0] for c in costs.values())
+    fractions = config.fractions()
+    log.info("%d target layers, %d candidates (grid %s..%s)", len(candidates), sum(len(c) - 1 for c in candidates.values()), fractions[0], fractions[-1])
+    return Pruned(candidates, costs, fixed, total, latency_costs, summary)
+
+
+def search_config(config: CompressConfig) -> SearchConfig:
+    """The search loop's settings with the budget filled in from the job's."""
+    sconf = copy.deepcopy(config.search) or SearchConfig(target=0.5)
+    sconf.target = None if config.beta is not None else 1 - config.reduction  # type: ignore[operator]
+    sconf.beta = config.beta
+    sconf.__post_init__()
+    return sconf
+
+
+@dataclass
+class Searched:
+    """The plan, the search's history (per branch with two), the candidate sets the latency
+    prediction needs, and the first branch's own figures when there are two."""
+
+    plan: Plan
+    history: dict[str, Any]
+    stages: list[dict[str, LayerCandidates]]
+    branch_reports: dict[str, Any]
+    config: SearchConfig
+
+
+def search_plan(job: Job, config: CompressConfig, pruned: Pruned, images: SearchImages) -> Searched:
+    """The first branch's search and, with ``branches=2``, the second's over its residual."""
+    subset = images.search
+    if config.search_loss == "kd" and config.mode != "data-free":
+        subset = soft_labelled(job.model, subset, job.device)
+    sconf = search_config(config)
+    model, candidates = job.model, pruned.candidates
+    chosen, history = search_branch(
+        model, candidates, pruned.costs, pruned.fixed, pruned.total, config.reduction, sconf, subset, job.device, job.seed,
+        job.progress, job.seconds, "", job.checkpoints,
+    )
+    plan = Plan({n: chosen.get(n, []) for n in job.targets})
+    stages = [candidates]
+    branch_reports: dict[str, Any] = {}
+    histories: Any = history
+    if config.branches == 2:
+        t0 = time.perf_counter()
+        if ddp.is_main():
+            compressed_b1 = apply_plan(copy.deepcopy(model), plan)
+            b1 = build_report(model, compressed_b1, plan, job.infos, job.shape, job.data, job.device, {}, latency=False, reference=job.reference)
+            branch_reports["b1"] = {k: b1[k] for k in ("flops", "params", "top1", "top5")} | {"plan": plan.to_dict()}
+        cands2, fixed2 = second_branch_candidates(model, job.infos, plan, pruned.costs, pruned.total, config.objective, config.max_groups)
+        if pruned.latency is not None and cands2:
+            fixed2 = attach_second_branch(model, cands2, candidates, plan.layers, pruned.latency, LatencyTable(job.device, config.latency))
+            stages.append(cands2)
+        job.seconds["b1_evaluate"] = time.perf_counter() - t0
+        if cands2:
+            sconf2 = copy.deepcopy(sconf)
+            sconf2.epochs = max(1, sconf.epochs // 2)  # the paper: 50 epochs for the second branch, 100 for the first
+            costs2 = {n: c.cost(config.objective) for n, c in cands2.items()}
+            chosen2, history2 = search_branch(
+                model, cands2, costs2, fixed2, pruned.total, config.reduction, sconf2, subset, job.device, job.seed + 1,
+                job.progress, job.seconds, "b2_", job.checkpoints,
+            )
+            for n, specs in chosen2.items():
+                plan.layers[n] = specs
+            histories = {"b1": history, "b2": history2}
+    hist = {k: v.to_dict() for k, v in histories.items()} if isinstance(histories, dict) else histories.to_dict()
+    return Searched(plan, hist, stages, branch_reports, sconf)
+
+
+@dataclass
+class Recovered:
+    """The recovery's report block (None in post-training) and the synthetic images it learned on."""
+
+    block: dict[str, Any] | None
+    synthetic: SyntheticSplits | None
+
+
+def recover(
+    job: Job, mode: str, compressed: nn.Module, plan: Plan, finetune: FinetuneConfig | None,
+    synthetic: SyntheticSplits | None = None, make_synthetic: Callable[[], SyntheticSplits] | None = None,
+) -> Recovered:
+    """Distil ``compressed`` (in place) from the job's model in ``mode``; nothing in ``post-training``.
+
+    Args:
+        synthetic: synthetic images already made (data-free searched on them).
+        make_synthetic: makes them where the mode needs them and none were given.
+    """
+    job.seconds["finetune"] = 0.0
+    if mode == "post-training":
+        return Recovered(None, synthetic)
+    before = evaluate(compressed, job.data.test, job.device) if job.data is not None and ddp.is_main() else None
+    if mode in ("synthetic", "data-free") and synthetic is None and make_synthetic is not None:
+        synthetic = make_synthetic()
+    ckpt = job.checkpoints / "checkpoint-finetune.pt" if job.checkpoints is not None else None
+    fconf = finetune or FinetuneConfig(mode="synthetic" if mode == "data-free" else mode)
+    block = distil(job.model, compressed, plan, mode, fconf, job.data, synthetic, job.device, job.seed, ckpt, job.ticker("finetune"))
+    job.seconds["finetune"] = block["seconds"]
+    if before is not None:
+        block["before"] = before
+    return Recovered(block, synthetic)
+
+
+def report(
+    job: Job, compressed: nn.Module, plan: Plan, header: dict[str, Any], recovered: Recovered | None = None, **timing: Any,
+) -> dict[str, Any]:
+    """The report: costs, accuracy on the whole test split, latency, recovery and fidelity, per-layer plan."""
+    t0 = time.perf_counter()
+    out = build_report(job.model, compressed, plan, job.infos, job.shape, job.data, job.device, header, reference=job.reference, progress=job.progress, **timing)
+    if recovered is not None and recovered.block is not None:
+        if job.data is not None:
+            recovered.block["after"] = {"top1": out["top1"]["compressed"], "top5": out["top5"]["compressed"]}
+        out["recovery"] = recovered.block
+    splits = recovered.synthetic if recovered is not None else None
+    if splits is not None:
+        out["fidelity"] = fidelity(compressed, job.model, splits.test, job.device)
+        out["synthetic"] = synthetic_summary(splits.meta) | {"images": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}}
+    job.seconds["evaluate"] = time.perf_counter() - t0
+    return out
+
+
+def finish(job: Job, report: dict[str, Any]) -> None:
+    """The report's closing keys: seconds per stage, peak memory and the layers left alone."""
+    job.seconds["total"] = time.perf_counter() - job.started
+    report["seconds"] = dict(job.seconds)
+    # cumulative: the process's peak so far at the end of each stage (the search's own cost is
+    # where the value grows); measured, not estimated
+    report["peak_memory_mib"] = job.seconds.peak_mib
+    report["skipped"] = [{"name": n, "reason": r} for n, r in job.skipped.items()]
+
+
+def write(job: Job, compressed: nn.Module, plan: Plan, report: dict[str, Any], **extra: Any) -> None:
+    """The run directory (nothing without one); the stages' checkpoints are removed once it is whole."""
+    if job.run is None:
+        return
+    write_run(job.run.path, compressed, plan, job.run.base, job.shape, report, **extra)
+    for ckpt in [*job.run.path.glob("checkpoint-*.pt"), *job.run.path.glob("checkpoint-*.json")]:
+        ckpt.unlink()
+
+
+def check_data(mode: str, data: DataBundle | None) -> None:
+    if data is None and mode != "data-free":
+        raise DataError(f"--mode {mode} needs real data: --data none works only with --mode data-free")
+
+
+def _run_path(job: Job) -> Path | None:
+    return job.run.path if job.run is not None else None
+
+
+def search_header(job: Job, config: CompressConfig, sconf: SearchConfig) -> dict[str, Any]:
+    """The report's first keys for an SVD-NAS run."""
+    return {
+        "model": job.run.base if job.run is not None else PYTHON_BASE,
+        "method": "svdnas", "mode": config.mode, "objective": config.objective, "seed": job.seed,
+        "reduction_target": config.reduction, "beta": config.beta, "sampling": sconf.sampling,
+        "search_dtype": str(window_dtype(sconf.window_dtype, job.device)).removeprefix("torch.") if sconf.sampling == "mixed" else None,
+        "search_loss": "kd" if config.mode == "data-free" else config.search_loss,
+    }
+
+
+def search_summary(job: Job, config: CompressConfig, pruned: Pruned, searched: Searched, images: SearchImages) -> dict[str, Any]:
+    """The report's keys on the search: its data, the accuracy proxy, its settings and the branches."""
+    synthetic = config.mode == "data-free"
+    data = job.data
+    out: dict[str, Any] = {"data": {
+        "spec": data.name if data is not None else "none", "search_images": len(images.search),
+        "search_split": "synthetic images with the original model's soft labels" if synthetic else "train (fixed subset drawn with --seed)",
+        "proxy_images": len(images.proxy) if images.proxy is not None else 0,
+        "proxy_split": "synthetic images, apart from the search images" if synthetic else "train, apart from the search images",
+        "processes": ddp.world_size(),
+        "evaluation_images": len(data.test) if data is not None else 0, "evaluation_split": "test" if data is not None else None,
+    }}
+    if pruned.accuracy_proxy is not None:
+        out["accuracy_proxy"] = pruned.accuracy_proxy
+    out["search"] = {
+        "config": asdict(searched.config), "grid": config.fractions(),
+        "candidates": sum(len(c) - 1 for c in pruned.candidates.values()), "branches": config.branches,
+    }
+    if pruned.latency is not None:
+        out["latency_predicted"] = predicted_report(searched.stages, searched.plan.layers, pruned.latency)
+    return out
+
+
+__all__ = [
+    "Job", "Pruned", "Recovered", "SearchImages", "Searched", "check_data", "finish", "make_candidates", "prepare",
+    "prune", "recover", "report", "search_header", "search_images", "search_plan", "search_summary", "write",
+]

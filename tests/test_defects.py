@@ -1,0 +1,119 @@
+"""Defects found by reading the code as a newcomer, each pinned by a test that failed before its fix."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from svdnas.cost.counting import layer_cost, model_macs
+from svdnas.errors import SpecError
+from svdnas.surgery.targets import PRESETS, select_targets
+from svdnas.surgery.trace import check_input, example_input, trace_layers
+from tests.conftest import tiny_net
+
+
+def _targets(model, filter_fn):
+    infos = trace_layers(model, example_input(model, (1, 28, 28)))
+    return select_targets(model, infos, filter_fn)
+
+
+def test_a_preset_function_filters_as_its_name_does():
+    model = tiny_net()
+    by_name, _ = _targets(model, "all-but-first")
+    by_function, _ = _targets(model, PRESETS["all-but-first"])
+    assert "stem" not in by_name
+    assert by_function == by_name
+
+
+class SharedConv(nn.Module):
+    """One conv applied twice: its weights are shared between the two calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 3, padding=1)
+        self.once = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.shared(self.shared(self.stem(x)))
+        return self.head(self.once(x).mean((2, 3)))
+
+
+def test_a_layer_called_twice_is_not_a_target_and_its_calls_are_counted():
+    model = SharedConv()
+    infos = trace_layers(model, example_input(model, (1, 12, 12)))
+    assert infos["shared"].calls == 2 and infos["once"].calls == 1
+    targets, skipped = select_targets(model, infos, "convs")
+    assert "shared" not in targets and "once" in targets
+    assert "shared weights" in skipped["shared"]
+    # what the whole-model count sees: both calls of the shared layer
+    per_layer = sum(layer_cost(model.get_submodule(n), infos[n].input_hw)[0] * infos[n].calls for n in ("stem", "shared", "once"))
+    assert model_macs(model, (1, 12, 12)) == per_layer + 8 * 10
+
+
+class Buggy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x) + {"a": 1}  # a TypeError of the model's own code
+
+
+def test_a_bug_in_the_model_is_not_reported_as_a_wrong_input_shape():
+    with pytest.raises(SpecError) as e:
+        check_input(Buggy(), (1, 8, 8))
+    assert "--input-shape" not in str(e.value)
+    assert "TypeError" in str(e.value) and "test_defects.py" in str(e.value)
+
+
+def test_a_wrong_input_shape_is_still_reported_as_one():
+    with pytest.raises(SpecError, match="--input-shape"):
+        check_input(tiny_net(), (3, 28, 28))
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_compress_leaves_the_callers_model_as_it_was(trained_tiny):
+    from svdnas.pipeline.compress import compress
+    from svdnas.pipeline.config import CompressConfig
+    from svdnas.search import SearchConfig
+
+    model, data = trained_tiny
+    model = copy.deepcopy(model).train()
+    before = _state(model)
+    config = CompressConfig(reduction=0.3, search_images=100, proxy_images=32, families=2, proxy_drop=0,
+                            search=SearchConfig(epochs=1, target=0.5))
+    result = compress(model, data, config, filter_fn="convs", seed=0)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert result.model is not model and not result.model.training
+
+
+def test_run_baseline_leaves_the_callers_model_as_it_was(trained_tiny):
+    from svdnas.pipeline.baseline import run_baseline
+
+    model, data = trained_tiny
+    model = copy.deepcopy(model).train()
+    before = _state(model)
+    run_baseline("uniform", model, data, 0.3, filter_fn="convs")
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_export_and_latency_leave_the_callers_model_as_it_was(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from svdnas.cost.timer import onnx_latency, torch_latency
+    from svdnas.runs.export import export_onnx
+
+    model = tiny_net().train()
+    export_onnx(model, (1, 28, 28), tmp_path / "m.onnx")
+    assert model.training
+    onnx_latency(model, (1, 28, 28), warmup=1, repeats=2)
+    assert model.training
+    torch_latency(model, (1, 28, 28), warmup=1, repeats=2)
+    assert model.training
