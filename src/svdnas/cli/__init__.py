@@ -177,9 +177,9 @@ def _save_config(args: argparse.Namespace) -> None:
 def cmd_compress(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from svdnas.runs.directory import RunDir
     from svdnas.pipeline.compress import compress
     from svdnas.pipeline.config import CompressConfig
+    from svdnas.runs.directory import RunDir
     from svdnas.search import SearchConfig
 
     _need(args, "data", "out")
@@ -398,8 +398,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_baseline(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from svdnas.runs.directory import RunDir
     from svdnas.pipeline.baseline import run_baseline
+    from svdnas.runs.directory import RunDir
 
     _need(args, "data", "reduction", "out")
     device = _device(args.device)
