@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.common import parser
+from benchmarks.common import markdown_table, parser
 
 
 def allocation(run: Path) -> dict[str, tuple[float, str, int]]:
@@ -37,13 +37,13 @@ def main() -> None:
     args = p.parse_args()
     allocs = [allocation(r) for r in args.runs]
     names = list(allocs[0])
-    print("| layer | " + " | ".join(r.name for r in args.runs) + " |")
-    print("| --- |" + " ---: |" * len(args.runs))
+    body = []
     for name in names:
         cells = [a.get(name) for a in allocs]
         if not args.all and all(c is None or c[1] == "original" for c in cells):
             continue
-        print(f"| {name} | " + " | ".join("-" if c is None else f"{c[0]:.2f} {c[1]}" for c in cells) + " |")
+        body.append([name, *("-" if c is None else f"{c[0]:.2f} {c[1]}" for c in cells)])
+    print(markdown_table(["layer", *(r.name for r in args.runs)], body))
     print()
     for run, a in zip(args.runs, allocs):
         compressed = [v for v in a.values() if v[1] != "original"]

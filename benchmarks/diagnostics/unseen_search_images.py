@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from benchmarks.common import parser, result_path, setup, short_name, stamp, write_json
+from benchmarks.common import markdown_table, parser, result_path, setup, short_name, stamp, write_json
 from svdnas.data.datasets import DataBundle, load_data
 from svdnas.data.evaluate import evaluate
 from svdnas.models.build import build_model
@@ -57,11 +57,12 @@ def main() -> None:
                  "flops_reduction": r["flops"]["reduction"], "seconds": time.perf_counter() - t0})
     print(rows[-1], flush=True)
     print(f"\n{args.model}, R = {args.reduction}, scored on the second half of the test split ({len(second)} images), original {original:.2f}")
-    print("| method | top-1 | drop (pp) | FLOPs reduction |\n| --- | ---: | ---: | ---: |")
-    for row in rows:
-        print(f"| {row['method']} | {row['top1']:.2f} | {row['drop_pp']:.2f} | {100 * row['flops_reduction']:.1f}% |")
-    out = write_json(args.out or result_path("unseen_search_images", f"{short_name(args.model)}_r{args.reduction}.json"), {"benchmark": "unseen_search", "model": args.model, "reduction": args.reduction, **stamp(args.threads),
-                               "scored_images": len(second), "original_top1": original, "rows": rows})
+    print(markdown_table(["method", "top-1", "drop (pp)", "FLOPs reduction"],
+                         [[r["method"], f"{r['top1']:.2f}", f"{r['drop_pp']:.2f}", f"{100 * r['flops_reduction']:.1f}%"] for r in rows]))
+    out = write_json(args.out or result_path("unseen_search_images", f"{short_name(args.model)}_r{args.reduction}.json"), {
+        "benchmark": "unseen_search", "model": args.model, "reduction": args.reduction, **stamp(args.threads),
+        "scored_images": len(second), "original_top1": original, "rows": rows,
+    })
     print(f"wrote {out}")
 
 
