@@ -7,6 +7,23 @@ from svdnas.search import MixedLayer, fraction_grid, grid_candidates, select_wit
 from svdnas.search.supernet import native_bfloat16
 
 
+def _counted_macs(module: nn.Module, x: torch.Tensor) -> int:
+    """MACs of one input through every Conv2d of ``module``, counted on the outputs it produces."""
+    total = 0
+
+    def hook(conv, _, out):
+        nonlocal total
+        total += out[0].numel() * conv.weight[0].numel()
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        module(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
 def _candidates(layer, hw=(8, 8), prefix=()):
     return grid_candidates("x", layer, hw, fraction_grid(0.1, 0.9, 0.1), prefix=prefix)
 
@@ -49,7 +66,9 @@ def test_second_branch_candidates_add_to_the_fixed_prefix():
     w[3] = 1.0
     expected = decompose(layer, prefix + [cands.specs[2]])(x)
     assert torch.allclose(mixed._apply_weight(x, mixed.mixed_weight(w)), expected, atol=1e-5)
-    assert cands.macs[3] > cands.macs[0] * 0 and cands.specs[2].rank >= 1
+    # the cost of a second-branch candidate is that of the whole layer it builds, prefix included
+    assert cands.macs[3] == _counted_macs(decompose(layer, prefix + [cands.specs[2]]), x) > _counted_macs(decompose(layer, prefix), x)
+    assert cands.macs[0] == _counted_macs(layer, x)
 
 
 def test_grid_ranks_follow_the_fractions():
@@ -60,30 +79,78 @@ def test_grid_ranks_follow_the_fractions():
         assert macs > 0.25 * cands.macs[0] - macs / spec.rank - 1  # within one rank of a grid point
 
 
-def test_selection_meets_budget_and_matches_brute_force():
+def _brute_force(scores, costs, room, bins):
+    """Every combination of one candidate per layer: the best summed score among those whose costs,
+    rounded up to ``room / bins`` as select_within_budget documents, fit; and the best among those
+    whose exact costs fit."""
     import itertools
+    import math
 
+    unit = room / bins
+    best_rounded = best_exact = -math.inf
+    for choice in itertools.product(*(range(len(s)) for s in scores)):
+        score = sum(s[c] for s, c in zip(scores, choice))
+        if sum(k[c] for k, c in zip(costs, choice)) <= room:
+            best_exact = max(best_exact, score)
+        if sum(math.ceil(k[c] / unit - 1e-9) for k, c in zip(costs, choice)) <= bins:
+            best_rounded = max(best_rounded, score)
+    return best_rounded, best_exact
+
+
+@pytest.mark.parametrize("bins", [4000, 12])  # the default grid, and a coarse one where rounding decides
+def test_selection_is_the_brute_force_optimum_of_the_rounded_costs(bins):
+    """select_within_budget against every combination of 3-4 layers x 2-4 candidates: within the
+    budget always, and exactly the best score the costs rounded up to the grid allow (no better:
+    that would need a cost the grid does not hold; no worse: the DP would have missed one)."""
     from svdnas.errors import BudgetError
 
     g = torch.Generator().manual_seed(0)
-    optimal = feasible = 0
-    for _ in range(200):
-        scores = [torch.rand(4, generator=g).tolist() for _ in range(4)]
-        costs = [sorted(torch.rand(4, generator=g).tolist(), reverse=True) for _ in range(4)]
-        budget = 0.5 * sum(c[0] for c in costs)
-        options = [ch for ch in itertools.product(range(4), repeat=4) if sum(c[i] for c, i in zip(costs, ch)) <= budget]
-        if not options:
+    infeasible = missed_by_rounding = 0
+    for trial in range(300):
+        layers = 3 + trial % 2
+        scores = [torch.randn(int(torch.randint(2, 5, (1,), generator=g)), generator=g).tolist() for _ in range(layers)]
+        costs = [(torch.rand(len(s), generator=g) * 10).tolist() for s in scores]
+        fixed = float(torch.rand(1, generator=g)) * 5 if trial % 3 == 0 else 0.0
+        budget = fixed + float(torch.rand(1, generator=g)) * sum(max(k) for k in costs)
+        best_rounded, best_exact = _brute_force(scores, costs, budget - fixed, bins)
+        if best_exact == -float("inf"):
+            infeasible += 1
             with pytest.raises(BudgetError):
-                select_within_budget(scores, costs, budget)
+                select_within_budget(scores, costs, budget, fixed=fixed, bins=bins)
             continue
-        feasible += 1
-        choice = select_within_budget(scores, costs, budget)
-        assert sum(c[i] for c, i in zip(costs, choice)) <= budget + 1e-9
-        best = max(sum(s[i] for s, i in zip(scores, ch)) for ch in options)
-        got = sum(s[i] for s, i in zip(scores, choice))
-        assert got <= best + 1e-9
-        optimal += got >= best - 1e-9
-    assert feasible > 150 and optimal >= 0.97 * feasible  # exact but for costs within one grid step of the budget
+        if best_rounded == -float("inf"):  # fits exactly, not once rounded up: an error or a fitting choice
+            missed_by_rounding += 1
+            try:
+                choice = select_within_budget(scores, costs, budget, fixed=fixed, bins=bins)
+            except BudgetError:
+                continue
+        else:
+            choice = select_within_budget(scores, costs, budget, fixed=fixed, bins=bins)
+        assert len(choice) == layers and all(0 <= c < len(s) for c, s in zip(choice, scores))
+        assert fixed + sum(k[c] for k, c in zip(costs, choice)) <= budget + 1e-9
+        got = sum(s[c] for s, c in zip(scores, choice))
+        assert got <= best_exact + 1e-9
+        if best_rounded > -float("inf"):
+            assert got == pytest.approx(best_rounded, abs=1e-9), (trial, choice)
+    assert 10 < infeasible < 150  # both outcomes were exercised
+    if bins == 4000:
+        assert missed_by_rounding <= 3  # a fine grid loses almost nothing to rounding
+
+
+def test_selection_upgrades_fit_and_leave_no_affordable_upgrade():
+    """With upgrades: still within the budget, and the loop stops only when no upgrade fits the slack;
+    each layer's choice is its DP choice or a candidate up its upgrade chain."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(100):
+        scores = [torch.randn(4, generator=g).tolist() for _ in range(3)]
+        costs = [sorted((torch.rand(4, generator=g) * 10).tolist()) for _ in range(3)]
+        upgrades = [[1, 2, 3, None] for _ in range(3)]  # each candidate's next rank is the next costlier one
+        budget = sum(k[0] for k in costs) + float(torch.rand(1, generator=g)) * 10
+        plain = select_within_budget(scores, costs, budget)
+        choice = select_within_budget(scores, costs, budget, upgrades=upgrades)
+        slack = budget - sum(k[c] for k, c in zip(costs, choice))
+        assert slack >= -1e-9 and all(c >= p for c, p in zip(choice, plain))
+        assert all(c == 3 or costs[i][c + 1] - costs[i][c] > slack for i, c in enumerate(choice))
 
 
 def test_upgrades_spend_the_slack_along_family_ranks():
