@@ -1,5 +1,11 @@
+import contextlib
 import gzip
+import io
+import logging
+import os
 import struct
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -8,6 +14,59 @@ from safetensors.torch import save_file
 from torch import nn
 
 from svdnas.data.datasets import load_data
+
+
+@dataclass
+class CliResult:
+    """What a run of the command line left: its exit code and everything it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: object, env: dict[str, str] | None = None) -> CliResult:
+    """``svdnas ARGS`` run in this process by ``svdnas.cli.main``, as a shell would see it: stdout and
+    stderr are captured (not terminals, so no progress bars), usage errors give their exit code, and
+    the log lines the command line sets up land on the captured stderr. Other exceptions propagate:
+    in a test a traceback is a failure. ``env`` is set for the run only."""
+    from svdnas.cli import main
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    saved_env = {k: os.environ.get(k) for k in (env or {})}
+    out, err = io.StringIO(), io.StringIO()
+    root.handlers = []  # so main's logging.basicConfig installs its handler, on the captured stderr
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse: usage errors, --help, --version
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        for h in root.handlers:
+            if h not in handlers:
+                h.close()
+        root.handlers, root.level = handlers, level
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return CliResult(0 if code is None else code, out.getvalue(), err.getvalue())  # None: as sys.exit(main()) reads it
+
+
+def run_cli_process(*args: object, timeout: float = 600, **kw):
+    """``python -m svdnas ARGS`` in a fresh interpreter with this worktree's sources first on the
+    path: for the few end-to-end tests that need a process of their own (killed, resource-limited,
+    or the real entry point)."""
+    import subprocess
+
+    src = str(Path(__file__).parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p), **kw.pop("env", {}))
+    return subprocess.run([sys.executable, "-m", "svdnas", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, check=False, **kw)
 
 
 def write_idx(path: Path, tensor: torch.Tensor) -> None:

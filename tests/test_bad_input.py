@@ -1,5 +1,6 @@
-"""Bad input given as a user gives it, on the command line: every case ends with exactly one
-``error: ...`` line on stderr, a non-zero exit code and no traceback. A few cases also go through
+"""Bad input given as a user gives it, on the command line (``svdnas.cli.main`` in this process; one
+case in a process of its own): every case ends with exactly one ``error: ...`` line on stderr, a
+non-zero exit code and no traceback. A few cases also go through
 the Python API, which must raise a subclass of SvdnasError with the same message.
 
 Not covered here: a model without BatchNorm asked for synthetic data (synthetic data is built
@@ -15,8 +16,6 @@ import math
 import os
 import pickle
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,10 +24,9 @@ import torch
 from safetensors.torch import save_file
 
 from svdnas.errors import SvdnasError
-from tests.conftest import tiny_net
+from tests.conftest import CliResult, run_cli, run_cli_process, tiny_net
 
 ROOT = Path(__file__).parents[1]
-SRC = ROOT / "src"
 
 FACTORIES = '''
 import sys
@@ -97,16 +95,7 @@ class _Payload:
         return (open, (str(self.marker), "w"))
 
 
-def cli(*args: object, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
-    """``python -m svdnas ARGS`` with this worktree's sources first on the path."""
-    paths = [str(SRC), os.environ.get("PYTHONPATH", "")]
-    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), **(env or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "svdnas", *map(str, args)], check=False, capture_output=True, text=True, timeout=300, env=full_env, **kw
-    )
-
-
-def one_error(r: subprocess.CompletedProcess) -> str:
+def one_error(r: CliResult) -> str:
     """The message of a failed run, after checking the form every failure must take."""
     assert r.returncode != 0, f"exit 0 on bad input; stdout: {r.stdout[-500:]}"
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
@@ -273,14 +262,15 @@ CASES: list[tuple[str, Callable[[dict], list], list[str]]] = [
 
 @pytest.mark.parametrize(("args", "fragments"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_error_line(files, args, fragments):
-    message = one_error(cli(*args(files)))
+    message = one_error(run_cli(*args(files)))
     for fragment in fragments:
         assert fragment in message, message
     assert not (files["dir"] / "pwned").exists()  # the pickle payload never ran
 
 
-def test_cuda_without_gpu(files):
-    message = one_error(cli("eval", files["tiny"], "--data", files["data"], "--device", "cuda", env={"CUDA_VISIBLE_DEVICES": ""}))
+def test_cuda_without_gpu(files, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    message = one_error(run_cli("eval", files["tiny"], "--data", files["data"], "--device", "cuda"))
     assert message == "--device cuda asked for, but no CUDA GPU is available; use --device cpu"
 
 
@@ -289,7 +279,7 @@ def test_unreachable_budget_names_the_largest_reachable_reduction(files, tiny):
     from svdnas.cost.counting import layer_cost, model_macs
     from svdnas.lowrank.spec import LowRankSpec
 
-    message = one_error(cli("compress", files["tiny"], "--weights", files["weights"], "--data", files["data"], "--out", files["out"],
+    message = one_error(run_cli("compress", files["tiny"], "--weights", files["weights"], "--data", files["data"], "--out", files["out"],
                             "--reduction", "0.99", "--filter", "pointwise", "--device", "cpu"))
     hw = (14, 14)  # body.4 sees the stride-2 output of body.0
     saved = layer_cost(tiny.body[4], hw)[0] - layer_cost(tiny.body[4], hw, [LowRankSpec((1, 1), (1, 1), 1)])[0]
@@ -304,7 +294,7 @@ def test_unreadable_weights(files):
     path.write_bytes((files["dir"] / "tiny.safetensors").read_bytes())
     path.chmod(0)
     try:
-        message = one_error(cli("eval", files["tiny"], "--weights", path, "--data", files["data"]))
+        message = one_error(run_cli("eval", files["tiny"], "--weights", path, "--data", files["data"]))
     finally:
         path.chmod(0o600)
     assert "cannot read" in message and "unreadable.safetensors" in message
@@ -315,7 +305,7 @@ def test_unsupported_layers_are_left_alone_and_listed(files, tmp_path):
     """Depthwise and grouped convs and a Conv1d beside a compressible conv: the run succeeds and
     report.json names each layer left alone with its reason."""
     out = tmp_path / "run"
-    r = cli("compress", _module(files, "mixed"), "--data", files["data"], "--out", out, "--reduction", "0.3",
+    r = run_cli("compress", _module(files, "mixed"), "--data", files["data"], "--out", out, "--reduction", "0.3",
             "--epochs", "1", "--search-images", "64", "--batch-size", "64", "--families", "0", "--device", "cpu", "--quiet")
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
@@ -328,8 +318,9 @@ def test_unsupported_layers_are_left_alone_and_listed(files, tmp_path):
     assert report["flops"]["reduction"] >= 0.29
 
 
+@pytest.mark.slow
 def test_write_error_names_the_file_and_keeps_earlier_files(files, tmp_path):
-    """A file-size limit (failing a write as a full disk would) stops the run at its first large
+    """In a process of its own (the limit would hold pytest's own writes too): a file-size limit (failing a write as a full disk would) stops the run at its first large
     file, the search checkpoint; config.json and the accuracy proxy's checkpoint, written before, are
     intact and no temporary file is left behind."""
     import resource
@@ -340,7 +331,7 @@ def test_write_error_names_the_file_and_keeps_earlier_files(files, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
     out = tmp_path / "run"
-    r = cli("compress", files["tiny"], "--weights", files["weights"], "--data", files["data"], "--out", out, "--reduction", "0.3",
+    r = run_cli_process("compress", files["tiny"], "--weights", files["weights"], "--data", files["data"], "--out", out, "--reduction", "0.3",
             "--epochs", "1", "--search-images", "64", "--batch-size", "64", "--families", "0", "--device", "cpu", "--quiet",
             preexec_fn=limit_file_size)
     message = one_error(r)
@@ -404,7 +395,7 @@ def _compress(files, **kw):
 
 @pytest.mark.parametrize(("args", "call"), [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
 def test_api_raises_the_same_message(files, args, call):
-    message = one_error(cli(*args(files)))
+    message = one_error(run_cli(*args(files)))
     with pytest.raises(SvdnasError) as info:
         call(files)
     assert str(info.value) == message
