@@ -1,3 +1,4 @@
+import itertools
 import re
 
 import pytest
@@ -64,7 +65,7 @@ def test_error_falls_with_rank_and_second_branch_helps():
     conv = nn.Conv2d(16, 16, 3, padding=1)
     x = torch.randn(4, 16, 8, 8)
     errs = [_rel_err(decompose(conv, LowRankSpec((3, 1), (1, 1), r)), conv, x) for r in (2, 8, 16, 32, 48)]
-    assert all(a > b for a, b in zip(errs, errs[1:]))
+    assert all(a > b for a, b in itertools.pairwise(errs))
     one = _rel_err(decompose(conv, LowRankSpec((3, 1), (1, 1), 8)), conv, x)
     two = _rel_err(decompose(conv, [LowRankSpec((3, 1), (1, 1), 8), LowRankSpec((1, 3), (1, 1), 4)]), conv, x)
     assert two < one

@@ -80,11 +80,14 @@ def test_fmnist_reader(tiny_fmnist):
 def test_search_subset_is_fixed_by_seed_and_kept_apart(tiny_fmnist):
     data = load_data(f"fmnist:{tiny_fmnist}")
     a, ia = search_subset(data.train, 100, seed=3)
-    b, ib = search_subset(data.train, 100, seed=3)
-    c, ic = search_subset(data.train, 100, seed=4)
+    _, ib = search_subset(data.train, 100, seed=3)
+    _, ic = search_subset(data.train, 100, seed=4)
     assert torch.equal(ia, ib) and not torch.equal(ia, ic)
+    assert len(ia) == len(set(ia.tolist())) == len(a) == 100
+    x, y = data.train.tensors
+    assert all(torch.equal(a[k][0], x[i]) and a[k][1] == y[i] for k, i in enumerate(ia.tolist()))  # the subset holds those images
     proxy, ip = search_subset(data.train, 50, seed=3, exclude=ia)
-    assert not set(ip.tolist()) & set(ia.tolist())
+    assert not set(ip.tolist()) & set(ia.tolist()) and len(proxy) == 50
     with pytest.raises(DataError, match="only"):
         search_subset(data.train, 10_000, seed=0)
 
@@ -112,7 +115,7 @@ def test_torchvision_spec_without_torchvision_is_a_clear_error():
 
     try:
         import torchvision  # noqa: F401
-    except Exception:
+    except ImportError:
         with pytest.raises(SpecError, match="needs an importable torchvision"):
             build_model("torchvision:resnet18")
     else:
