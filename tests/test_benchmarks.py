@@ -19,7 +19,7 @@ SCRIPTS = sorted(
 
 @pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.split(".", 1)[1])
 def test_benchmark_help(module):
-    res = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    res = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False)
     assert res.returncode == 0, res.stderr
     assert "usage:" in res.stdout
 

@@ -157,8 +157,8 @@ def main() -> None:
     print(f"\noriginal top-1 on these images {ev.original_top1:.2f}%; {len(rows)} candidates in {seconds:.0f}s "
           f"({1000 * seconds / len(rows):.0f} ms each, prefix replayed: {bool(ev.replay)})")
     print(f"{'proxy':14s} {'Spearman vs drop':>17s} {'(MACs <= 50%)':>14s}")
-    for k in rho:
-        print(f"{k:14s} {rho[k]:17.3f} {rho_cheap[k]:14.3f}")
+    for k, value in rho.items():
+        print(f"{k:14s} {value:17.3f} {rho_cheap[k]:14.3f}")
     print(f"Pareto front: {len(front)} points, from {', '.join(front_splits)}")
     for frac in (0.1, 0.2, 0.3, 0.4, 0.5):
         best = max((r for r in rows if r["macs_fraction"] <= frac), key=lambda r: r["top1"], default=None)
