@@ -39,6 +39,7 @@ from svdnas.fileio import atomic_write_json
 from svdnas.lowrank.decompose import empty_block
 from svdnas.lowrank.geometry import conv_geometry, layer_geometry
 from svdnas.lowrank.spec import LowRankSpec, family_max_rank
+from svdnas.options import Config, option
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -47,7 +48,7 @@ NOISY = 3.0  # p90 / p10 of a timing above which it counts as disturbed
 
 
 @dataclass
-class LatencyConfig:
+class LatencyConfig(Config):
     """How the latency table measures.
 
     Attributes:
@@ -61,12 +62,14 @@ class LatencyConfig:
             so that timer resolution and call overhead do not dominate.
     """
 
-    batch: int = 1
+    batch: int = option(1, flag="--latency-batch", help="images per pass of the latency objective's timings (default 1: one request)")
     warmup: int = 3
     repeats: int = 15
     anchors: int = 8
     threads: int | None = None
-    cache: str | None = None
+    cache: str | None = option(None, flag="--latency-cache",
+                               help="JSON file of measured layer latencies (default: latency-<device>-<threads>.json in "
+                                    "$SVDNAS_CACHE or ~/.cache/svdnas)")
     min_sample_ms: float = 0.5
 
     def __post_init__(self) -> None:

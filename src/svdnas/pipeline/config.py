@@ -2,23 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from svdnas.cost.table import LatencyConfig
 from svdnas.errors import SpecError
+from svdnas.options import Config, option
 from svdnas.recovery.distill import FinetuneConfig
 from svdnas.recovery.recover import RECOVERY_MODES
 from svdnas.recovery.synthetic import SynthConfig
 from svdnas.search import SearchConfig, fraction_grid
 
 OBJECTIVES = ("flops", "params", "latency")
-
-
 MODES = ("post-training", *RECOVERY_MODES)
+SEARCH_LOSSES = ("ce", "kd")
+
+
+def parse_grid(value: str | Sequence[float] | None) -> tuple[float, float, float] | None:
+    """``--grid START:STOP[:STEP]`` (or a list of two or three numbers) as (start, stop, step); step defaults to 0.05."""
+    if value is None:
+        return None
+    try:
+        parts = tuple(float(x) for x in (value.split(":") if isinstance(value, str) else value))
+    except (TypeError, ValueError):
+        parts = ()
+    if len(parts) not in (2, 3):
+        raise SpecError(f"--grid must be START:STOP[:STEP], got {value!r}")
+    return (parts[0], parts[1], parts[2] if len(parts) == 3 else 0.05)
+
+
+def parse_max_groups(value: int | str | None) -> int | None:
+    """``--max-groups N``, where 0 (like None) means no limit."""
+    if value is None or int(value) == 0:
+        return None
+    return int(value)
 
 
 @dataclass
-class CompressConfig:
+class CompressConfig(Config):
     """What ``compress`` does.
 
     Attributes:
@@ -49,50 +70,70 @@ class CompressConfig:
         synthetic_path: reuse images written by ``svdnas synth`` instead of making new ones.
         synth_val, synth_test: synthetic images held out for the recovery's schedule and for the
             fidelity figure (top-1 agreement with the original).
+        derivation: how every candidate's factors are derived: ``weight`` (the paper's truncated SVD
+            of the unfolded weight), ``whitened`` or ``refit`` (fitted to the layer's output on
+            calibration images; see :mod:`svdnas.lowrank.derivation`).
+        calibration_images: search images (synthetic ones in ``data-free``) whose layer inputs make
+            the output-aware derivations' statistics.
     """
 
-    reduction: float | None = None
-    beta: float | None = None
-    objective: str = "flops"
+    reduction: float | None = option(None, flag="--reduction", help="share of the original cost to remove, 0 < R < 1")
+    beta: float | None = option(None, flag="--beta", help="the paper's fixed trade-off instead of --reduction")
+    objective: str = option("flops", flag="--objective", choices=OBJECTIVES,
+                            help="the cost to reduce (latency: measured on this machine's --device)")
     latency: LatencyConfig | None = None
-    filter: str | None = None
-    grid: tuple[float, float, float] | None = None
-    max_groups: int | None = None
-    families: int = 4
-    proxy_drop: float = 5.0
-    search_images: int = 1000
-    proxy_images: int = 256
-    branches: int = 1
-    search_loss: str = "ce"
-    search: SearchConfig | None = None
-    mode: str = "post-training"
+    filter: str | None = option(None, flag="--filter", help="target layers: all-but-first, convs, pointwise, linear, "
+                                "convs+linear (default: the paper's for the model)")
+    grid: tuple[float, float, float] | None = option(None, flag="--grid", parse=parse_grid, metavar="START:STOP[:STEP]",
+                                                     help="kept-cost fractions per layer (default: around the target)")
+    max_groups: int | None = option(None, flag="--max-groups", parse=parse_max_groups,
+                                    help="largest group count of a candidate (default: no limit; 0 says the same)")
+    families: int = option(4, flag="--families", help="families kept per layer by the output-error proxy (0: all)")
+    proxy_drop: float = option(5.0, flag="--proxy-drop", metavar="PP",
+                               help="remove candidates whose layer alone loses more than PP points of top-1 on the proxy images (0: off)")
+    search_images: int = option(1000, flag="--search-images", help="labelled training images the search learns on")
+    proxy_images: int = option(256, flag="--proxy-images",
+                               help="training images, apart from the search images, for both proxies (fewer: faster, coarser verdicts)")
+    branches: int = option(1, flag="--branches", choices=(1, 2), help="2: the residual extension (a second search)")
+    search_loss: str = option("ce", flag="--search-loss", choices=SEARCH_LOSSES,
+                              help="ce: labels (the paper); kd: the original model's soft labels")
+    search: SearchConfig = field(default_factory=lambda: SearchConfig(target=0.5))
+    mode: str = option("post-training", flag="--mode", choices=MODES, help="recovery after the search")
     finetune: FinetuneConfig | None = None
-    synth: SynthConfig | None = None
-    synthetic_path: str | None = None
-    synth_val: int = 128
-    synth_test: int = 256
+    synth: SynthConfig = field(default_factory=lambda: SynthConfig(num=1384))
+    synthetic_path: str | None = option(None, flag="--synthetic",
+                                        help="reuse synthetic images written by `svdnas synth` (a .safetensors file)")
+    synth_val: int = option(128, flag="--synth-val", help="synthetic images held out to steer the schedule")
+    synth_test: int = option(256, flag="--synth-test", help="synthetic images held out for the fidelity figure")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise SpecError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.synth_val < 1 or self.synth_test < 1:
-            raise SpecError("synthetic validation and fidelity image counts must be positive")
-        if (self.reduction is None) == (self.beta is None):
-            raise SpecError("give exactly one of --reduction and --beta")
+        check_synthetic_splits(self.synth_val, self.synth_test)
+        if self.reduction is not None and self.beta is not None:
+            raise SpecError("give --reduction or --beta, not both")
+        if self.reduction is None and self.beta is None:
+            raise SpecError("give --reduction R (share of the cost to remove) or --beta X")
         if self.reduction is not None and not 0 < self.reduction < 1:
             raise SpecError(f"--reduction must be in (0, 1), got {self.reduction}")
         if self.objective not in OBJECTIVES:
             raise SpecError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.search_loss not in ("ce", "kd"):
+        if self.search_loss not in SEARCH_LOSSES:
             raise SpecError(f"--search-loss must be ce or kd, got {self.search_loss!r}")
         if self.branches not in (1, 2):
             raise SpecError(f"--branches must be 1 or 2, got {self.branches}")
+        if self.families < 0:
+            raise SpecError(f"--families must be 0 (all) or positive, got {self.families}")
+        if self.max_groups is not None and self.max_groups < 1:
+            raise SpecError(f"--max-groups must be positive (0: no limit), got {self.max_groups}")
         if self.search_images < 1:
             raise SpecError("--search-images must be positive")
         if self.proxy_images < 1:
             raise SpecError("--proxy-images must be positive")
         if not 0 <= self.proxy_drop <= 100:
             raise SpecError(f"--proxy-drop must be in [0, 100] points of top-1, got {self.proxy_drop}")
+        if self.grid is not None:
+            self.fractions()  # checks the grid
 
     def uses_proxy(self) -> bool:
         return self.families > 0 or self.proxy_drop > 0
@@ -101,10 +142,17 @@ class CompressConfig:
         if self.grid is not None:
             start, stop, step = self.grid
             if not 0 < start <= stop < 1 or step <= 0:
-                raise SpecError(f"grid must satisfy 0 < start <= stop < 1 and step > 0, got {self.grid}")
+                raise SpecError(f"--grid must satisfy 0 < start <= stop < 1 and step > 0, got {self.grid}")
             return fraction_grid(start, stop, step)
         kept = 1.0 - (self.reduction if self.reduction is not None else 0.5)
         # a low-rank block's latency falls more slowly than its FLOPs (two layers' fixed costs), so the
         # latency objective needs candidates far below the target's share of FLOPs
         low = 0.05 if self.objective == "latency" else max(0.05, round(kept - 0.25, 2))
         return fraction_grid(low, min(0.95, round(kept + 0.35, 2)))
+
+
+def check_synthetic_splits(synth_val: int, synth_test: int) -> None:
+    """The held-out synthetic image counts (compress and finetune both take them)."""
+    for flag, n in (("--synth-val", synth_val), ("--synth-test", synth_test)):
+        if n < 1:
+            raise SpecError(f"{flag} must be positive, got {n}")

@@ -50,6 +50,7 @@ from svdnas import distributed as ddp
 from svdnas.data.evaluate import batches
 from svdnas.errors import NonFiniteError, SpecError
 from svdnas.fileio import atomic_write_bytes
+from svdnas.options import Config, flag_of, option
 
 log = logging.getLogger(__name__)
 MODES = ("synthetic", "few-shot", "full")
@@ -63,7 +64,7 @@ LAYER_LOSSES = ("relative", "plain")
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Config):
     """Distillation settings (defaults: the paper's, but for the learning rate and the relative layer term).
 
     Attributes:
@@ -92,9 +93,11 @@ class FinetuneConfig:
     """
 
     mode: str = "few-shot"
-    epochs: int | None = None
-    batch_size: int = 64
-    lr: float | None = None
+    epochs: int | None = option(None, flag="--finetune-epochs", help="most epochs of fine-tuning (default: 60, or 3 with --mode full)")
+    batch_size: int = option(64, flag="--finetune-batch-size", help="images per fine-tuning step")
+    lr: float | None = option(None, flag="--finetune-lr",
+                              help="SGD's learning rate (default: 0.01 for synthetic, few-shot and data-free, restarting at a tenth "
+                                   "after a collapse; 0.001, the paper's, for full)")
     momentum: float = 0.9
     weight_decay: float = 1e-4
     patience: int = 10
@@ -102,30 +105,40 @@ class FinetuneConfig:
     min_lr: float = 1e-4
     temperature: float = 6.0
     alpha: float = 0.95
-    shots: int = 1000
-    val_images: int = 1000
+    shots: int = option(1000, flag="--shots", help="few-shot: labelled training images to learn on")
+    val_images: int = option(1000, flag="--val-images", help="training images held out to steer the fine-tuning schedule")
     update_bn: bool | None = None
-    augment: bool = False
-    layer_loss: str = "relative"
-    collapse: float = 10.0
+    augment: bool = option(False, flag="--augment",
+                           help="few-shot and full: flip and shift the training images at random (teacher and student alike)")
+    layer_loss: str = option("relative", flag="--layer-loss", choices=LAYER_LOSSES,
+                             help="per-layer distillation term: MSE over the original output's mean square (relative, the default), "
+                                  "or the paper's plain MSE")
+    collapse: float = option(10.0, flag="--collapse",
+                             help="validation points below the best at which fine-tuning goes back to its best state with a tenth "
+                                  "of the learning rate (a non-finite loss too); 0: off, a non-finite loss stops the run")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise SpecError(f"fine-tuning mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.layer_loss not in LAYER_LOSSES:
-            raise SpecError(f"the layer loss must be one of {', '.join(LAYER_LOSSES)}, got {self.layer_loss!r}")
+            raise SpecError(f"--layer-loss: the layer loss must be one of {', '.join(LAYER_LOSSES)}, got {self.layer_loss!r}")
         if self.epochs is None:
             self.epochs = DEFAULT_EPOCHS[self.mode]
         if self.lr is None:
             self.lr = DEFAULT_LR[self.mode]
-        if self.epochs < 1 or self.batch_size < 1 or self.shots < 1 or self.val_images < 1 or self.patience < 0:
-            raise SpecError("fine-tuning epochs, batch size, shots, validation images must be positive and patience non-negative")
-        if not 0 < self.factor < 1 or self.lr <= 0 or self.min_lr <= 0:
-            raise SpecError("fine-tuning needs lr > 0, min_lr > 0 and 0 < factor < 1")
+        for name in ("epochs", "batch_size", "shots", "val_images"):
+            if getattr(self, name) < 1:
+                raise SpecError(f"{flag_of(FinetuneConfig, name)} must be positive, got {getattr(self, name)}")
+        if self.patience < 0:
+            raise SpecError(f"fine-tuning patience must be non-negative, got {self.patience}")
+        if self.lr <= 0:
+            raise SpecError(f"--finetune-lr must be positive, got {self.lr}")
+        if not 0 < self.factor < 1 or self.min_lr <= 0:
+            raise SpecError("fine-tuning needs min_lr > 0 and 0 < factor < 1")
         if not 0 <= self.alpha <= 1 or self.temperature <= 0:
             raise SpecError("fine-tuning needs 0 <= alpha <= 1 and temperature > 0")
         if self.collapse < 0:
-            raise SpecError(f"the collapse threshold must be non-negative, got {self.collapse}")
+            raise SpecError(f"--collapse must be non-negative, got {self.collapse}")
         if self.update_bn is None:
             self.update_bn = self.mode == "full"
 

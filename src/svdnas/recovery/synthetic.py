@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from svdnas import distributed as ddp
 from svdnas.errors import DataError, SpecError
 from svdnas.fileio import atomic_write_bytes, atomic_write_json
+from svdnas.options import Config, flag_of, option
 
 log = logging.getLogger(__name__)
 FORMAT = "svdnas-synthetic/1"
@@ -36,7 +37,7 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(Config):
     """How synthetic images are made (defaults: the paper's ResNet-18 settings).
 
     Attributes:
@@ -52,22 +53,26 @@ class SynthConfig:
             rounding), so it is not part of what a resumed generation must match.
     """
 
-    num: int = 1000
-    batch_size: int = 32
-    iterations: int = 500
-    lr: float = 0.5
+    num: int = option(1000, flag="--num", help="synthetic images to make")
+    batch_size: int = option(32, flag="--synth-batch-size", help="images optimised together")
+    iterations: int = option(500, flag="--synth-iterations", help="Adam steps per batch of synthetic images")
+    lr: float = option(0.5, flag="--synth-lr", help="Adam's learning rate on the synthetic images")
     patience: int = 100
-    image_weight: float = 1.0
-    channel_mean: bool = True
+    image_weight: float = option(1.0, flag="--image-weight", help="lambda, the weight of the per-image mean/std term")
+    channel_mean: bool = option(True, flag="--no-channel-mean",
+                                help="sum each BatchNorm layer's term over channels (ZeroQ) instead of averaging")
     shard_size: int = 8192
-    parallel: int = 1
+    parallel: int = option(1, flag="--synth-parallel",
+                           help="batches optimised in one pass (the same images, faster on a GPU; memory grows with it)")
 
     def __post_init__(self) -> None:
         for name in ("num", "batch_size", "iterations", "shard_size", "parallel"):
             if getattr(self, name) < 1:
-                raise SpecError(f"synthetic {name.replace('_', ' ')} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0 or self.patience < 1 or self.image_weight < 0:
-            raise SpecError("synthetic lr and patience must be positive and the image weight non-negative")
+                raise SpecError(f"synthetic {name.replace('_', ' ')} ({flag_of(SynthConfig, name)}) must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise SpecError(f"--synth-lr must be positive, got {self.lr}")
+        if self.patience < 1 or self.image_weight < 0:
+            raise SpecError("synthetic patience must be positive and the image weight (--image-weight) non-negative")
 
 
 @dataclass

@@ -18,13 +18,16 @@ from svdnas import distributed as ddp
 from svdnas.data.evaluate import batches
 from svdnas.errors import NonFiniteError, SpecError
 from svdnas.fileio import atomic_write_bytes
+from svdnas.options import Config, flag_of, option
 from svdnas.search.supernet import WINDOW_DTYPE_NAMES, MixedLayer
 
 log = logging.getLogger(__name__)
 
+SAMPLINGS = ("mixed", "two")
+
 
 @dataclass
-class SearchConfig:
+class SearchConfig(Config):
     """Settings of one search.
 
     Attributes:
@@ -43,30 +46,34 @@ class SearchConfig:
         penalty_lr: step of the dual ascent on the budget multiplier.
     """
 
-    epochs: int = 20
-    batch_size: int = 128
-    lr: float = 0.1
+    epochs: int = option(20, flag="--epochs", help="passes of the search over the search images")
+    batch_size: int = option(128, flag="--batch-size", help="search images per step")
+    lr: float = option(0.1, flag="--lr", help="Adam learning rate of the logits (the paper: 0.01 over 100 epochs)")
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 5e-4
     temperature: float = 5.0
     final_temperature: float = 5.0 * 0.965**100
-    sampling: str = "mixed"
-    window_dtype: str = "auto"
+    sampling: str = option("mixed", flag="--sampling", choices=SAMPLINGS,
+                           help="mixed: all candidates in one weight (default); two: the release's scheme")
+    window_dtype: str = option("auto", flag="--search-dtype", choices=WINDOW_DTYPE_NAMES,
+                               help="precision of the mixed super blocks' rank-window products "
+                                    "(auto, the default: bfloat16 where the device multiplies it natively)")
     beta: float | None = None
     target: float | None = None
     penalty_lr: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise SpecError("epochs and batch size must be positive")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SpecError(f"{flag_of(SearchConfig, name)} must be positive, got {getattr(self, name)}")
         if (self.beta is None) == (self.target is None):
             raise SpecError("give exactly one of beta (the paper's loss) and a target cost ratio")
         if self.target is not None and not 0 < self.target < 1:
             raise SpecError(f"target cost ratio must be in (0, 1), got {self.target}")
-        if self.sampling not in ("mixed", "two"):
-            raise SpecError(f"sampling must be 'mixed' or 'two', got {self.sampling!r}")
+        if self.sampling not in SAMPLINGS:
+            raise SpecError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
         if self.window_dtype not in WINDOW_DTYPE_NAMES:
-            raise SpecError(f"search dtype must be auto, float32 or bfloat16, got {self.window_dtype!r}")
+            raise SpecError(f"--search-dtype: the search dtype must be {', '.join(WINDOW_DTYPE_NAMES[:-1])} or {WINDOW_DTYPE_NAMES[-1]}, got {self.window_dtype!r}")
 
     @property
     def decay(self) -> float:
