@@ -1,5 +1,4 @@
 import json
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,7 @@ from svdnas.errors import SvdnasError
 from svdnas.runs.directory import save_run
 from svdnas.runs.export import export_onnx
 from svdnas.zoo import create_model
+from tests.conftest import run_cli
 
 pytest.importorskip("onnxruntime")
 
@@ -35,12 +35,20 @@ def test_export_and_latency_commands(tmp_path):
     plan = Plan({"features.2.conv.0.0": [LowRankSpec((1, 1), (1, 1), 4)]})
     apply_plan(model, plan)
     save_run(tmp_path / "run", model, plan, "zoo:mobilenetv2", (1, 28, 28))
-    r = subprocess.run([sys.executable, "-m", "svdnas", "export", str(tmp_path / "run"), "--onnx", str(tmp_path / "m.onnx")],
-                       capture_output=True, text=True, timeout=300)
+    r = run_cli("export", tmp_path / "run", "--onnx", tmp_path / "m.onnx")
     assert r.returncode == 0, r.stderr
-    assert "max abs difference" in r.stdout and (tmp_path / "m.onnx").is_file()
-    r = subprocess.run([sys.executable, "-m", "svdnas", "latency", str(tmp_path / "run"), "--onnx", "--repeats", "5", "--json"],
-                       capture_output=True, text=True, timeout=300)
+    assert "max abs difference" in r.stdout
+    # the exported graph computes what the saved run computes
+    import onnxruntime as ort
+
+    import svdnas
+
+    x = torch.randn(3, 1, 28, 28)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = svdnas.load(str(tmp_path / "run")).eval()(x).numpy()
+    assert abs(session.run(None, {"input": x.numpy()})[0] - expected).max() < 1e-4
+    r = run_cli("latency", tmp_path / "run", "--onnx", "--repeats", "5", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["pytorch"]["median_ms"] > 0 and out["onnxruntime"]["median_ms"] > 0
