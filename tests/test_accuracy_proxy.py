@@ -222,8 +222,8 @@ def test_compress_reports_the_proxy_and_relaxes_a_threshold_the_budget_cannot_li
     # a threshold no cheap candidate meets: doubled until the 0.6 budget can be met, and met
     r = compress(model, data, _config(reduction=0.6, families=0, proxy_drop=0.01, max_groups=1), filter_fn="convs", out=tmp_path, resume=True).report
     p = r["accuracy_proxy"]
-    doublings = math.log2(p["threshold_used_pp"] / 0.01)  # the threshold doubles until the budget can be met
-    assert doublings >= 1 and doublings == pytest.approx(round(doublings)) and "trying" in caplog.text
+    doublings = math.log2(p["threshold_used_pp"] / 0.01)  # the threshold doubles (up to 100) until the budget can be met
+    assert doublings >= 1 and (doublings == pytest.approx(round(doublings)) or p["threshold_used_pp"] == 100) and "trying" in caplog.text
     assert r["flops"]["reduction"] >= 0.59
     off = compress(model, data, _config(families=0, proxy_drop=0.0), filter_fn="convs").report
     assert "accuracy_proxy" not in off
