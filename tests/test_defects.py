@@ -117,3 +117,53 @@ def test_export_and_latency_leave_the_callers_model_as_it_was(tmp_path):
     assert model.training
     torch_latency(model, (1, 28, 28), warmup=1, repeats=2)
     assert model.training
+
+
+def test_the_output_error_proxy_picks_by_the_objectives_cost():
+    from svdnas.lowrank.spec import LowRankSpec
+    from svdnas.search.candidates import LayerCandidates
+    from svdnas.search.output_proxy import output_errors
+
+    layer = nn.Conv2d(8, 8, 3, padding=1)
+    x = torch.randn(4, 8, 6, 6)
+    fam = ((3, 1), (1, 1))
+    specs = [LowRankSpec(*fam, r) for r in (1, 2, 3)]
+    # costs chosen so that MACs and params disagree on which candidate is nearest half the original
+    cands = LayerCandidates("conv", (6, 6), specs, macs=[100, 50, 70, 90], params=[100, 90, 70, 50])
+    flops = output_errors(layer, x, cands, 0.5, objective="flops")[fam]
+    params = output_errors(layer, x, cands, 0.5, objective="params")[fam]
+    y = layer(x)
+
+    def err(spec):
+        from svdnas import decompose
+
+        return ((decompose(layer, [spec])(x) - y).pow(2).sum() / y.pow(2).sum()).item()
+
+    assert flops == pytest.approx(err(specs[0]))
+    assert params == pytest.approx(err(specs[2]))
+
+
+def test_compress_with_whitened_factors_uses_them_in_the_final_model(trained_tiny):
+    from svdnas.lowrank.derivation import calibrate
+    from svdnas.pipeline.compress import compress
+    from svdnas.pipeline.config import CompressConfig
+    from svdnas.search import SearchConfig
+
+    model, data = trained_tiny
+    config = CompressConfig(reduction=0.3, search_images=100, proxy_images=32, families=2, proxy_drop=0,
+                            derivation="whitened", calibration_images=64, search=SearchConfig(epochs=1, target=0.5))
+    result = compress(model, data, config, filter_fn="convs", seed=0)
+    assert result.report["derivation"] == "whitened" and result.report["calibration"]["images"] == 64
+    assert result.report["calibration"]["bytes"] > 0
+    name, specs = next((n, s) for n, s in result.plan.layers.items() if s)
+    from svdnas.data.datasets import search_subset
+
+    subset, _ = search_subset(data.train, 100, 0)  # the search images; calibration takes their first 64
+    x = torch.stack([subset[i][0] for i in range(64)])
+    expected = calibrate(model, "whitened", {name: specs}, [x], "cpu").block(name, model.get_submodule(name), specs)
+    got = result.model.get_submodule(name)
+    for a, b in zip(got.parameters(), expected.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    plain = compress(model, data, CompressConfig(reduction=0.3, search_images=100, proxy_images=32, families=2, proxy_drop=0,
+                                                 search=SearchConfig(epochs=1, target=0.5)), filter_fn="convs", seed=0)
+    assert "calibration" not in plain.report and plain.report["derivation"] == "weight"

@@ -68,9 +68,10 @@ def compress(
     job = stages.prepare(model, data, input_shape, filter_fn or config.filter or "all-but-first", device, seed, out, resume, progress, reference)
     candidates = stages.make_candidates(job, config)
     images = stages.search_images(job, config)
-    pruned = stages.prune(job, config, candidates, images.proxy)
+    derivation = stages.calibrate(job, config, candidates, images)
+    pruned = stages.prune(job, config, candidates, images.proxy, derivation)
     searched = stages.search_plan(job, config, pruned, images)
-    compressed = apply_plan(copy.deepcopy(job.model), searched.plan)
+    compressed = apply_plan(copy.deepcopy(job.model), searched.plan, derivation=derivation)
     recovered = stages.recover(
         job, config.mode, compressed, searched.plan, config.finetune, images.synthetic,
         lambda: synthetic_splits(job.model, job.shape, config, seed, job.device, job.run.path if job.run else None, progress, job.seconds),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from svdnas.cost.table import LatencyConfig
 from svdnas.errors import SpecError
+from svdnas.lowrank.whiten import DERIVATIONS
 from svdnas.options import Config, option
 from svdnas.recovery.distill import FinetuneConfig
 from svdnas.recovery.recover import RECOVERY_MODES
@@ -105,8 +106,17 @@ class CompressConfig(Config):
                                         help="reuse synthetic images written by `svdnas synth` (a .safetensors file)")
     synth_val: int = option(128, flag="--synth-val", help="synthetic images held out to steer the schedule")
     synth_test: int = option(256, flag="--synth-test", help="synthetic images held out for the fidelity figure")
+    derivation: str = option("weight", flag="--derivation", choices=DERIVATIONS,
+                             help="how each candidate's factors are derived: weight (the paper's SVD of the weight), "
+                                  "whitened or refit (fitted to the layer's output on calibration images)")
+    calibration_images: int = option(512, flag="--calibration-images",
+                                     help="search images (synthetic in data-free) whose layer inputs make the whitened and refit statistics")
 
     def __post_init__(self) -> None:
+        if self.derivation not in DERIVATIONS:
+            raise SpecError(f"--derivation must be one of {', '.join(DERIVATIONS)}, got {self.derivation!r}")
+        if self.calibration_images < 1:
+            raise SpecError("--calibration-images must be positive")
         if self.mode not in MODES:
             raise SpecError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         check_synthetic_splits(self.synth_val, self.synth_test)

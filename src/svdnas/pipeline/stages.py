@@ -7,12 +7,13 @@ the next stage needs. In order, for ``compress``:
 1. :func:`prepare`: copy the model, check its weights, trace the layers' shapes, choose the targets.
 2. :func:`make_candidates`: the FLOPs grid of each target layer's LR-space, checked against the budget.
 3. :func:`search_images`: the labelled (or synthetic) search images and, apart from them, the proxy's.
-4. :func:`prune`: families by output error, latencies measured where that is the objective, candidates
+4. :func:`calibrate`: for the output-aware derivations, each target layer's input moments.
+5. :func:`prune`: families by output error, latencies measured where that is the objective, candidates
    by the one-layer accuracy proxy; what is left is checked against the budget again.
-5. :func:`search_plan`: a super model, its logits learned, one candidate per layer within the budget;
+6. :func:`search_plan`: a super model, its logits learned, one candidate per layer within the budget;
    with two branches, a second search over the first branch's residual.
-6. :func:`recover`: distillation, in the modes that fine-tune.
-7. :func:`report`, then :func:`write`: accuracy, costs and latency measured; the run directory written.
+7. :func:`recover`: distillation, in the modes that fine-tune.
+8. :func:`report`, then :func:`write`: accuracy, costs and latency measured; the run directory written.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from svdnas import distributed as ddp
 from svdnas.cost.counting import count_params, model_macs
 from svdnas.cost.table import LatencyTable
 from svdnas.data.datasets import DataBundle
-from svdnas.data.evaluate import evaluate
+from svdnas.data.evaluate import batches, evaluate
 from svdnas.errors import DataError, SpecError, WriteError
+from svdnas.lowrank.derivation import Derivation, statistics_bytes
+from svdnas.lowrank.derivation import calibrate as calibrate_layers
 from svdnas.lowrank.plan import Plan
 from svdnas.models.weights import check_finite
 from svdnas.pipeline.config import CompressConfig
@@ -92,6 +95,7 @@ class Job:
     reference: dict[str, float] | None = None
     seconds: StageSeconds = field(default_factory=StageSeconds)
     started: float = field(default_factory=time.perf_counter)
+    calibration: dict[str, Any] | None = None
 
     @property
     def checkpoints(self) -> Path | None:
@@ -205,11 +209,27 @@ class Pruned:
     total: float
     latency: LatencyCosts | None = None
     accuracy_proxy: dict[str, Any] | None = None
+    derivation: Derivation = field(default_factory=Derivation)
 
 
-def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidates], proxy_set) -> Pruned:
+def calibrate(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidates], images: SearchImages) -> Derivation:
+    """The job's derivation: for the output-aware kinds, each target layer's input moments on the
+    first ``calibration_images`` search images, for every family among its candidates."""
+    t0 = time.perf_counter()
+    n = min(config.calibration_images, len(images.search))
+    calibration = torch.utils.data.Subset(images.search, range(n))
+    layer_specs = {name: c.specs for name, c in candidates.items()}
+    derivation = calibrate_layers(job.model, config.derivation, layer_specs, (x for x, _ in batches(calibration, 128)), job.device)
+    if not derivation.plain:
+        job.seconds["calibration"] = time.perf_counter() - t0
+        job.calibration = {"images": n, "bytes": statistics_bytes(derivation), "seconds": job.seconds["calibration"]}
+    return derivation
+
+
+def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidates], proxy_set, derivation: Derivation | None = None) -> Pruned:
     """Families kept by output error, latency measured (latency objective), candidates kept by the accuracy proxy."""
     model, total = job.model, job.total(config.objective)
+    derivation = derivation or Derivation()
 
     def reach() -> float:
         return rank_one_reach(model, job.infos, job.targets, config.objective, total)
@@ -218,7 +238,7 @@ def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidate
     kept = 1 - config.reduction if config.reduction is not None else sum(config.fractions()) / len(config.fractions())
     if config.families > 0:
         ckpt = job.checkpoints / "checkpoint-proxy.json" if job.checkpoints is not None else None
-        errors = proxy_errors(model, candidates, proxy_set, kept, job.device, ckpt, job.progress)
+        errors = proxy_errors(model, candidates, proxy_set, kept, job.device, ckpt, job.progress, derivation, config.objective)
         for name in list(candidates):
             candidates[name] = keep_families(candidates[name], errors[name], config.families)
     job.seconds["proxy"] = time.perf_counter() - t0
@@ -239,13 +259,14 @@ def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidate
         ckpt = job.checkpoints / "checkpoint-accuracy.json" if job.checkpoints is not None else None
         candidates, summary = accuracy_prune(
             model, candidates, proxy_set, config.proxy_drop, config.objective, config.reduction, total, job.device, ckpt, job.progress,
+            derivation,
         )
         summary["seconds"] = job.seconds["accuracy_proxy"] = time.perf_counter() - t0
     costs = check_budget(candidates, config.objective, config.reduction, total, reach)
     fixed = total - sum(c[0] for c in costs.values())
     fractions = config.fractions()
     log.info("%d target layers, %d candidates (grid %s..%s)", len(candidates), sum(len(c) - 1 for c in candidates.values()), fractions[0], fractions[-1])
-    return Pruned(candidates, costs, fixed, total, latency_costs, summary)
+    return Pruned(candidates, costs, fixed, total, latency_costs, summary, derivation)
 
 
 def search_config(config: CompressConfig) -> SearchConfig:
@@ -278,7 +299,7 @@ def search_plan(job: Job, config: CompressConfig, pruned: Pruned, images: Search
     model, candidates = job.model, pruned.candidates
     chosen, history = search_branch(
         model, candidates, pruned.costs, pruned.fixed, pruned.total, config.reduction, sconf, subset, job.device, job.seed,
-        job.progress, job.seconds, "", job.checkpoints,
+        job.progress, job.seconds, "", job.checkpoints, pruned.derivation,
     )
     plan = Plan({n: chosen.get(n, []) for n in job.targets})
     stages = [candidates]
@@ -287,7 +308,7 @@ def search_plan(job: Job, config: CompressConfig, pruned: Pruned, images: Search
     if config.branches == 2:
         t0 = time.perf_counter()
         if ddp.is_main():
-            compressed_b1 = apply_plan(copy.deepcopy(model), plan)
+            compressed_b1 = apply_plan(copy.deepcopy(model), plan, derivation=pruned.derivation)
             b1 = build_report(model, compressed_b1, plan, job.infos, job.shape, job.data, job.device, {}, latency=False, reference=job.reference)
             branch_reports["b1"] = {k: b1[k] for k in ("flops", "params", "top1", "top5")} | {"plan": plan.to_dict()}
         cands2, fixed2 = second_branch_candidates(model, job.infos, plan, pruned.costs, pruned.total, config.objective, config.max_groups)
@@ -301,7 +322,7 @@ def search_plan(job: Job, config: CompressConfig, pruned: Pruned, images: Search
             costs2 = {n: c.cost(config.objective) for n, c in cands2.items()}
             chosen2, history2 = search_branch(
                 model, cands2, costs2, fixed2, pruned.total, config.reduction, sconf2, subset, job.device, job.seed + 1,
-                job.progress, job.seconds, "b2_", job.checkpoints,
+                job.progress, job.seconds, "b2_", job.checkpoints, pruned.derivation,
             )
             for n, specs in chosen2.items():
                 plan.layers[n] = specs
@@ -397,6 +418,7 @@ def search_header(job: Job, config: CompressConfig, sconf: SearchConfig) -> dict
         "reduction_target": config.reduction, "beta": config.beta, "sampling": sconf.sampling,
         "search_dtype": str(window_dtype(sconf.window_dtype, job.device)).removeprefix("torch.") if sconf.sampling == "mixed" else None,
         "search_loss": "kd" if config.mode == "data-free" else config.search_loss,
+        "derivation": config.derivation,
     }
 
 
@@ -418,6 +440,8 @@ def search_summary(job: Job, config: CompressConfig, pruned: Pruned, searched: S
         "config": asdict(searched.config), "grid": config.fractions(),
         "candidates": sum(len(c) - 1 for c in pruned.candidates.values()), "branches": config.branches,
     }
+    if job.calibration is not None:
+        out["calibration"] = job.calibration
     if pruned.latency is not None:
         out["latency_predicted"] = predicted_report(searched.stages, searched.plan.layers, pruned.latency)
     return out

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from svdnas.data.evaluate import batches
-from svdnas.lowrank.decompose import decompose
+from svdnas.lowrank.derivation import Derivation
 from svdnas.search.candidates import LayerCandidates
 
 log = logging.getLogger(__name__)
@@ -344,6 +344,7 @@ def _family_members(cands: LayerCandidates) -> dict[tuple, list[int]]:
 def measure_drops(
     model: nn.Module, cands: LayerCandidates, data: Dataset | None, device, threshold: float, exhaustive: bool = False,
     known: ProxyResult | None = None, original_top1: float | None = None, recording: PrefixRecording | None = None,
+    derivation: Derivation | None = None,
 ) -> ProxyResult:
     """Top-1 drops of a layer's candidates, enough of them to place each family's threshold.
 
@@ -353,9 +354,11 @@ def measure_drops(
     (its drop is then a lower bound, see :meth:`OneLayerEvaluator.screen`). ``exhaustive``
     evaluates every candidate on every image. Verdicts already in ``known`` are not measured again
     (the model runs only if something is missing). ``recording`` shares the images and the
-    recorded outputs between the layers of one model.
+    recorded outputs between the layers of one model. ``derivation`` derives the candidates' factors
+    (the paper's weight SVD when None).
     """
     layer = model.get_submodule(cands.name)
+    derivation = derivation or Derivation()
     result = ProxyResult(cands.name, known.original_top1, dict(known.drops), set(known.bounds)) if known is not None else None
     drops = result.drops if result is not None else {}
     bounds = result.bounds if result is not None else set()
@@ -376,7 +379,7 @@ def measure_drops(
         if not idx:
             return
         e = evaluator()
-        mods = [decompose(layer, [*cands.prefix, cands.specs[i - 1]]).to(device).eval() for i in idx]
+        mods = [derivation.block(cands.name, layer, [*cands.prefix, cands.specs[i - 1]]).to(device).eval() for i in idx]
         for i, (acc, exact) in zip(idx, e.screen(mods, None if exhaustive else threshold)):
             drops[i] = e.original_top1 - acc
             if exact:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
+from svdnas.lowrank.derivation import Derivation
 from svdnas.lowrank.spec import LowRankSpec
 from svdnas.search.candidates import LayerCandidates
 from svdnas.search.loop import SearchConfig, SearchHistory, search
@@ -29,6 +30,7 @@ def search_branch(
     seconds: dict[str, float],
     prefix: str,
     checkpoint_dir: Path | None = None,
+    derivation: Derivation | None = None,
 ) -> tuple[dict[str, list[LowRankSpec]], SearchHistory]:
     """Build the super model over ``candidates``, learn its logits, pick one candidate per layer.
 
@@ -37,7 +39,7 @@ def search_branch(
     ``seconds`` receives the build, search and select times under ``prefix``.
     """
     t0 = time.perf_counter()
-    supernet, mixed = build_supernet(model, candidates, sconf.sampling, window_dtype(sconf.window_dtype, device))
+    supernet, mixed = build_supernet(model, candidates, sconf.sampling, window_dtype(sconf.window_dtype, device), derivation)
     supernet.to(device)
     seconds[prefix + "build"] = time.perf_counter() - t0
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from svdnas.data.evaluate import batches
-from svdnas.lowrank.decompose import decompose
+from svdnas.lowrank.derivation import Derivation
 from svdnas.search.candidates import LayerCandidates
 
 
@@ -39,19 +39,28 @@ def capture_inputs(model: nn.Module, names: Sequence[str], data: Dataset, device
 
 
 @torch.no_grad()
-def output_errors(layer: nn.Module, x: Tensor, cands: LayerCandidates, kept: float) -> dict[tuple, float]:
-    """Relative output error of each family's candidate whose cost is nearest ``kept`` x the original's."""
+def output_errors(
+    layer: nn.Module, x: Tensor, cands: LayerCandidates, kept: float, derivation: Derivation | None = None,
+    objective: str = "flops",
+) -> dict[tuple, float]:
+    """Relative output error of each family's candidate whose cost on ``objective`` is nearest ``kept``
+    x the original's (factors derived by ``derivation``; the paper's weight SVD when None).
+
+    Latencies are not measured yet when this runs, so the latency objective reads MACs here.
+    """
+    derivation = derivation or Derivation()
+    cost = cands.macs if objective == "latency" else cands.cost(objective)
     y = layer(x)
     norm = y.pow(2).sum().clamp_min(1e-12)
-    target = kept * cands.macs[0]
+    target = kept * cost[0]
     best: dict[tuple, int] = {}
     for i, spec in enumerate(cands.specs, start=1):
         fam = spec.family()
-        if fam not in best or abs(cands.macs[i] - target) < abs(cands.macs[best[fam]] - target):
+        if fam not in best or abs(cost[i] - target) < abs(cost[best[fam]] - target):
             best[fam] = i
     errors = {}
     for fam, i in best.items():
-        approx = decompose(layer, [*cands.prefix, cands.specs[i - 1]])(x)
+        approx = derivation.block(cands.name, layer, [*cands.prefix, cands.specs[i - 1]])(x)
         errors[fam] = ((approx - y).pow(2).sum() / norm).item()
     return errors
 

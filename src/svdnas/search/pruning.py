@@ -13,6 +13,7 @@ from torch import nn
 from svdnas import distributed as ddp
 from svdnas.errors import SpecError
 from svdnas.fileio import atomic_write_json
+from svdnas.lowrank.derivation import Derivation
 from svdnas.search.accuracy_proxy import PrefixRecording, ProxyResult, measure_drops, passing
 from svdnas.search.budget import cheapest_total
 from svdnas.search.candidates import LayerCandidates
@@ -27,6 +28,7 @@ def _tuples(x: Any) -> Any:
 
 def proxy_errors(
     model: nn.Module, candidates: dict[str, LayerCandidates], proxy_set, kept: float, device, checkpoint: Path | None, progress,
+    derivation: Derivation | None = None, objective: str = "flops",
 ) -> dict[str, dict[tuple, float]]:
     """Per layer, the output error of each family near the target (see :mod:`svdnas.search.output_proxy`).
 
@@ -37,23 +39,25 @@ def proxy_errors(
     names = list(candidates)
     if checkpoint is not None and checkpoint.is_file():
         saved = json.loads(checkpoint.read_text())
-        if saved.get("names") == names and saved.get("kept") == kept:
+        kind = derivation.kind if derivation is not None else "weight"
+        if saved.get("names") == names and saved.get("kept") == kept and saved.get("derivation", "weight") == kind and saved.get("objective", objective) == objective:
             log.info("output-error proxy: reusing %s", checkpoint)
             return {n: {_tuples(f): e for f, e in saved["errors"][n]} for n in names}
     inputs = capture_inputs(model, names, proxy_set, device)
     errors = {}
     for i, name in enumerate(names):
-        errors[name] = output_errors(model.get_submodule(name), inputs.pop(name), candidates[name], kept)
+        errors[name] = output_errors(model.get_submodule(name), inputs.pop(name), candidates[name], kept, derivation, objective)
         if progress is not None:
             progress("proxy", i + 1, len(names))
     if checkpoint is not None and ddp.is_main():
-        atomic_write_json(checkpoint, {"names": names, "kept": kept, "errors": {n: [[f, e] for f, e in errs.items()] for n, errs in errors.items()}})
+        atomic_write_json(checkpoint, {
+            "names": names, "kept": kept, "derivation": derivation.kind if derivation is not None else "weight", "objective": objective, "errors": {n: [[f, e] for f, e in errs.items()] for n, errs in errors.items()}})
     return errors
 
 
 def accuracy_prune(
     model: nn.Module, candidates: dict[str, LayerCandidates], proxy_set, proxy_drop: float, objective: str,
-    reduction: float | None, total: float, device, checkpoint: Path | None, progress,
+    reduction: float | None, total: float, device, checkpoint: Path | None, progress, derivation: Derivation | None = None,
 ) -> tuple[dict[str, LayerCandidates], dict[str, Any]]:
     """Removes the candidates whose layer, compressed alone, loses more than ``proxy_drop``
     points of top-1 on the proxy images (see :mod:`svdnas.search.accuracy_proxy`).
@@ -67,7 +71,8 @@ def accuracy_prune(
     measured: dict[str, ProxyResult] = {}
     if checkpoint is not None and checkpoint.is_file():
         saved = json.loads(checkpoint.read_text())
-        if saved.get("candidates") == {n: len(c) for n, c in candidates.items()}:
+        kind = derivation.kind if derivation is not None else "weight"
+        if saved.get("candidates") == {n: len(c) for n, c in candidates.items()} and saved.get("derivation", "weight") == kind:
             log.info("accuracy proxy: reusing the drops measured in %s", checkpoint)
             measured = {
                 n: ProxyResult(n, r["original_top1"], {int(i): d for i, d in r["drops"].items()}, set(r.get("bounds", [])))
@@ -78,12 +83,15 @@ def accuracy_prune(
     threshold = proxy_drop
     while True:
         for k, name in enumerate(names):
-            result = measure_drops(model, candidates[name], None, device, threshold, known=measured.get(name), recording=recording)
+            result = measure_drops(
+                model, candidates[name], None, device, threshold, known=measured.get(name), recording=recording, derivation=derivation,
+            )
             if name not in measured or (result.drops, result.bounds) != (measured[name].drops, measured[name].bounds):
                 measured[name] = result
                 if checkpoint is not None and ddp.is_main():
                     atomic_write_json(checkpoint, {
                         "candidates": {n: len(c) for n, c in candidates.items()},
+                        "derivation": derivation.kind if derivation is not None else "weight",
                         "layers": {
                             n: {"original_top1": r.original_top1, "drops": {str(i): d for i, d in r.drops.items()}, "bounds": sorted(r.bounds)}
                             for n, r in measured.items()

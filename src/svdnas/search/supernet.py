@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from svdnas.lowrank import functional as LF
+from svdnas.lowrank.derivation import Derivation
 from svdnas.search.candidates import LayerCandidates
 from svdnas.surgery.swap import set_submodule
 
@@ -68,13 +69,13 @@ class _FamilyMix(nn.Module):
     window (the two-sample scheme only needs the candidates' own weights).
     """
 
-    def __init__(self, residual: Tensor, family, ranks: list[int], indices: list[int], dtype: torch.dtype | None) -> None:
+    def __init__(self, factors: LF.SVDFactors, shape, family, ranks: list[int], indices: list[int], dtype: torch.dtype | None) -> None:
         super().__init__()
         order = sorted(range(len(ranks)), key=lambda i: ranks[i])
         ranks = [ranks[i] for i in order]
         self.family = family
         self.register_buffer("indices", torch.tensor([indices[i] for i in order]), persistent=False)
-        u, sv, vh = LF.svd(residual, *family)
+        u, sv, vh = factors
         r_min, r_max = ranks[0], ranks[-1]
         self.r_min, self.r_max = r_min, r_max
         # the top r_max triplets make the dense candidates; the window r_min..r_max is mixed each step
@@ -88,7 +89,7 @@ class _FamilyMix(nn.Module):
         # slot j of the reverse cumulative sum holds the weight of candidates j.. (ascending rank)
         slot = [next(j for j, r in enumerate(ranks) if r > r_min + k) for k in range(r_max - r_min)]
         self.register_buffer("slot", torch.tensor(slot, dtype=torch.long), persistent=False)
-        self.shape = tuple(residual.shape)
+        self.shape = tuple(shape)
         self.ranks = ranks
 
     def tails(self, weights: Tensor) -> Tensor:
@@ -118,7 +119,8 @@ class MixedLayer(nn.Module):
     """
 
     def __init__(
-        self, layer: nn.Module, candidates: LayerCandidates, sampling: str = "mixed", window_dtype: torch.dtype = torch.float32
+        self, layer: nn.Module, candidates: LayerCandidates, sampling: str = "mixed", window_dtype: torch.dtype = torch.float32,
+        derivation: Derivation | None = None, name: str = "",
     ) -> None:
         super().__init__()
         if sampling not in ("mixed", "two"):
@@ -133,8 +135,9 @@ class MixedLayer(nn.Module):
         weight = layer.weight.detach()
         if isinstance(layer, nn.Linear):
             weight = weight[:, :, None, None]
+        derivation = derivation or Derivation()
         # fixed earlier branches: candidates approximate what they left
-        prefix = LF.branches_weight(weight, candidates.prefix)
+        prefix = derivation.dense(name, layer, candidates.prefix)
         self.has_prefix = bool(candidates.prefix)
         groups: dict = {}
         for i, spec in enumerate(candidates.specs, start=1):
@@ -143,11 +146,14 @@ class MixedLayer(nn.Module):
             groups[spec.family()][1].append(i)
         self.window_dtype = window_dtype
         mixing = sampling == "mixed"
-        self.families = nn.ModuleList(_FamilyMix(weight - prefix, fam, r, idx, window_dtype if mixing else None) for fam, (r, idx) in groups.items())
+        self.families = nn.ModuleList(
+            _FamilyMix(derivation.factors(name, weight - prefix, fam), weight.shape, fam, r, idx, window_dtype if mixing else None)
+            for fam, (r, idx) in groups.items()
+        )
         # the dense terms of the mixed weight, one row each, mixed by one matrix-vector product:
         # index 0 (the original layer, or the branches it stands for in a second search), the
         # earlier branches (when there are any), each family's part below its rank window
-        rows = [LF.branches_weight(weight, candidates.base) if candidates.base else weight]
+        rows = [derivation.dense(name, layer, candidates.base) if candidates.base else weight]
         if mixing:
             rows += [prefix] if self.has_prefix else []
             rows += [fam.dense(fam.r_min) for fam in self.families]
@@ -216,7 +222,8 @@ class MixedLayer(nn.Module):
 
 
 def build_supernet(
-    model: nn.Module, candidates: dict[str, LayerCandidates], sampling: str = "mixed", window_dtype: torch.dtype = torch.float32
+    model: nn.Module, candidates: dict[str, LayerCandidates], sampling: str = "mixed", window_dtype: torch.dtype = torch.float32,
+    derivation: Derivation | None = None,
 ) -> tuple[nn.Module, dict[str, MixedLayer]]:
     """A copy of ``model`` whose layers named in ``candidates`` are super blocks (the original is untouched)."""
     import copy
@@ -225,6 +232,6 @@ def build_supernet(
     net = copy.deepcopy(model)
     layers: dict[str, MixedLayer] = {}
     for name, cands in candidates.items():
-        layers[name] = MixedLayer(net.get_submodule(name), cands, sampling, window_dtype)
+        layers[name] = MixedLayer(net.get_submodule(name), cands, sampling, window_dtype, derivation, name)
         set_submodule(net, name, layers[name])
     return net, layers

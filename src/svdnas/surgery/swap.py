@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from svdnas.errors import SpecError
-from svdnas.lowrank.decompose import decompose, empty_block
+from svdnas.lowrank.decompose import empty_block
+from svdnas.lowrank.derivation import Derivation
 from svdnas.lowrank.plan import Plan
 
 
@@ -19,20 +20,21 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
         setattr(parent, child, new)
 
 
-def apply_plan(model: nn.Module, plan: Plan, derive: bool = True) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan, derive: bool = True, derivation: Derivation | None = None) -> nn.Module:
     """Decompose, in place, every layer the plan compresses; returns the model.
 
     Args:
-        derive: derive weights by SVD; False builds the structure only (to load saved weights into).
+        derive: derive the factors; False builds the structure only (to load saved weights into).
+        derivation: how the factors are derived (None: the paper's SVD of the weight).
     """
+    derivation = derivation or Derivation()
     for name, specs in plan.compressed().items():
         try:
             layer = model.get_submodule(name)
         except AttributeError as e:
             raise SpecError(f"the plan names layer {name!r}, which the model does not have") from e
-        build = decompose if derive else empty_block
         try:
-            set_submodule(model, name, build(layer, specs))
+            set_submodule(model, name, derivation.block(name, layer, specs) if derive else empty_block(layer, specs))
         except SpecError as e:
             raise SpecError(f"layer {name}: {e}") from e
     return model
