@@ -167,3 +167,19 @@ def test_compress_with_whitened_factors_uses_them_in_the_final_model(trained_tin
     plain = compress(model, data, CompressConfig(reduction=0.3, search_images=100, proxy_images=32, families=2, proxy_drop=0,
                                                  search=SearchConfig(epochs=1, target=0.5)), filter_fn="convs", seed=0)
     assert "calibration" not in plain.report and plain.report["derivation"] == "weight"
+
+
+def test_report_says_when_the_plots_cannot_be_drawn(tmp_path, monkeypatch, caplog):
+    import json
+    import logging
+    import sys
+
+    from svdnas.report.plots import write_report
+
+    cost = {"original": 10, "compressed": 5, "reduction": 0.5}
+    (tmp_path / "report.json").write_text(json.dumps({"method": "svdnas", "model": "m", "flops": cost, "params": cost, "layers": []}))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with caplog.at_level(logging.WARNING):
+        written = write_report(tmp_path)
+    assert written == [tmp_path / "report.md"]
+    assert any("matplotlib" in r.getMessage() for r in caplog.records)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from svdnas.errors import SpecError
 from svdnas.fileio import atomic_write_bytes
 from svdnas.report.markdown import markdown
+
+log = logging.getLogger(__name__)
 
 
 def _save(fig, path: Path) -> None:
@@ -19,7 +22,10 @@ def _save(fig, path: Path) -> None:
 
 
 def write_report(directory: str | Path) -> list[Path]:
-    """Write report.md, layers.png and (after a search) history.png into ``directory``."""
+    """Write report.md, layers.png and (after a search) history.png into ``directory``.
+
+    Without matplotlib only report.md is written, and a warning says so.
+    """
     d = Path(directory)
     path = d / "report.json"
     if not path.is_file():
@@ -33,6 +39,7 @@ def write_report(directory: str | Path) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        log.warning("matplotlib is not installed: wrote %s without the plots (pip install 'svdnas[plots]')", written[0])
         return written
     layers = report.get("layers", [])
     if layers:
