@@ -183,3 +183,15 @@ def test_how_a_run_directory_is_recognised(tmp_path):
     check_out_dir(tmp_path / "cfg")  # nothing but a config: a run that stopped before any result
     with pytest.raises(ValueError, match="it holds config.json"):
         check_out_dir(tmp_path / "theirs", overwrite=True)
+
+
+def test_the_config_json_a_run_wrote_reproduces_its_configs(inputs, finished):
+    from svdnas.cli.compress import make_config
+    from svdnas.pipeline.config import CompressConfig
+    from svdnas.runs.directory import load_config
+    from tests.test_cli_config import parsed
+
+    saved = load_config(finished, CompressConfig)
+    assert saved.search.epochs == 1 and saved.proxy_images == 32 and saved.filter == "convs"
+    again = parsed("compress", inputs["model"], "--config", str(finished / "config.json"))
+    assert make_config(again) == saved and again.weights == str(inputs["weights"]) and again.data == inputs["data"]

@@ -173,13 +173,13 @@ RUN_PATTERNS = ("checkpoint-*.pt", "checkpoint-*.json", "*.partial", "synthetic-
 REPLACED = "replaced.partial"  # where --overwrite keeps the run it replaces until the new one is whole
 
 
-def config_record(config: Any, **extra: Any) -> dict[str, Any]:
+def config_record(config: Any, /, **extra: Any) -> dict[str, Any]:
     """What config.json holds: the format marker, ``extra`` (what is not part of the config: the
     command line's model, data, device, seed...) and ``config.to_dict()``."""
     return {"format": CONFIG_FORMAT, **extra, **config.to_dict()}
 
 
-def save_config(out: str | Path | RunDir, config: Any, **extra: Any) -> Path:
+def save_config(out: str | Path | RunDir, config: Any, /, **extra: Any) -> Path:
     """Write ``config.json`` into the run directory (see :func:`config_record`).
 
     Keys of an existing config.json of a run that are neither the config's nor in ``extra`` are
