@@ -183,3 +183,21 @@ def test_report_says_when_the_plots_cannot_be_drawn(tmp_path, monkeypatch, caplo
         written = write_report(tmp_path)
     assert written == [tmp_path / "report.md"]
     assert any("matplotlib" in r.getMessage() for r in caplog.records)
+
+
+def test_the_search_draws_its_noise_from_its_own_seed_not_the_global_generator(trained_tiny):
+    from svdnas.pipeline.compress import compress
+    from svdnas.pipeline.config import CompressConfig
+    from svdnas.search import SearchConfig
+
+    model, data = trained_tiny
+    config = CompressConfig(reduction=0.3, search_images=100, proxy_images=32, families=2, proxy_drop=0,
+                            search=SearchConfig(epochs=2, target=0.5))
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        runs.append(compress(model, data, config, filter_fn="convs", seed=0))
+        assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left as it was
+    assert runs[0].history["logits"] == runs[1].history["logits"]
+    assert runs[0].plan.to_dict() == runs[1].plan.to_dict()

@@ -64,7 +64,13 @@ def compress(
         reference: the original model's top-1/top-5 on the test split, if already measured.
     """
     stages.check_data(config.mode, data)
-    torch.manual_seed(seed)
+    # the caller's random state is left as it was: the search draws from generators of its own, and
+    # what else draws (a module's initial weights, overwritten at once) does so inside this fork
+    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
+        return _compress(model, data, config, input_shape, filter_fn, device, seed, out, resume, progress, reference)
+
+
+def _compress(model, data, config, input_shape, filter_fn, device, seed, out, resume, progress, reference) -> CompressResult:
     job = stages.prepare(model, data, input_shape, filter_fn or config.filter or "all-but-first", device, seed, out, resume, progress, reference)
     candidates = stages.make_candidates(job, config)
     images = stages.search_images(job, config)

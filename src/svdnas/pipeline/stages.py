@@ -357,7 +357,10 @@ def recover(
         synthetic = make_synthetic()
     ckpt = job.checkpoints / "checkpoint-finetune.pt" if job.checkpoints is not None else None
     fconf = finetune or FinetuneConfig(mode="synthetic" if mode == "data-free" else mode)
-    block = distil(job.model, compressed, plan, mode, fconf, job.data, synthetic, job.device, job.seed, ckpt, job.ticker("finetune"))
+    # dropout and drop-path draw from the global generator: seeded here, the caller's state restored after
+    with torch.random.fork_rng(devices=[job.device] if job.device.type == "cuda" else []):
+        torch.manual_seed(job.seed)
+        block = distil(job.model, compressed, plan, mode, fconf, job.data, synthetic, job.device, job.seed, ckpt, job.ticker("finetune"))
     job.seconds["finetune"] = block["seconds"]
     if before is not None:
         block["before"] = before

@@ -139,7 +139,10 @@ def search(
     if fixed is None:
         fixed = total_cost - sum(c[0] for c in costs.values())
     fixed = fixed / total_cost
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the order of the search images
+    noise = torch.Generator(device=torch.device(device)).manual_seed(seed + 1)  # the super blocks' Gumbel noise and samples
+    for layer in layers.values():
+        layer.generator = noise
     history = SearchHistory()
     multiplier = 0.0
     temperature = config.temperature
@@ -155,7 +158,8 @@ def search(
         multiplier, temperature, first_epoch = state["multiplier"], state["temperature"], state["epoch"]
         history = SearchHistory(**state["history"])
         generator.set_state(state["generator"])
-        torch.set_rng_state(state["rng"])
+        if "noise" in state:  # checkpoints of earlier versions drew the noise from the global generator
+            noise.set_state(state["noise"])
         log.info("resuming the search at epoch %d from %s", first_epoch + 1, checkpoint)
     start = time.perf_counter() - (history.seconds[-1] if history.seconds else 0.0)
     for epoch in range(first_epoch, config.epochs):
@@ -218,7 +222,7 @@ def search(
                 "names": list(layers), "epochs": config.epochs, "epoch": epoch + 1,
                 "thetas": [t.detach().cpu() for t in thetas], "optimizer": opt.state_dict(),
                 "multiplier": multiplier, "temperature": temperature, "history": history.to_dict(),
-                "generator": generator.get_state(), "rng": torch.get_rng_state(),
+                "generator": generator.get_state(), "noise": noise.get_state(),
             })
     return history
 

@@ -60,6 +60,12 @@ def window_dtype(name: str, device: torch.device | str) -> torch.dtype:
     return WINDOW_DTYPES[name]
 
 
+def gumbel_softmax(logits: Tensor, tau: float, generator: torch.Generator | None = None) -> Tensor:
+    """Softmax of ``(logits + Gumbel noise) / tau``, the noise drawn from ``generator``."""
+    gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()
+    return ((logits + gumbels) / tau).softmax(0)
+
+
 class _FamilyMix(nn.Module):
     """The candidates of one family (split and grouping) of a layer, sharing one SVD.
 
@@ -162,6 +168,7 @@ class MixedLayer(nn.Module):
         self.weight_shape = tuple(weight.shape)
         self.last_weights: Tensor | None = None
         self._sampled: Tensor | None = None
+        self.generator: torch.Generator | None = None  # the search's noise (None: the global generator)
 
     @property
     def weight(self) -> Tensor:
@@ -196,14 +203,14 @@ class MixedLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.sampling == "mixed":
-            w = F.gumbel_softmax(self.theta, tau=self.temperature, hard=False)
+            w = gumbel_softmax(self.theta, self.temperature, self.generator)
             self.last_weights = w
             return self._apply_weight(x, self.mixed_weight(w))
         with torch.no_grad():
             probs = F.softmax(self.theta.detach(), 0)
-            picked = torch.multinomial(probs, min(2, len(probs)), replacement=False)
+            picked = torch.multinomial(probs, min(2, len(probs)), replacement=False, generator=self.generator)
         self._sampled = picked
-        gates = F.gumbel_softmax(self.theta[picked], tau=self.temperature, hard=False)
+        gates = gumbel_softmax(self.theta[picked], self.temperature, self.generator)
         self.last_weights = F.softmax(self.theta, 0)
         out = 0
         for g, idx in zip(gates, picked.tolist()):
