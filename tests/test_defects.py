@@ -201,3 +201,25 @@ def test_the_search_draws_its_noise_from_its_own_seed_not_the_global_generator(t
         assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left as it was
     assert runs[0].history["logits"] == runs[1].history["logits"]
     assert runs[0].plan.to_dict() == runs[1].plan.to_dict()
+
+
+def test_a_finetune_config_made_without_a_mode_gets_the_runs_modes_settings(trained_tiny, monkeypatch):
+    from svdnas.lowrank.plan import Plan
+    from svdnas.recovery import recover as recover_module
+    from svdnas.recovery.distill import DEFAULT_EPOCHS, DEFAULT_LR, FinetuneConfig, FinetuneHistory
+
+    model, data = trained_tiny
+    seen = {}
+
+    def fake_distill(student, teacher, layers, train, val, config, *args, **kw):
+        seen["config"] = config
+        return FinetuneHistory()
+
+    monkeypatch.setattr(recover_module, "distill", fake_distill)
+    block = recover_module.recover(model, copy.deepcopy(model), Plan({"stem": []}), "full", FinetuneConfig(val_images=100), data, None)
+    config = seen["config"]
+    assert (config.mode, config.epochs, config.lr, config.update_bn) == ("full", DEFAULT_EPOCHS["full"], DEFAULT_LR["full"], True)
+    assert block["config"]["epochs"] == DEFAULT_EPOCHS["full"]
+    # settings the user gave are kept
+    recover_module.recover(model, copy.deepcopy(model), Plan({"stem": []}), "full", FinetuneConfig(epochs=7, lr=0.5, val_images=100), data, None)
+    assert (seen["config"].epochs, seen["config"].lr) == (7, 0.5)

@@ -38,7 +38,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -122,16 +122,12 @@ class FinetuneConfig(Config):
             raise SpecError(f"fine-tuning mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.layer_loss not in LAYER_LOSSES:
             raise SpecError(f"--layer-loss: the layer loss must be one of {', '.join(LAYER_LOSSES)}, got {self.layer_loss!r}")
-        if self.epochs is None:
-            self.epochs = DEFAULT_EPOCHS[self.mode]
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.mode]
         for name in ("epochs", "batch_size", "shots", "val_images"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SpecError(f"{flag_of(FinetuneConfig, name)} must be positive, got {getattr(self, name)}")
         if self.patience < 0:
             raise SpecError(f"fine-tuning patience must be non-negative, got {self.patience}")
-        if self.lr <= 0:
+        if self.lr is not None and self.lr <= 0:
             raise SpecError(f"--finetune-lr must be positive, got {self.lr}")
         if not 0 < self.factor < 1 or self.min_lr <= 0:
             raise SpecError("fine-tuning needs min_lr > 0 and 0 < factor < 1")
@@ -139,8 +135,20 @@ class FinetuneConfig(Config):
             raise SpecError("fine-tuning needs 0 <= alpha <= 1 and temperature > 0")
         if self.collapse < 0:
             raise SpecError(f"--collapse must be non-negative, got {self.collapse}")
-        if self.update_bn is None:
-            self.update_bn = self.mode == "full"
+
+    def resolved(self, mode: str | None = None) -> FinetuneConfig:
+        """A copy for ``mode`` (default: this config's) with the settings left unset filled in for that mode.
+
+        Epochs, learning rate and whether BatchNorm updates depend on the mode; they are resolved
+        here rather than when the config is made, so that a config made for one mode and run in
+        another gets the other mode's defaults.
+        """
+        mode = mode or self.mode
+        return replace(
+            self, mode=mode, epochs=self.epochs if self.epochs is not None else DEFAULT_EPOCHS[mode],
+            lr=self.lr if self.lr is not None else DEFAULT_LR[mode],
+            update_bn=self.update_bn if self.update_bn is not None else mode == "full",
+        )
 
 
 @dataclass
@@ -268,6 +276,7 @@ def distill(
     Raises:
         NonFiniteError: the loss became NaN or infinite (the last epoch's checkpoint is kept).
     """
+    config = config.resolved()
     mode = config.mode
     teacher.eval()
     for p in teacher.parameters():

@@ -15,7 +15,6 @@ The test split is never used to steer anything: it only measures accuracy at the
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import time
@@ -142,9 +141,8 @@ def recover(
     """Fine-tune ``compressed`` in place by distillation from ``original``; returns the report's ``recovery`` block."""
     if mode not in RECOVERY_MODES:
         raise SpecError(f"recovery mode must be one of {', '.join(RECOVERY_MODES)}, got {mode!r}")
-    config = copy.deepcopy(config)
-    config.mode = "synthetic" if mode == "data-free" else mode
-    config.__post_init__()
+    # the run's mode decides the loss; settings left unset take that mode's defaults
+    config = config.resolved("synthetic" if mode == "data-free" else mode)
     train, val, desc = recovery_data(mode, config, data, synthetic, seed)
     layers = [n for n, specs in plan.layers.items() if specs]
     t0 = time.perf_counter()
