@@ -282,7 +282,7 @@ def check_out_dir(path: str | Path, *, resume: bool = False, overwrite: bool = F
     if overwrite:
         return
     ours = [p for p in entries if is_run_file(p.name)]
-    if (d / "report.json").is_file() and (d / "model.safetensors").is_file():
+    if (d / "report.json").is_file():
         raise SpecError(f"{d} already holds a finished run{': nothing to resume' if resume else ''}; pass --overwrite to replace it")
     checkpoints = [p for p in ours if p.name not in ("config.json", REPLACED)]
     if resume and not checkpoints:
