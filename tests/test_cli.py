@@ -108,4 +108,4 @@ def test_entry_point_in_its_own_process(module_spec):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["total"] > 0
     bad = run_cli_process("compress", spec, "--reduction", "0.5", "--beta", "1", "--data", "fmnist", "--out", "/tmp/x")
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: give --reduction or --beta, not both"
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: give --reduction or --beta, not both (exactly one of them)"

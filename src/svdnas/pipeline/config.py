@@ -121,9 +121,9 @@ class CompressConfig(Config):
             raise SpecError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         check_synthetic_splits(self.synth_val, self.synth_test)
         if self.reduction is not None and self.beta is not None:
-            raise SpecError("give --reduction or --beta, not both")
+            raise SpecError("give --reduction or --beta, not both (exactly one of them)")
         if self.reduction is None and self.beta is None:
-            raise SpecError("give --reduction R (share of the cost to remove) or --beta X")
+            raise SpecError("give --reduction R (share of the cost to remove) or --beta X (exactly one of them)")
         if self.reduction is not None and not 0 < self.reduction < 1:
             raise SpecError(f"--reduction must be in (0, 1), got {self.reduction}")
         if self.objective not in OBJECTIVES:
