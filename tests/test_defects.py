@@ -223,3 +223,14 @@ def test_a_finetune_config_made_without_a_mode_gets_the_runs_modes_settings(trai
     # settings the user gave are kept
     recover_module.recover(model, copy.deepcopy(model), Plan({"stem": []}), "full", FinetuneConfig(epochs=7, lr=0.5, val_images=100), data, None)
     assert (seen["config"].epochs, seen["config"].lr) == (7, 0.5)
+
+
+def test_compress_is_exported_at_the_top_level_without_command_line_notions():
+    import inspect
+
+    import svdnas
+    from svdnas.pipeline.compress import compress
+
+    assert svdnas.compress is compress and svdnas.CompressConfig.__name__ == "CompressConfig"
+    params = inspect.signature(svdnas.compress).parameters
+    assert "model_spec" not in params and params["resume"].default is False

@@ -12,7 +12,11 @@ from svdnas.lowrank.modules import LowRankBlock, LowRankBranch
 from svdnas.lowrank.plan import Plan
 from svdnas.lowrank.space import count_space, enumerate_space
 from svdnas.lowrank.spec import LowRankSpec
-from svdnas.runs.directory import load_run
+from svdnas.pipeline.baseline import run_baseline
+from svdnas.pipeline.compress import CompressResult, compress
+from svdnas.pipeline.config import CompressConfig
+from svdnas.pipeline.finetune import finetune
+from svdnas.runs.directory import RunDir, load_run
 from svdnas.surgery.swap import apply_plan
 from svdnas.surgery.targets import PRESETS, select_targets
 from svdnas.surgery.trace import trace_layers
@@ -30,7 +34,32 @@ def load(directory: str, base_model=None, allow_code: bool = False):
 
 
 __all__ = [
-    "PRESETS", "BudgetError", "DataError", "LowRankBlock", "LowRankBranch", "LowRankSpec", "NonFiniteError", "Plan",
-    "SpecError", "SvdnasError", "WeightsError", "WriteError", "apply_plan", "count_params", "count_space", "decompose", "enumerate_space",
-    "layer_cost", "load", "model_macs", "select_targets", "trace_layers",
+    "PRESETS",
+    "BudgetError",
+    "CompressConfig",
+    "CompressResult",
+    "DataError",
+    "LowRankBlock",
+    "LowRankBranch",
+    "LowRankSpec",
+    "NonFiniteError",
+    "Plan",
+    "RunDir",
+    "SpecError",
+    "SvdnasError",
+    "WeightsError",
+    "WriteError",
+    "apply_plan",
+    "compress",
+    "count_params",
+    "count_space",
+    "decompose",
+    "enumerate_space",
+    "finetune",
+    "layer_cost",
+    "load",
+    "model_macs",
+    "run_baseline",
+    "select_targets",
+    "trace_layers",
 ]
