@@ -81,7 +81,7 @@ def model_macs(model: nn.Module, input_shape: Sequence[int]) -> int:
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     x = torch.zeros(1, *input_shape, device=device, dtype=dtype)
     macs, _ = profile(model, inputs=(x,), verbose=False)
-    return int(round(macs))
+    return round(macs)
 
 
 def count_params(model: nn.Module) -> int:

@@ -170,7 +170,7 @@ def load_imagefolder(root: str) -> DataBundle:
 
 def load_data(spec: str) -> DataBundle | None:
     """The DATA spec of the contract: ``fmnist[:DIR]``, ``imagefolder:DIR`` or ``none`` (returns None)."""
-    kind, sep, rest = spec.partition(":")
+    kind, _, rest = spec.partition(":")
     if spec == "none":
         return None
     if kind == "fmnist":

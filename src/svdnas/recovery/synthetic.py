@@ -167,7 +167,7 @@ def generate_batches(
         losses = batch_losses(model, bns, torch.cat(xs) if len(xs) > 1 else xs[0], config, len(xs))
         values = losses.tolist()
         if not all(math.isfinite(v) for v in values):
-            raise DataError(f"the statistics loss became {[v for v in values if not math.isfinite(v)][0]} after {it} iterations; "
+            raise DataError(f"the statistics loss became {next(v for v in values if not math.isfinite(v))} after {it} iterations; "
                             "lower the synthetic lr")
         for o in opts:
             o.zero_grad(set_to_none=True)

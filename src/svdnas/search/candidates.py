@@ -118,7 +118,7 @@ def grid_candidates(
 
 def fraction_grid(start: float, stop: float, step: float = 0.05) -> list[float]:
     """[start, start + step, ..., stop] without float drift."""
-    n = int(round((stop - start) / step))
+    n = round((stop - start) / step)
     return [round(start + i * step, 6) for i in range(n + 1)]
 
 
