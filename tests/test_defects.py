@@ -234,3 +234,16 @@ def test_compress_is_exported_at_the_top_level_without_command_line_notions():
     assert svdnas.compress is compress and svdnas.CompressConfig.__name__ == "CompressConfig"
     params = inspect.signature(svdnas.compress).parameters
     assert "model_spec" not in params and params["resume"].default is False
+
+
+def test_a_python_run_saves_its_config(trained_tiny, tmp_path):
+    from svdnas.pipeline.compress import compress
+    from svdnas.pipeline.config import CompressConfig
+    from svdnas.runs.directory import load_config
+    from svdnas.search import SearchConfig
+
+    model, data = trained_tiny
+    config = CompressConfig(reduction=0.3, search_images=100, proxy_images=32, families=2, proxy_drop=0,
+                            search=SearchConfig(epochs=1, target=0.5))
+    compress(model, data, config, filter_fn="convs", out=tmp_path / "run")
+    assert load_config(tmp_path / "run", CompressConfig) == config

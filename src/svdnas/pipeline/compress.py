@@ -17,7 +17,7 @@ from svdnas.lowrank.plan import Plan
 from svdnas.pipeline import stages
 from svdnas.pipeline.config import CompressConfig
 from svdnas.pipeline.images import synthetic_splits
-from svdnas.runs.directory import RunDir
+from svdnas.runs.directory import RunDir, save_config
 from svdnas.surgery.swap import apply_plan
 from svdnas.surgery.targets import FilterFn
 
@@ -72,6 +72,8 @@ def compress(
 
 def _compress(model, data, config, input_shape, filter_fn, device, seed, out, resume, progress, reference) -> CompressResult:
     job = stages.prepare(model, data, input_shape, filter_fn or config.filter or "all-but-first", device, seed, out, resume, progress, reference)
+    if job.run is not None and ddp.is_main():
+        save_config(job.run, config, seed=seed)  # first: it marks the folder as a run of svdnas
     candidates = stages.make_candidates(job, config)
     images = stages.search_images(job, config)
     derivation = stages.calibrate(job, config, candidates, images)
