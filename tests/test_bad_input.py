@@ -140,6 +140,7 @@ def files(tmp_path_factory, tiny_fmnist) -> dict[str, Path | str]:
     (d / "a_file").write_text("not a directory\n")
     (d / "finished").mkdir()
     (d / "finished" / "report.json").write_text("{}\n")
+    (d / "finished" / "config.json").write_text('{"format": "svdnas-config/1"}\n')  # marks a run of svdnas
 
     (d / "bad_yaml.yaml").write_text("reduction: [0.5\nepochs: 1\n")
     (d / "unknown_key.yaml").write_text("reduction: 0.5\nbogus: 1\n")
