@@ -44,3 +44,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def write_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """A checkpoint of tensors and plain values, written atomically (read it with ``torch.load(..., weights_only=True)``)."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())

@@ -33,7 +33,6 @@ at the paper's rate instead of keeping its starting point.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -49,7 +48,7 @@ from torch.utils.data import Dataset
 from svdnas import distributed as ddp
 from svdnas.data.evaluate import batches
 from svdnas.errors import NonFiniteError, SpecError
-from svdnas.fileio import atomic_write_bytes
+from svdnas.fileio import write_checkpoint
 from svdnas.options import Config, flag_of, option
 
 log = logging.getLogger(__name__)
@@ -378,7 +377,7 @@ def distill(
             log.info("fine-tuning epoch %d: loss %s, validation %s %.2f, lr %.1e",
                      epoch + 1, f"{total / n:.5f}" if n else "-", history.metric, score, lr)
             if checkpoint is not None and ddp.is_main():
-                _save(checkpoint, {
+                write_checkpoint(checkpoint, {
                     "mode": mode, "layers": layers, "layer_loss": config.layer_loss, "epoch": epoch + 1, "student": _copy_state(student),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": generator.get_state(),
                     "rng": torch.get_rng_state(), "history": history.to_dict(), "best_score": best_score, "best": best_state,
@@ -396,10 +395,3 @@ def distill(
 
 def _copy_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _save(path: Path, state: dict) -> None:
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())

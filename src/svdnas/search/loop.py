@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from svdnas import distributed as ddp
 from svdnas.data.evaluate import batches
 from svdnas.errors import NonFiniteError, SpecError
-from svdnas.fileio import atomic_write_bytes
+from svdnas.fileio import write_checkpoint
 from svdnas.options import Config, flag_of, option
 from svdnas.search.supernet import WINDOW_DTYPE_NAMES, MixedLayer
 
@@ -218,7 +218,7 @@ def search(
         )
         temperature *= config.decay
         if checkpoint is not None and ddp.is_main():
-            _save_checkpoint(checkpoint, {
+            write_checkpoint(checkpoint, {
                 "names": list(layers), "epochs": config.epochs, "epoch": epoch + 1,
                 "thetas": [t.detach().cpu() for t in thetas], "optimizer": opt.state_dict(),
                 "multiplier": multiplier, "temperature": temperature, "history": history.to_dict(),
@@ -257,12 +257,3 @@ def _first_non_finite(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -
         for h in handles:
             h.remove()
     return f" (the logits are not finite; first at the output of {found[0]})" if found else " (the logits are not finite)"
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    import io
-
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
