@@ -172,12 +172,12 @@ def test_compress_meets_a_latency_budget(fake_timer, tiny_fmnist, tmp_path, bran
 
 
 def test_an_unreachable_latency_budget_fails_before_the_accuracy_proxy(fake_timer, tiny_fmnist, tmp_path, monkeypatch):
-    import svdnas.pipeline.compress as pipeline
+    from svdnas.search import pruning
 
     def proxy(*a, **k):
         raise AssertionError("the accuracy proxy ran")
 
-    monkeypatch.setattr(pipeline, "measure_drops", proxy)
+    monkeypatch.setattr(pruning, "measure_drops", proxy)
     config = CompressConfig(
         reduction=0.99, objective="latency", latency=LatencyConfig(cache=str(tmp_path / "lut.json")),
         search_images=200, proxy_images=64, search=SearchConfig(epochs=1, batch_size=64, target=0.5),
