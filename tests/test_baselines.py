@@ -213,17 +213,13 @@ def test_fgroup_compresses_the_last_stage_only_when_needed(resnet):
 @pytest.mark.parametrize("method", ["alds", "fgroup"])
 def test_cli_runs_end_to_end(method, tiny_fmnist, tmp_path):
     import json
-    import subprocess
-    import sys
 
     import svdnas
+    from tests.conftest import run_cli
 
     out = tmp_path / method
-    r = subprocess.run(
-        [sys.executable, "-m", "svdnas", "baseline", method, "zoo:resnet18", "--data", f"fmnist:{tiny_fmnist}",
-         "--reduction", "0.5", "--out", str(out), "--device", "cpu", "--quiet"],
-        check=False, capture_output=True, text=True, timeout=600,
-    )
+    r = run_cli("baseline", method, "zoo:resnet18", "--data", f"fmnist:{tiny_fmnist}", "--reduction", "0.5", "--out", out,
+                "--device", "cpu", "--quiet")
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == method and report["split"] == "kxk"
@@ -233,5 +229,16 @@ def test_cli_runs_end_to_end(method, tiny_fmnist, tmp_path):
     assert grouped and all(b["groups"][1] == 1 for b in grouped)
     if method == "alds":
         assert 0 < report["method_choices"]["max_relative_error"] < 1
-    loaded = svdnas.load(str(out))
+    loaded = svdnas.load(str(out)).eval()
     assert sum(p.numel() for p in loaded.parameters()) == report["params"]["compressed"]
+    # the report's figures against the saved model: MACs counted on it, top-1 computed here
+    from svdnas.cost.counting import model_macs
+    from svdnas.data.datasets import load_data
+    from svdnas.zoo import create_model
+
+    macs = model_macs(loaded, (1, 28, 28)) / model_macs(create_model("resnet18"), (1, 28, 28))
+    assert report["flops"]["reduction"] == pytest.approx(1 - macs, abs=1e-6)
+    x, y = load_data(f"fmnist:{tiny_fmnist}").test.tensors
+    with torch.no_grad():
+        top1 = 100.0 * (loaded(x).argmax(1) == y).double().mean().item()
+    assert report["top1"]["compressed"] == pytest.approx(top1, abs=1e-9)
