@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from svdnas.errors import SpecError
+from svdnas.hooks import forward_hooks
 from svdnas.lowrank import functional as F
 from svdnas.lowrank.calibration import PatchMoments
 from svdnas.lowrank.decompose import decompose
@@ -101,15 +102,14 @@ def calibrate(
     for name, specs in layer_specs.items():
         families = sorted({s.family() for s in specs})
         derivation.stats[name] = PatchMoments(model.get_submodule(name), families, full=kind == "refit")
-    handles = [derivation.stats[n].hook(model.get_submodule(n)) for n in derivation.stats]
+    feeds = ((model.get_submodule(n), lambda m, a, s=s: s.update(a[0])) for n, s in derivation.stats.items())
     was_training = model.training
     model.eval()
     try:
-        for x in images:
-            model(x.to(device))
+        with forward_hooks(feeds, pre=True):
+            for x in images:
+                model(x.to(device))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     return derivation
 

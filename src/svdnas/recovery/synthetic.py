@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from svdnas import distributed as ddp
 from svdnas.errors import DataError, SpecError
 from svdnas.fileio import atomic_write_bytes, atomic_write_json
+from svdnas.hooks import forward_hooks
 from svdnas.options import Config, flag_of, option
 
 log = logging.getLogger(__name__)
@@ -132,12 +133,8 @@ def batch_losses(model: nn.Module, bns: list[tuple[str, nn.Module]], x: Tensor, 
         term = (mean - module.running_mean).pow(2) + (std - target_std).pow(2)
         terms.append(term.mean(1) if config.channel_mean else term.sum(1))
 
-    handles = [m.register_forward_hook(hook) for _, m in bns]
-    try:
+    with forward_hooks((m, hook) for _, m in bns):
         model(x)
-    finally:
-        for h in handles:
-            h.remove()
     flat = x.flatten(2)
     prior = (flat.mean(2).pow(2) + (flat.std(2) - 1).pow(2)).sum(1).unflatten(0, (batches, -1)).mean(1)
     return torch.stack(terms).sum(0) + config.image_weight * prior

@@ -18,6 +18,7 @@ from svdnas import distributed as ddp
 from svdnas.data.evaluate import batches
 from svdnas.errors import NonFiniteError, SpecError
 from svdnas.fileio import write_checkpoint
+from svdnas.hooks import forward_hooks
 from svdnas.options import Config, flag_of, option
 from svdnas.search.supernet import WINDOW_DTYPE_NAMES, MixedLayer
 
@@ -250,10 +251,6 @@ def _first_non_finite(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -
                 found.append(name)
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]  # a module's hook runs after its children's
-    try:
+    with forward_hooks((m, hook(n)) for n, m in model.named_modules() if n):  # a module's hook runs after its children's
         model(x)
-    finally:
-        for h in handles:
-            h.remove()
     return f" (the logits are not finite; first at the output of {found[0]})" if found else " (the logits are not finite)"

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from svdnas.data.evaluate import batches
+from svdnas.hooks import forward_hooks
 from svdnas.lowrank.derivation import Derivation
 from svdnas.search.candidates import LayerCandidates
 
@@ -22,18 +23,14 @@ from svdnas.search.candidates import LayerCandidates
 def capture_inputs(model: nn.Module, names: Sequence[str], data: Dataset, device, batch_size: int = 128) -> dict[str, Tensor]:
     """Inputs of the layers ``names`` on every image of ``data`` (one forward pass per batch)."""
     store: dict[str, list[Tensor]] = {n: [] for n in names}
-    handles = [
-        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: store[n].append(a[0].detach()))
-        for n in names
-    ]
+    keep = ((model.get_submodule(n), lambda m, a, n=n: store[n].append(a[0].detach())) for n in names)
     was_training = model.training
     model.eval()
     try:
-        for x, _ in batches(data, batch_size):
-            model(x.to(device))
+        with forward_hooks(keep, pre=True):
+            for x, _ in batches(data, batch_size):
+                model(x.to(device))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     return {n: torch.cat(v) for n, v in store.items()}
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from svdnas.errors import SpecError, describe
+from svdnas.hooks import forward_hooks
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,6 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInfo
     A layer called several times keeps its first call's shapes and counts its calls.
     """
     infos: dict[str, LayerInfo] = {}
-    handles = []
 
     def hook(name: str) -> Callable:
         def fn(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -56,14 +56,9 @@ def trace_layers(model: nn.Module, example: torch.Tensor) -> dict[str, LayerInfo
 
         return fn
 
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
-            handles.append(m.register_forward_hook(hook(name)))
-    try:
+    weighted = ((m, hook(name)) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)))
+    with forward_hooks(weighted):
         _forward(model, example)
-    finally:
-        for h in handles:
-            h.remove()
     return infos
 
 

@@ -1,0 +1,22 @@
+"""Forward hooks that live exactly as long as a ``with`` block: registered on entry, removed on exit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+
+@contextmanager
+def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]], pre: bool = False) -> Iterator[None]:
+    """Register each ``(module, fn)`` as a forward hook (``pre``: a forward pre-hook) for the block's duration.
+
+    The hooks are removed however the block ends, so an error in a forward pass leaves no hook behind.
+    """
+    handles = [m.register_forward_pre_hook(fn) if pre else m.register_forward_hook(fn) for m, fn in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
