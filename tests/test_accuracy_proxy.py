@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import svdnas.lowrank.derivation as derivation_module
 import svdnas.search.accuracy_proxy as ap
 from svdnas.data.evaluate import evaluate
 from svdnas.lowrank.decompose import decompose
@@ -194,7 +195,7 @@ def test_bisection_keeps_what_exhaustive_search_keeps_when_drops_fall_with_rank(
         calls.append(len(layers))
         return [(self.original_top1 - (4.0 if m.spec.rank >= cut[m.spec.family()] else 30.0 - m.spec.rank), True) for m in layers]
 
-    monkeypatch.setattr(ap, "decompose", Marker)
+    monkeypatch.setattr(derivation_module, "decompose", Marker)  # what the weight derivation calls
     monkeypatch.setattr(ap.OneLayerEvaluator, "screen", fake_screen)
     full = ap.measure_drops(model, cands, data, "cpu", 5.0, exhaustive=True)
     fast = ap.measure_drops(model, cands, data, "cpu", 5.0)
@@ -230,7 +231,7 @@ def test_compress_reports_the_proxy_and_relaxes_a_threshold_the_budget_cannot_li
 
 
 def test_the_accuracy_proxy_checkpoint_lets_a_resumed_run_skip_measuring(trained_tiny, tmp_path, monkeypatch):
-    import svdnas.pipeline.compress as pipeline
+    from svdnas.search.pruning import accuracy_prune
 
     model, data = trained_tiny
     infos = trace_layers(model, example_input(model, (1, 28, 28)))
@@ -238,7 +239,7 @@ def test_the_accuracy_proxy_checkpoint_lets_a_resumed_run_skip_measuring(trained
     proxy = torch.utils.data.Subset(data.train, list(range(64)))
     ckpt = tmp_path / "checkpoint-accuracy.json"
     config = _config(proxy_drop=5.0)
-    kept, summary = pipeline._accuracy_proxy(model, cands, proxy, config, 1e9, "cpu", ckpt, None)
+    kept, summary = accuracy_prune(model, cands, proxy, config.proxy_drop, config.objective, config.reduction, 1e9, "cpu", ckpt, None)
     saved = json.loads(ckpt.read_text())
     assert set(saved["layers"]) == {"body.0", "body.4"}
 
@@ -246,6 +247,6 @@ def test_the_accuracy_proxy_checkpoint_lets_a_resumed_run_skip_measuring(trained
         raise AssertionError("measured again")
 
     monkeypatch.setattr(ap.OneLayerEvaluator, "__init__", boom)
-    kept2, summary2 = pipeline._accuracy_proxy(model, cands, proxy, config, 1e9, "cpu", ckpt, None)
+    kept2, summary2 = accuracy_prune(model, cands, proxy, config.proxy_drop, config.objective, config.reduction, 1e9, "cpu", ckpt, None)
     assert summary2["evaluated"] == summary["evaluated"]
     assert {n: [s for s in c.specs] for n, c in kept2.items()} == {n: [s for s in c.specs] for n, c in kept.items()}

@@ -185,8 +185,8 @@ def test_few_shot_loss_reduces_to_ce_when_student_equals_teacher():
 
 
 def test_learning_rate_defaults_by_mode():
-    assert [FinetuneConfig(mode=m).lr for m in ("synthetic", "few-shot", "full")] == [1e-2, 1e-2, 1e-3]
-    assert FinetuneConfig(mode="few-shot", lr=1e-3).lr == 1e-3  # the paper's, when asked for
+    assert [FinetuneConfig(mode=m).resolved().lr for m in ("synthetic", "few-shot", "full")] == [1e-2, 1e-2, 1e-3]
+    assert FinetuneConfig(mode="few-shot", lr=1e-3).resolved().lr == 1e-3  # the paper's, when asked for
     with pytest.raises(SpecError, match="lr"):
         FinetuneConfig(lr=0.0)
 
