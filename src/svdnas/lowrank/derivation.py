@@ -21,7 +21,11 @@ from svdnas.lowrank.decompose import decompose
 from svdnas.lowrank.geometry import conv_weight
 from svdnas.lowrank.modules import LowRankBlock
 from svdnas.lowrank.spec import LowRankSpec
-from svdnas.lowrank.whiten import DERIVATIONS, branch_weight, derive, whitened_svd
+from svdnas.lowrank.whiten import branch_weight, derive, whitened_svd
+
+# "prefix": the search compares whitened factors; the chosen plan's layers are then fitted in order on
+# the compressed prefix's inputs, with their biases corrected (svdnas.surgery.prefix)
+KINDS = ("weight", "whitened", "refit", "prefix")
 
 
 @dataclass
@@ -30,8 +34,9 @@ class Derivation:
 
     Attributes:
         kind: ``weight`` (the paper's truncated SVD of the unfolded weight), ``whitened`` (the SVD of
-            the weight times the square root of the input patches' second moment) or ``refit``
-            (whitened, then alternating least squares on the layer's true output error).
+            the weight times the square root of the input patches' second moment), ``refit``
+            (whitened, then alternating least squares on the layer's true output error) or ``prefix``
+            (whitened here; the final model's layers are refitted on the compressed prefix).
         stats: per dotted layer name, its calibration moments (empty for ``weight``).
         damping: relative damping of the moments before their square roots are taken.
     """
@@ -41,12 +46,21 @@ class Derivation:
     damping: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.kind not in DERIVATIONS:
-            raise SpecError(f"--derivation must be one of {', '.join(DERIVATIONS)}, got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise SpecError(f"--derivation must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
     @property
     def plain(self) -> bool:
         return self.kind == "weight"
+
+    @property
+    def factor_kind(self) -> str:
+        """How a single layer's factors are derived (the prefix fit starts from whitened ones)."""
+        return "whitened" if self.kind == "prefix" else self.kind
+
+    @property
+    def fits_prefix(self) -> bool:
+        return self.kind == "prefix"
 
     def _stats(self, name: str) -> PatchMoments:
         if name not in self.stats:
@@ -57,7 +71,7 @@ class Derivation:
         """``layer`` (dotted ``name``) as the low-rank block of ``specs``."""
         if self.plain:
             return decompose(layer, specs)
-        block = derive(layer, specs, self.kind, self._stats(name), damping=self.damping)
+        block = derive(layer, specs, self.factor_kind, self._stats(name), damping=self.damping)
         return block.to(dtype=layer.weight.dtype)
 
     def dense(self, name: str, layer: nn.Module, specs: Sequence[LowRankSpec]) -> Tensor:
@@ -65,7 +79,7 @@ class Derivation:
         weight = conv_weight(layer).detach()
         if self.plain or not specs:
             return F.branches_weight(weight, specs)
-        block = derive(layer, specs, self.kind, self._stats(name), damping=self.damping)
+        block = derive(layer, specs, self.factor_kind, self._stats(name), damping=self.damping)
         total = sum(branch_weight(b.first.weight, b.second.weight, b.spec, weight.shape) for b in block.branches)
         return total.to(weight.dtype)
 

@@ -343,19 +343,23 @@ def bias_shift(weight: Tensor, approx: Tensor, mean_orig: Tensor, mean_comp: Ten
 
 
 def _fill(layer: nn.Module, block: LowRankBlock, weights: list[tuple[Tensor, Tensor]], shift: Tensor | None) -> LowRankBlock:
+    """Copy the branches' weights in; the bias is the layer's plus ``shift``. A layer without a bias
+    gets one on its first branch's second layer when there is a shift to hold (the run directory's
+    loader adds it back from the saved weights)."""
     with torch.no_grad():
         for branch, (w1, w2) in zip(block.branches, weights):
             branch.first.weight.copy_(w1.reshape(branch.first.weight.shape))
             branch.second.weight.copy_(w2.reshape(branch.second.weight.shape))
+        second = block.branches[0].second
         if layer.bias is not None:
             bias = layer.bias.detach().double() + (0 if shift is None else shift.to(layer.bias.device))
-            block.branches[0].second.bias.copy_(bias)
+            second.bias.copy_(bias)
+        elif shift is not None:
+            second.bias = nn.Parameter(shift.to(device=second.weight.device, dtype=second.weight.dtype))
     return block
 
 
 def _bias_wanted(layer: nn.Module, bias_correction: bool | None) -> bool:
-    if bias_correction and layer.bias is None:
-        raise SpecError("bias_correction needs a layer with a bias; use bias_shift() to move the shift elsewhere")
     return layer.bias is not None if bias_correction is None else bias_correction
 
 
@@ -380,7 +384,8 @@ def derive(
             first is grouped).
         stats: the layer's input statistics (see :func:`~svdnas.lowrank.calibration.moments_for`):
             every family's moment for "whitened", plus the full moment for "refit".
-        bias_correction: add :func:`bias_shift` (from ``stats``' full patch mean) to the bias.
+        bias_correction: add :func:`bias_shift` (from ``stats``' full patch mean) to the bias (a
+            layer without one gets one).
 
     Raises:
         SpecError: for an unknown derivation, missing statistics or a spec that does not fit.
@@ -430,7 +435,8 @@ def derive_prefix(
 
     Args:
         stats: the layer's inputs under both streams, with every family's moments.
-        bias_correction: shift the bias by W E[p_orig] - W_hat E[p_comp]; None: when the layer has a bias.
+        bias_correction: shift the bias by W E[p_orig] - W_hat E[p_comp] (a layer without a bias gets
+            one); None: only when the layer has a bias.
     """
     specs = _specs(specs)
     check_layer_specs(layer, specs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +17,6 @@ from svdnas.pipeline import stages
 from svdnas.pipeline.config import CompressConfig
 from svdnas.pipeline.images import synthetic_splits
 from svdnas.runs.directory import RunDir, save_config
-from svdnas.surgery.swap import apply_plan
 from svdnas.surgery.targets import FilterFn
 
 
@@ -76,10 +74,11 @@ def _compress(model, data, config, input_shape, filter_fn, device, seed, out, re
         save_config(job.run, config, seed=seed)  # first: it marks the folder as a run of svdnas
     candidates = stages.make_candidates(job, config)
     images = stages.search_images(job, config)
-    derivation = stages.calibrate(job, config, candidates, images)
+    calibration = stages.calibration_set(images.search, config.calibration_images)
+    derivation = stages.calibrate(job, config.derivation, {n: c.specs for n, c in candidates.items()}, calibration)
     pruned = stages.prune(job, config, candidates, images.proxy, derivation)
     searched = stages.search_plan(job, config, pruned, images)
-    compressed = apply_plan(copy.deepcopy(job.model), searched.plan, derivation=derivation)
+    compressed = stages.derive_model(job, searched.plan, derivation, calibration)
     recovered = stages.recover(
         job, config.mode, compressed, searched.plan, config.finetune, images.synthetic,
         lambda: synthetic_splits(job.model, job.shape, config, seed, job.device, job.run.path if job.run else None, progress, job.seconds),

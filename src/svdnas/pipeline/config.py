@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from svdnas.cost.table import LatencyConfig
 from svdnas.errors import SpecError
-from svdnas.lowrank.whiten import DERIVATIONS
+from svdnas.lowrank.derivation import KINDS as DERIVATIONS
 from svdnas.options import Config, option
 from svdnas.recovery.distill import FinetuneConfig
 from svdnas.recovery.recover import RECOVERY_MODES
@@ -73,7 +73,9 @@ class CompressConfig(Config):
             fidelity figure (top-1 agreement with the original).
         derivation: how every candidate's factors are derived: ``weight`` (the paper's truncated SVD
             of the unfolded weight), ``whitened`` or ``refit`` (fitted to the layer's output on
-            calibration images; see :mod:`svdnas.lowrank.derivation`).
+            calibration images), or ``prefix`` (whitened in the search; the plan's layers then fitted
+            in order on the compressed prefix's inputs, biases corrected); see
+            :mod:`svdnas.lowrank.derivation` and :mod:`svdnas.surgery.prefix`.
         calibration_images: search images (synthetic ones in ``data-free``) whose layer inputs make
             the output-aware derivations' statistics.
     """
@@ -108,9 +110,10 @@ class CompressConfig(Config):
     synth_test: int = option(256, flag="--synth-test", help="synthetic images held out for the fidelity figure")
     derivation: str = option("weight", flag="--derivation", choices=DERIVATIONS,
                              help="how each candidate's factors are derived: weight (the paper's SVD of the weight), "
-                                  "whitened or refit (fitted to the layer's output on calibration images)")
+                                  "whitened or refit (fitted to the layer's output on calibration images), "
+                                  "prefix (whitened, then each layer refitted on the compressed layers before it)")
     calibration_images: int = option(512, flag="--calibration-images",
-                                     help="search images (synthetic in data-free) whose layer inputs make the whitened and refit statistics")
+                                     help="search images (synthetic in data-free) whose layer inputs make the output-aware statistics")
 
     def __post_init__(self) -> None:
         if self.derivation not in DERIVATIONS:

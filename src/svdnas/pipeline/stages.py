@@ -12,7 +12,8 @@ the next stage needs. In order, for ``compress``:
    by the one-layer accuracy proxy; what is left is checked against the budget again.
 6. :func:`search_plan`: a super model, its logits learned, one candidate per layer within the budget;
    with two branches, a second search over the first branch's residual.
-7. :func:`recover`: distillation, in the modes that fine-tune.
+7. :func:`derive_model`: the plan's factors (``prefix``: fitted layer by layer on the compressed
+   prefix), then :func:`recover`: distillation, in the modes that fine-tune.
 8. :func:`report`, then :func:`write`: accuracy, costs and latency measured; the run directory written.
 """
 
@@ -56,6 +57,7 @@ from svdnas.search.latency_costs import LatencyCosts, attach_latency, attach_sec
 from svdnas.search.output_proxy import keep_families
 from svdnas.search.pruning import accuracy_prune, proxy_errors
 from svdnas.search.residual import second_branch_candidates
+from svdnas.surgery.prefix import fit_on_prefix
 from svdnas.surgery.swap import apply_plan
 from svdnas.surgery.targets import FilterFn, require_targets
 from svdnas.surgery.trace import LayerInfo, example_input, trace_layers
@@ -212,18 +214,37 @@ class Pruned:
     derivation: Derivation = field(default_factory=Derivation)
 
 
-def calibrate(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidates], images: SearchImages) -> Derivation:
-    """The job's derivation: for the output-aware kinds, each target layer's input moments on the
-    first ``calibration_images`` search images, for every family among its candidates."""
+def calibration_set(images: torch.utils.data.Dataset, count: int) -> torch.utils.data.Dataset:
+    """The first ``count`` of ``images``: the calibration images of the output-aware derivations."""
+    return torch.utils.data.Subset(images, range(min(count, len(images))))
+
+
+def calibrate(job: Job, kind: str, layer_specs: dict[str, Any], calibration: torch.utils.data.Dataset) -> Derivation:
+    """The job's derivation: for the output-aware kinds, each named layer's input moments on the
+    ``calibration`` images, for every family among its specs."""
     t0 = time.perf_counter()
-    n = min(config.calibration_images, len(images.search))
-    calibration = torch.utils.data.Subset(images.search, range(n))
-    layer_specs = {name: c.specs for name, c in candidates.items()}
-    derivation = calibrate_layers(job.model, config.derivation, layer_specs, (x for x, _ in batches(calibration, 128)), job.device)
+    derivation = calibrate_layers(job.model, kind, layer_specs, (x for x, _ in batches(calibration, 128)), job.device)
     if not derivation.plain:
         job.seconds["calibration"] = time.perf_counter() - t0
-        job.calibration = {"images": n, "bytes": statistics_bytes(derivation), "seconds": job.seconds["calibration"]}
+        job.calibration = {"images": len(calibration), "bytes": statistics_bytes(derivation), "seconds": job.seconds["calibration"]}
     return derivation
+
+
+def derive_model(job: Job, plan: Plan, derivation: Derivation, calibration: torch.utils.data.Dataset | None) -> nn.Module:
+    """The compressed model: the plan's factors as the derivation derives them, or (``prefix``) each
+    layer fitted in forward order on the inputs the compressed layers before it give it, biases
+    corrected; the per-layer output errors before and after go to the report's ``calibration``."""
+    if not derivation.fits_prefix:
+        return apply_plan(copy.deepcopy(job.model), plan, derivation=derivation)
+    if calibration is None:
+        raise SpecError("the prefix derivation needs calibration images")
+    t0 = time.perf_counter()
+    images = [x for x, _ in batches(calibration, 128)]
+    fit = fit_on_prefix(job.model, plan, job.targets, images, job.device, derivation, progress=job.ticker("prefix_fit"))
+    job.seconds["prefix_fit"] = time.perf_counter() - t0
+    block = {"images": fit.images, "seconds": job.seconds["prefix_fit"], "relative_output_error": fit.errors}
+    job.calibration = (job.calibration or {}) | {"prefix_fit": block}
+    return fit.model
 
 
 def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidates], proxy_set, derivation: Derivation | None = None) -> Pruned:
@@ -451,6 +472,7 @@ def search_summary(job: Job, config: CompressConfig, pruned: Pruned, searched: S
 
 
 __all__ = [
-    "Job", "Pruned", "Recovered", "SearchImages", "Searched", "check_data", "finish", "make_candidates", "prepare",
+    "Job", "Pruned", "Recovered", "SearchImages", "Searched", "calibrate", "calibration_set", "check_data", "derive_model",
+    "finish", "make_candidates", "prepare",
     "prune", "recover", "report", "search_header", "search_images", "search_plan", "search_summary", "write",
 ]

@@ -14,7 +14,7 @@ from svdnas.fileio import atomic_write_bytes, atomic_write_json
 from svdnas.lowrank.plan import Plan
 from svdnas.models.build import ModelInfo, build_model
 from svdnas.models.weights import fit_state_dict, read_state_dict
-from svdnas.surgery.swap import apply_plan
+from svdnas.surgery.swap import add_saved_biases, apply_plan
 
 FORMAT = "svdnas-run/1"
 PYTHON_BASE = "python:model"  # the base of a run made from a Python object: svdnas.load needs base_model=
@@ -125,7 +125,9 @@ def load_run(directory: str | Path, base_model: nn.Module | None = None, allow_c
         apply_plan(model, plan, derive=False)
     except SpecError as e:
         raise SpecError(f"{arch_path} does not fit {arch['base']}: {e}") from e
-    fit_state_dict(model, read_state_dict(weights), str(weights))
+    state = read_state_dict(weights)
+    add_saved_biases(model, state)
+    fit_state_dict(model, state, str(weights))
     info.spec = str(d)
     if arch["input_shape"]:
         info.input_shape = tuple(arch["input_shape"])  # type: ignore[assignment]

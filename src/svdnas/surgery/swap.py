@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from svdnas.errors import SpecError
 from svdnas.lowrank.decompose import empty_block
 from svdnas.lowrank.derivation import Derivation
+from svdnas.lowrank.modules import LowRankBlock
 from svdnas.lowrank.plan import Plan
 
 
@@ -38,3 +40,15 @@ def apply_plan(model: nn.Module, plan: Plan, derive: bool = True, derivation: De
         except SpecError as e:
             raise SpecError(f"layer {name}: {e}") from e
     return model
+
+
+def add_saved_biases(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give each low-rank block the bias that ``state`` holds for it where the original layer had none
+    (a bias correction put the shift of the output's mean there)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, LowRankBlock):
+            continue
+        second = module.branches[0].second
+        key = f"{name}.branches.0.second.bias" if name else "branches.0.second.bias"
+        if second.bias is None and key in state:
+            second.bias = nn.Parameter(torch.zeros(second.weight.shape[0], device=second.weight.device, dtype=second.weight.dtype))

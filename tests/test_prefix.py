@@ -1,0 +1,136 @@
+"""Fitting a plan's layers in order on the compressed prefix's inputs (the ``prefix`` derivation)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from svdnas.errors import SpecError
+from svdnas.lowrank.calibration import CrossMoments
+from svdnas.lowrank.derivation import calibrate
+from svdnas.lowrank.plan import Plan
+from svdnas.lowrank.spec import LowRankSpec
+from svdnas.lowrank.whiten import derive, derive_prefix
+from svdnas.surgery.prefix import fit_on_prefix, layer_inputs
+
+NAMES = ["0", "3", "5"]
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+    ).double()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+def images(n: int = 24, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 3, 4, 4, generator=g, dtype=torch.float64)  # smooth, correlated inputs with a mean
+    return nn.functional.interpolate(low, size=(10, 10), mode="bilinear") + 0.3
+
+
+def whole_kernel(rank: int) -> LowRankSpec:
+    return LowRankSpec((3, 3), (1, 1), rank)
+
+
+PLAN = Plan({"0": [whole_kernel(3)], "3": [whole_kernel(3)], "5": [whole_kernel(2)]})
+
+
+def test_layer_inputs_stop_at_the_layer_and_match_a_hook():
+    model, x = net(), images()
+    got = layer_inputs(model, "3", [x[:8], x[8:]], "cpu")
+    expected = model[:3](x)
+    torch.testing.assert_close(torch.cat(got), expected)
+
+
+def test_each_layer_is_the_asymmetric_fit_on_the_prefix_before_it():
+    model, x = net(), images()
+    batches = [x[:12], x[12:]]
+    fit = fit_on_prefix(model, PLAN, NAMES, batches, "cpu", damping=1e-12)
+    # the first layer sees the original inputs: its fit is the whitened one with a bias correction
+    first = derive(model[0], PLAN.layers["0"], "whitened", calibrate(model, "whitened", {"0": PLAN.layers["0"]}, batches, "cpu").stats["0"],
+                   damping=1e-12, bias_correction=True)
+    for a, b in zip(fit.model[0].parameters(), first.parameters()):
+        torch.testing.assert_close(a, b)
+    # the second: cross moments of the original model's and the fitted prefix's inputs, computed here
+    stats = CrossMoments(model[3], [((3, 3), (1, 1))])
+    prefix = nn.Sequential(fit.model[0], model[1], model[2])
+    stats.update(model[:3](x), prefix(x))
+    second = derive_prefix(model[3], PLAN.layers["3"], stats, damping=1e-12, bias_correction=True)
+    for a, b in zip(fit.model[3].parameters(), second.parameters()):
+        torch.testing.assert_close(a, b)
+    assert model[0].bias is None and fit.model[0].branches[0].second.bias is not None  # the shift got a bias
+
+
+def test_prefix_fit_lowers_every_layers_error_and_the_models():
+    model, x = net(), images()
+    batches = [x]
+    whitened = calibrate(model, "whitened", PLAN.layers, batches, "cpu", damping=1e-12)
+    fit = fit_on_prefix(model, PLAN, NAMES, batches, "cpu", whitened, damping=1e-12)
+    for name, e in fit.errors.items():
+        # the whole kernel in the first layer, no groups: the fit is the least-squares optimum, and
+        # the bias shift only lowers it further
+        assert e["fitted"] <= e["derived"] * (1 + 1e-9), name
+    assert fit.errors["5"]["fitted"] < 0.9 * fit.errors["5"]["derived"]  # errors no longer compound
+    plain = copy.deepcopy(model)  # the whitened model, layer by layer
+    for name, specs in PLAN.layers.items():
+        plain[int(name)] = whitened.block(name, model[int(name)], specs)
+    y = model(x)
+    with torch.no_grad():
+        err = lambda m: float((m(x) - y).pow(2).sum() / y.pow(2).sum())
+        assert err(fit.model) < err(plain)
+    assert isinstance(model[0], nn.Conv2d) and model[0].bias is None  # the original is untouched
+
+
+def test_a_layer_the_forward_pass_never_calls_is_named():
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.unused = net(), nn.Conv2d(8, 8, 1).double()
+
+        def forward(self, x):
+            return self.body(x)
+
+    with pytest.raises(SpecError, match="layer unused was not called"):
+        fit_on_prefix(WithSpare(), Plan({"unused": [LowRankSpec((1, 1), (1, 1), 2)]}), ["unused"], [images()], "cpu")
+
+
+def test_compress_with_the_prefix_derivation_writes_a_run_that_loads(trained_tiny, tmp_path):
+    import svdnas
+    from svdnas.pipeline.compress import compress
+    from svdnas.pipeline.config import CompressConfig
+    from svdnas.search import SearchConfig
+    from tests.conftest import TinyNet
+
+    model, data = trained_tiny
+    config = CompressConfig(reduction=0.3, search_images=100, proxy_images=32, families=2, proxy_drop=0,
+                            derivation="prefix", calibration_images=64, search=SearchConfig(epochs=1, target=0.5))
+    result = compress(model, data, config, filter_fn="convs", seed=0, out=tmp_path / "run")
+    fit = result.report["calibration"]["prefix_fit"]
+    compressed = [n for n, s in result.plan.layers.items() if s]
+    assert fit["images"] == 64 and sorted(fit["relative_output_error"]) == sorted(compressed)
+    assert result.report["derivation"] == "prefix" and "prefix_fit" in result.report["seconds"]
+    loaded = svdnas.load(str(tmp_path / "run"), base_model=TinyNet()).eval()
+    x = data.test.tensors[0][:16]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.model.eval()(x))
+
+
+def test_a_bias_added_by_the_correction_survives_the_run_directory(tmp_path):
+    import svdnas
+    from svdnas.runs.directory import PYTHON_BASE, save_run
+
+    model, x = net(), images()
+    fit = fit_on_prefix(model, PLAN, NAMES, [x], "cpu")
+    assert fit.model[0].branches[0].second.bias is not None  # the original layer 0 has none
+    save_run(tmp_path, fit.model, PLAN, PYTHON_BASE, (3, 10, 10))
+    loaded = svdnas.load(str(tmp_path), base_model=net()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), fit.model(x))
