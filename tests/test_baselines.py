@@ -242,3 +242,69 @@ def test_cli_runs_end_to_end(method, tiny_fmnist, tmp_path):
     with torch.no_grad():
         top1 = 100.0 * (loaded(x).argmax(1) == y).double().mean().item()
     assert report["top1"]["compressed"] == pytest.approx(top1, abs=1e-9)
+
+
+def test_balf_keeps_the_most_energy_share_its_cost_allows():
+    """BALF's Lagrangian rule against every rank combination of a three-layer model: no plan costing
+    at most what BALF's costs keeps a larger sum of the layers' energy shares."""
+    import itertools
+
+    from svdnas.cost.counting import layer_cost, rank_cost
+    from svdnas.lowrank import functional as LF
+    from svdnas.lowrank.spec import LowRankSpec
+
+    torch.manual_seed(3)
+    # a rank costs four times more in the first layer (four times the positions) than in the others,
+    # and the spectra differ in shape: the rule must trade energy share against cost
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 3, stride=2, padding=1),
+                                torch.nn.ReLU(), torch.nn.Conv2d(5, 6, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[2].weight.mul_(torch.logspace(0, -2, 5)[:, None, None, None])
+    infos = trace_layers(model, example_input(model, (3, 16, 16)))
+    targets = ["0", "2", "4"]
+    total = model_macs(model, (3, 16, 16))
+    shares, costs, cost0 = {}, {}, {}
+    for n in targets:
+        m = model.get_submodule(n)
+        s2 = LF.svd(m.weight.detach(), (3, 3), (1, 1)).s[0].double() ** 2
+        shares[n] = torch.cat([torch.zeros(1, dtype=torch.float64), s2.cumsum(0) / s2.sum()])
+        base, unit = rank_cost(m, infos[n].input_hw, LowRankSpec((3, 3)), "flops")
+        costs[n] = [base + unit * r for r in range(len(s2) + 1)]
+        cost0[n] = float(layer_cost(m, infos[n].input_hw)[0])
+
+    def value(ranks):  # a layer at a rank that costs at least the layer itself is left whole
+        keep = [(shares[n][r], costs[n][r]) if costs[n][r] < cost0[n] else (1.0, cost0[n]) for n, r in zip(targets, ranks)]
+        return float(sum(k for k, _ in keep)), sum(c for _, c in keep)
+
+    checked = 0
+    for reduction in (0.3, 0.5, 0.7):
+        plan = baseline_plan("balf", model, infos, targets, reduction, total)
+        ranks = [plan.layers[n][0].rank if plan.layers[n] else len(shares[n]) - 1 for n in targets]
+        kept, spent = value(ranks)
+        for combo in itertools.product(*[range(1, len(shares[n])) for n in targets]):
+            v, c = value(combo)
+            if c <= spent:
+                assert v <= kept + 1e-9, (reduction, combo, ranks)
+                checked += 1
+    assert checked > 30
+
+
+def test_balf_command_derives_whitened_factors_and_energy_takes_the_option(tiny_fmnist, tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    args = ("zoo:resnet18", "--data", f"fmnist:{tiny_fmnist}", "--reduction", "0.5", "--device", "cpu", "--quiet",
+            "--calibration-images", "64")
+    r = run_cli("baseline", "balf", *args, "--out", tmp_path / "balf")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "balf" / "report.json").read_text())
+    assert report["method"] == "balf" and report["split"] == "kxk" and report["derivation"] == "whitened"
+    assert report["calibration"]["images"] == 64 and report["flops"]["reduction"] >= 0.49
+    plans = {}
+    for kind in ("weight", "whitened"):
+        r = run_cli("baseline", "energy", *args, "--split", "kxk", "--derivation", kind, "--out", tmp_path / kind)
+        assert r.returncode == 0, r.stderr
+        assert json.loads((tmp_path / kind / "report.json").read_text())["derivation"] == kind
+        plans[kind] = json.loads((tmp_path / kind / "plan.json").read_text())["layers"]
+    assert plans["weight"] != plans["whitened"]  # the whitened spectra move the energy rule's ranks

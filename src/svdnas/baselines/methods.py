@@ -8,6 +8,13 @@
   largest relative error over the layers (:mod:`svdnas.alds`).
 - ``fgroup`` (Peng et al. 2018): the published filter-group pattern (:mod:`svdnas.fgroup`), its
   ranks scaled by one common factor.
+- ``balf`` (Gonzalez-Martinez 2025, arXiv 2509.25136): the whole kernel in the first layer, then a
+  1x1; per layer the share of its whitened energy a rank keeps, summed over the layers and maximised
+  under the budget by bisection on a Lagrange multiplier (a rank is kept while its share of the
+  layer's energy per unit of cost is above the multiplier).
+
+``energy``, ``lrs2`` and ``balf`` read each layer's spectrum: the weight's, or with an output-aware
+derivation the whitened one (``balf``'s own).
 
 ``uniform`` and ``energy`` take a kernel split (``kxk``, ``1x1``, ``kx1``, ``1xk``: what the first
 layer holds) or ``best`` (each split in turn, keeping the most accurate on the search images); the
@@ -30,7 +37,7 @@ from svdnas.baselines.alds import alds_plan
 from svdnas.baselines.fgroup import fgroup_pattern
 from svdnas.cost.counting import layer_cost, rank_cost
 from svdnas.errors import BudgetError, SpecError
-from svdnas.lowrank import functional as LF
+from svdnas.lowrank.derivation import Derivation
 from svdnas.lowrank.geometry import conv_weight
 from svdnas.lowrank.plan import Plan
 from svdnas.lowrank.spec import LowRankSpec, family_max_rank
@@ -38,9 +45,10 @@ from svdnas.surgery.trace import LayerInfo
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("uniform", "energy", "lrs2", "alds", "fgroup")
+METHODS = ("uniform", "energy", "lrs2", "alds", "fgroup", "balf")
 SPLITS = ("kxk", "1x1", "kx1", "1xk")
-FIXED_SPLITS = {"lrs2": "kx1", "alds": "kxk", "fgroup": "kxk"}  # methods whose paper fixes the split
+FIXED_SPLITS = {"lrs2": "kx1", "alds": "kxk", "fgroup": "kxk", "balf": "kxk"}  # methods whose paper fixes the split
+SPECTRAL = ("energy", "lrs2", "balf")  # methods whose ranks follow each layer's spectrum
 
 
 def split_kernel(split: str, kernel: tuple[int, int]) -> tuple[int, int]:
@@ -71,13 +79,24 @@ def _make_layer(m: nn.Module, name: str, hw: tuple[int, int], family: LowRankSpe
     return _Layer(name, family, max_rank, float(params0 if objective == "params" else macs0), unit, base)
 
 
-def _prepare(model: nn.Module, infos: dict[str, LayerInfo], targets: Sequence[str], split: str, objective: str) -> list[_Layer]:
+def split_specs(targets: Sequence[str], model: nn.Module, split: str) -> dict[str, list[LowRankSpec]]:
+    """Each target layer's family under ``split`` (rank 1): what a derivation's statistics must cover."""
+    out = {}
+    for name in targets:
+        weight = conv_weight(model.get_submodule(name))
+        out[name] = [LowRankSpec(split_kernel(split, (weight.shape[2], weight.shape[3])))]
+    return out
+
+
+def _prepare(model: nn.Module, infos: dict[str, LayerInfo], targets: Sequence[str], split: str, objective: str,
+             derivation: Derivation | None = None) -> list[_Layer]:
+    derivation = derivation or Derivation()
     layers = []
     for name in targets:
         m = model.get_submodule(name)
         weight = conv_weight(m)
         first = split_kernel(split, (weight.shape[2], weight.shape[3]))
-        s = LF.svd(weight, first, (1, 1)).s[0].double()
+        s = derivation.factors(name, weight.detach(), (first, (1, 1))).s[0].double()
         layer = _make_layer(m, name, infos[name].input_hw, LowRankSpec(first), len(s), objective)
         layer.sigma2 = s.pow(2)
         layers.append(layer)
@@ -130,6 +149,19 @@ def _rank_rule(method: str, layers: list[_Layer], macs0: dict[str, float]) -> Ca
             return max(1, int((ratios[layer.name] >= log_lam - 1e-9).sum()))
 
         return lrs2
+    if method == "balf":
+        # keep rank k while its share of the layer's energy per unit of cost is at least lambda; the
+        # knob moves lambda log-linearly from the largest such ratio (rank 1 everywhere) to the smallest
+        ratios = {layer.name: (layer.sigma2 / layer.sigma2.sum().clamp_min(1e-300) / max(layer.unit, 1e-30)).clamp_min(1e-300).log()
+                  for layer in layers}
+        top = max(r[0].item() for r in ratios.values())
+        bottom = min(r[-1].item() for r in ratios.values())
+
+        def balf(layer: _Layer, t: float) -> int:
+            log_lam = top + t * (bottom - top)
+            return max(1, int((ratios[layer.name] >= log_lam - 1e-9).sum()))
+
+        return balf
     if method == "fgroup":
         # one factor, knob x reach, scales every published rank; knob 1 puts each layer at its full rank
         reach = _fgroup_reach(layers)
@@ -215,8 +247,13 @@ def plan_and_notes(
     total: float,
     split: str,
     objective: str,
+    derivation: Derivation | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
-    """The plan of ``method`` and what the method chose on the way (for the report)."""
+    """The plan of ``method`` and what the method chose on the way (for the report).
+
+    Args:
+        derivation: whose spectra the spectral methods read (None: the weight's).
+    """
     if method not in METHODS:
         raise SpecError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
     split = FIXED_SPLITS.get(method, split)
@@ -228,7 +265,7 @@ def plan_and_notes(
             return plan, {"max_relative_error": worst}
         if method == "fgroup":
             return _fgroup(model, infos, targets, layers_budget, objective)
-        layers = _prepare(model, infos, targets, split, objective)
+        layers = _prepare(model, infos, targets, split, objective, derivation if method in SPECTRAL else None)
         macs0 = dict(zip(targets, _costs0(model, infos, targets, "flops")))
         plan, knob = _bisect(layers, _rank_rule(method, layers, macs0), layers_budget)
         return plan, {"knob": knob}
@@ -249,6 +286,7 @@ def baseline_plan(
     total: float,
     split: str = "kx1",
     objective: str = "flops",
+    derivation: Derivation | None = None,
 ) -> Plan:
     """The plan of ``method`` whose whole-model cost is at most (1 - reduction) x ``total``.
 
@@ -256,6 +294,6 @@ def baseline_plan(
         total: the original model's whole cost on the objective (MACs or params).
         split: the kernel split of ``uniform`` and ``energy``; the other methods fix their own.
     """
-    return plan_and_notes(method, model, infos, targets, reduction, total, split, objective)[0]
+    return plan_and_notes(method, model, infos, targets, reduction, total, split, objective, derivation)[0]
 
 

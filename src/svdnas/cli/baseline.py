@@ -19,13 +19,14 @@ from svdnas.cli.common import (
     need,
     write_report_quietly,
 )
+from svdnas.lowrank.derivation import KINDS
 from svdnas.pipeline.baseline import run_baseline
 from svdnas.pipeline.config import OBJECTIVES
 
 # run_baseline's own defaults are the command's
 DEFAULTS = {k: p.default for k, p in inspect.signature(run_baseline).parameters.items() if p.default is not inspect.Parameter.empty}
 CLI_OPTIONS = ("method", "model", "weights", "data", "input_shape", "allow_code", "device", "seed", "out",
-               "reduction", "objective", "split", "filter", "search_images")
+               "reduction", "objective", "split", "filter", "search_images", "derivation", "calibration_images")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +44,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--filter", default=None, help="target layers (default: the paper's for the model)")
     p.add_argument("--search-images", type=int, default=DEFAULTS["search_images"],
                    help=f"images that pick the split for --split best (default: {DEFAULTS['search_images']})")
+    p.add_argument("--derivation", default=None, choices=KINDS,
+                   help="how the plan's factors are derived, as for compress; energy, lrs2 and balf read their ranks "
+                        "from its spectra (default: the method's own: whitened for balf, weight for the others)")
+    p.add_argument("--calibration-images", type=int, default=DEFAULTS["calibration_images"],
+                   help=f"training images whose layer inputs make the output-aware statistics (default: {DEFAULTS['calibration_images']})")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -60,12 +66,13 @@ def run(args: argparse.Namespace) -> int:
         _, _, r = run_baseline(
             args.method, model, data, args.reduction, shape, args.filter, args.split, args.objective,
             args.search_images, device, args.seed, out=RunDir(Path(args.out), base=info.spec),
+            derivation=args.derivation, calibration_images=args.calibration_images,
         )
         write_report_quietly(args.out)
     except Exception:
         replacement.restore()
         raise
     replacement.finish()
-    print(f"{args.method} ({r['split']}) on {info.spec}: FLOPs -{100 * r['flops']['reduction']:.2f}%  params -{100 * r['params']['reduction']:.2f}%")
+    print(f"{args.method} ({r['split']}, {r['derivation']} factors) on {info.spec}: FLOPs -{100 * r['flops']['reduction']:.2f}%  params -{100 * r['params']['reduction']:.2f}%")
     print(f"top-1 {r['top1']['original']:.2f}% -> {r['top1']['compressed']:.2f}% (drop {r['top1']['drop_pp']:.2f}pp); run directory {args.out}")
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -10,15 +9,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdnas.baselines.methods import FIXED_SPLITS, METHODS, SPLITS, plan_and_notes
+from svdnas.baselines.methods import FIXED_SPLITS, METHODS, SPECTRAL, SPLITS, plan_and_notes, split_specs
 from svdnas.data.datasets import DataBundle, search_subset
 from svdnas.data.evaluate import evaluate
 from svdnas.errors import SpecError
+from svdnas.lowrank.derivation import KINDS, Derivation
 from svdnas.lowrank.plan import Plan
 from svdnas.pipeline import stages
 from svdnas.runs.directory import PYTHON_BASE, RunDir
-from svdnas.surgery.swap import apply_plan
 from svdnas.surgery.targets import FilterFn
+
+OWN_DERIVATION = {"balf": "whitened"}  # the others' papers derive from the weight
 
 
 def run_baseline(
@@ -35,12 +36,19 @@ def run_baseline(
     seed: int = 0,
     out: str | Path | RunDir | None = None,
     reference: dict[str, float] | None = None,
+    derivation: str | None = None,
+    calibration_images: int = 512,
 ) -> tuple[nn.Module, Plan, dict[str, Any]]:
     """A baseline end to end: plan, derivation, evaluation, report and run directory; ``model`` is not modified.
 
     Args:
         split: what the first layer holds for ``uniform`` and ``energy`` (``kxk``, ``1x1``, ``kx1``,
             ``1xk``), or ``best``: each tried, the best on ``search_images`` training images kept.
+        derivation: how the plan's factors are derived (as compress's ``--derivation``); the spectral
+            methods (energy, lrs2, balf) also read their ranks from its spectra. None: the method's
+            own (whitened for balf, the weight for the others).
+        calibration_images: training images (drawn with ``seed``) whose layer inputs make the
+            output-aware derivations' statistics.
 
     Returns:
         (compressed model, plan, report).
@@ -49,15 +57,26 @@ def run_baseline(
         raise SpecError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
     if not 0 < reduction < 1:
         raise SpecError(f"--reduction must be in (0, 1), got {reduction}")
+    kind = derivation or OWN_DERIVATION.get(method, "weight")
+    if kind not in KINDS:
+        raise SpecError(f"--derivation must be one of {', '.join(KINDS)}, got {kind!r}")
+    if calibration_images < 1:
+        raise SpecError("--calibration-images must be positive")
     job = stages.prepare(model, data, input_shape, filter_fn, device, seed, out, reference=reference)
     total = job.total(objective)
     splits = [FIXED_SPLITS[method]] if method in FIXED_SPLITS else list(SPLITS) if split == "best" else [split]
+    calibration = search_subset(data.train, calibration_images, seed)[0] if kind != "weight" else None
+    spectra = Derivation()
+    if kind != "weight" and method in SPECTRAL:  # the ranks follow the derivation's spectra: statistics first
+        families = {n: [s for sp in splits for s in split_specs([n], job.model, sp)[n]] for n in job.targets}
+        spectra = stages.calibrate(job, kind, families, calibration)
     chosen = None
     tried: dict[str, float] = {}
     notes: dict[str, dict[str, Any]] = {}
     for sp in splits:
-        plan, notes[sp] = plan_and_notes(method, job.model, job.infos, job.targets, reduction, total, sp, objective)
-        compressed = apply_plan(copy.deepcopy(job.model), plan)
+        plan, notes[sp] = plan_and_notes(method, job.model, job.infos, job.targets, reduction, total, sp, objective, spectra)
+        derived = spectra if kind == "weight" or method in SPECTRAL else stages.calibrate(job, kind, plan.compressed(), calibration)
+        compressed = stages.derive_model(job, plan, derived, calibration)
         if len(splits) > 1:
             subset, _ = search_subset(data.train, search_images, seed)
             tried[sp] = evaluate(compressed, subset, job.device)["top1"]
@@ -69,9 +88,11 @@ def run_baseline(
     job.seconds["search"] = time.perf_counter() - job.started
     job.seconds["finetune"] = 0.0
     header = {"model": job.run.base if job.run is not None else PYTHON_BASE, "method": method, "mode": "post-training",
-              "objective": objective, "seed": seed, "reduction_target": reduction, "split": sp}
+              "objective": objective, "seed": seed, "reduction_target": reduction, "split": sp, "derivation": kind}
     report = stages.report(job, compressed, plan, header)
     report["method_choices"] = notes[sp]
+    if job.calibration is not None:
+        report["calibration"] = job.calibration
     if tried:
         report["split_search"] = {"search_images": search_images, "top1_on_search_images": tried}
     stages.finish(job, report)
