@@ -3,7 +3,9 @@ data, budget and test images, in one run.
 
     .venv/bin/python -m benchmarks.tables.post_training_comparison --model zoo:resnet18 --reductions 0.4 0.5 0.6 0.7
 
-Baselines: uniform and energy with every kernel split, data-free LR-S2, ALDS and F-Group. With
+Baselines: uniform and energy with every kernel split, data-free LR-S2, ALDS, F-Group and BALF. A
+method name may end in @KIND to derive its factors as --derivation KIND does (``svdnas@prefix``,
+``energy-kxk@whitened``, ``balf@weight``); without it each method derives as it does by default. With
 --branches 2 the svdnas run is the residual extension and gives two rows, B1 (the first search,
 which meets the budget on its own) and B2. Prints one table, writes
 benchmarks/results/post_training_comparison/<model>.json after every row (a rerun with the same settings skips
@@ -20,18 +22,20 @@ from pathlib import Path
 from benchmarks.common import model_and_data, parser, result_path, setup, stamp
 from benchmarks.common import post_training_table as table
 from svdnas.baselines.methods import SPLITS
+from svdnas.lowrank.derivation import KINDS
 from svdnas.pipeline.baseline import run_baseline
 from svdnas.pipeline.compress import compress
 from svdnas.pipeline.config import CompressConfig
 from svdnas.search import SearchConfig
 
-ALL_METHODS = ["svdnas"] + [f"uniform-{s}" for s in SPLITS] + [f"energy-{s}" for s in SPLITS] + ["lrs2", "alds", "fgroup"]
+ALL_METHODS = ["svdnas"] + [f"uniform-{s}" for s in SPLITS] + [f"energy-{s}" for s in SPLITS] + ["lrs2", "alds", "fgroup", "balf"]
+CHOICES = ALL_METHODS + [f"{m}@{k}" for m in ALL_METHODS for k in KINDS]
 
 
 def main() -> None:
     p = parser(__doc__, out="JSON to write (default benchmarks/results/post_training_comparison/<model>.json)")
     p.add_argument("--reductions", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7])
-    p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=ALL_METHODS, metavar="METHOD")
+    p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=CHOICES, metavar="METHOD")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--families", type=int, default=4)
     p.add_argument("--proxy-drop", type=float, default=5.0)
@@ -60,8 +64,8 @@ def main() -> None:
     def save() -> None:
         out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 
-    methods = [m for m in ALL_METHODS if m in args.methods]
-    names = [("svdnas-B1", "svdnas-B2") if m == "svdnas" and args.branches == 2 else (m,) for m in methods]
+    methods = list(dict.fromkeys(args.methods))
+    names = [(f"{m}-B1", f"{m}-B2") if m.startswith("svdnas") and args.branches == 2 else (m,) for m in methods]
     labels = [n for group in names for n in group]
 
     def row(r: float, method: str, rep: dict, seconds: float) -> None:
@@ -82,19 +86,21 @@ def main() -> None:
             if all(any(x["method"] == g and x["reduction_target"] == r for x in rows) for g in group):
                 continue
             t0 = time.perf_counter()
-            if method == "svdnas":
+            base, _, derivation = method.partition("@")
+            if base == "svdnas":
+                kind = {"derivation": derivation} if derivation else {}
                 config = CompressConfig(reduction=r, families=args.families, proxy_drop=args.proxy_drop, branches=args.branches,
-                                        search=SearchConfig(epochs=args.epochs, target=1 - r))
+                                        search=SearchConfig(epochs=args.epochs, target=1 - r), **kind)
                 rep = compress(model, data, config, input_shape=info.input_shape, filter_fn=info.default_filter, seed=args.seed,
                                reference=reference).report
                 if args.branches == 2:
-                    row(r, "svdnas-B1", rep["branches"]["b1"], time.perf_counter() - t0)
-                    row(r, "svdnas-B2", rep, time.perf_counter() - t0)
+                    row(r, group[0], rep["branches"]["b1"], time.perf_counter() - t0)
+                    row(r, group[1], rep, time.perf_counter() - t0)
                     continue
             else:
-                name, _, split = method.partition("-")
+                name, _, split = base.partition("-")
                 _, _, rep = run_baseline(name, model, data, r, info.input_shape, info.default_filter, split or "kx1", seed=args.seed,
-                                         reference=reference)
+                                         reference=reference, derivation=derivation or None)
             row(r, method, rep, time.perf_counter() - t0)
     rows.sort(key=lambda x: (x["reduction_target"], labels.index(x["method"]) if x["method"] in labels else len(labels)))
     save()

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from svdnas.cli.options import Section, dest_of
 from svdnas.errors import SpecError, SvdnasError
+
+T = TypeVar("T")
 
 # settings whose change does not change a run's results: --resume may differ in them
 RESUME_IGNORES = frozenset({"out", "device", "allow_code", "synth.parallel"})
@@ -86,6 +89,34 @@ def stage_bar(args: argparse.Namespace, first_stage: str):
         bar.refresh()
 
     return bar, progress
+
+
+def run_claimed(args: argparse.Namespace, record: Callable[[], dict[str, Any]], first_stage: str, work: Callable[[Any], T]):
+    """``work(progress)`` into the run directory ``args.out``, claimed first by rank 0 with ``record()``
+    (config.json's contents), under a stage progress bar; on failure the directory's earlier run is put
+    back. Synchronises and shuts the process group down afterwards.
+
+    Returns:
+        (what ``work`` returned, the claim: call its ``finish()`` once the run is whole) on rank 0,
+        None on the other ranks.
+    """
+    from svdnas import distributed as ddp
+
+    replacement = claim_out(args, record()) if ddp.is_main() else None
+    ddp.barrier()
+    bar, progress = stage_bar(args, first_stage)
+    try:
+        result = work(progress)
+    except Exception:
+        if replacement is not None:
+            replacement.restore()
+        raise
+    finally:
+        bar.close()
+    main = ddp.is_main()
+    ddp.barrier()
+    ddp.shutdown()
+    return (result, replacement) if main else None
 
 
 def input_shape(args: argparse.Namespace, info, data) -> tuple[int, int, int]:

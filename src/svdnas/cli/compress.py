@@ -12,14 +12,13 @@ from svdnas.cli.common import (
     add_model_args,
     add_out_args,
     check_out,
-    claim_out,
     cli_record,
     device_of,
     model_and_data,
     need,
     nested_of,
     print_outcome,
-    stage_bar,
+    run_claimed,
     write_report_quietly,
 )
 from svdnas.cli.options import Section, add_section, build, section_values
@@ -87,25 +86,14 @@ def run(args: argparse.Namespace) -> int:
     ddp.init(device)
     model, info, data, shape = model_and_data(args, device, data_free=config.mode == "data-free")
     config.filter = config.filter or info.default_filter
-    replacement = None
-    if ddp.is_main():
-        replacement = claim_out(args, config_record(config, **cli_record(args, *CLI_OPTIONS)))
-    ddp.barrier()
-    bar, progress = stage_bar(args, "search")
-    try:
-        result = compress(model, data, config, input_shape=shape, device=device, seed=args.seed,
-                          out=RunDir(Path(args.out), base=info.spec), resume=True, progress=progress)
-    except Exception:
-        if replacement is not None:
-            replacement.restore()
-        raise
-    finally:
-        bar.close()
-    main = ddp.is_main()
-    ddp.barrier()
-    ddp.shutdown()
-    if not main:
+    claimed = run_claimed(
+        args, lambda: config_record(config, **cli_record(args, *CLI_OPTIONS)), "search",
+        lambda progress: compress(model, data, config, input_shape=shape, device=device, seed=args.seed,
+                                  out=RunDir(Path(args.out), base=info.spec), resume=True, progress=progress),
+    )
+    if claimed is None:
         return 0
+    result, replacement = claimed
     r = result.report
     print(f"{info.spec}: FLOPs -{100 * r['flops']['reduction']:.2f}%  params -{100 * r['params']['reduction']:.2f}%")
     print_outcome(r)
@@ -117,6 +105,6 @@ def run(args: argparse.Namespace) -> int:
         lat = r["latency"]
         print(f"latency -{100 * lat['reduction']:.2f}% measured at batch {lat['batch']} (predicted -{100 * lat['predicted']['reduction']:.2f}%)")
     write_report_quietly(args.out)
-    replacement.finish()  # type: ignore[union-attr]
+    replacement.finish()
     print(f"search {r['seconds']['search']:.1f}s, total {r['seconds']['total']:.1f}s; run directory {args.out}")
     return 0

@@ -9,13 +9,12 @@ from svdnas.cli.common import (
     add_common,
     add_out_args,
     check_out,
-    claim_out,
     cli_record,
     device_of,
     need,
     nested_of,
     print_outcome,
-    stage_bar,
+    run_claimed,
     write_report_quietly,
 )
 from svdnas.cli.compress import default_of, recovery_mode
@@ -70,32 +69,20 @@ def run(args: argparse.Namespace) -> int:
     teacher = None
     if args.teacher is not None:
         teacher, _ = load_model(args.teacher, args.teacher_weights, allow_code=args.allow_code)
-    replacement = None
-    if ddp.is_main():
-        record = config_record(_Settings(config, synth, images), **cli_record(args, *CLI_OPTIONS))
-        replacement = claim_out(args, record)
-    ddp.barrier()
-    bar, progress = stage_bar(args, "finetune")
-    try:
-        _, r = finetune(
+    claimed = run_claimed(
+        args, lambda: config_record(_Settings(config, synth, images), **cli_record(args, *CLI_OPTIONS)), "finetune",
+        lambda progress: finetune(
             args.dir, args.mode, data, args.out, config, synth, images["synthetic_path"], images["synth_val"],
             images["synth_test"], teacher, device, args.seed, args.allow_code, resume=True, progress=progress,
-        )
-    except Exception:
-        if replacement is not None:
-            replacement.restore()
-        raise
-    finally:
-        bar.close()
-    main = ddp.is_main()
-    ddp.barrier()
-    ddp.shutdown()
-    if not main:
+        ),
+    )
+    if claimed is None:
         return 0
+    (_, r), replacement = claimed
     print(f"{args.dir} fine-tuned ({args.mode}): FLOPs -{100 * r['flops']['reduction']:.2f}%")
     print_outcome(r)
     write_report_quietly(args.out)
-    replacement.finish()  # type: ignore[union-attr]
+    replacement.finish()
     print(f"fine-tuning {r['seconds']['finetune']:.1f}s; run directory {args.out}")
     return 0
 
