@@ -21,7 +21,7 @@ from svdnas.lowrank.decompose import decompose
 from svdnas.lowrank.geometry import conv_weight
 from svdnas.lowrank.modules import LowRankBlock
 from svdnas.lowrank.spec import LowRankSpec
-from svdnas.lowrank.whiten import branch_weight, derive, whitened_svd
+from svdnas.lowrank.whiten import Whitening, branch_weight, derive, whitened_svd
 
 # "prefix": the search compares whitened factors; the chosen plan's layers are then fitted in order on
 # the compressed prefix's inputs, with their biases corrected (svdnas.surgery.prefix)
@@ -44,6 +44,9 @@ class Derivation:
     kind: str = "weight"
     stats: dict[str, PatchMoments] = field(default_factory=dict)
     damping: float = 1e-6
+    # the square roots of one layer's moments (the last layer asked for): the proxies, the supernet
+    # and the final model go layer by layer, each family of a layer sharing its unfolding's root
+    _whitenings: dict[tuple, Whitening] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -67,11 +70,22 @@ class Derivation:
             raise SpecError(f"the {self.kind!r} derivation has no calibration statistics for layer {name}")
         return self.stats[name]
 
+    def whitening(self, name: str, first_kernel: tuple[int, int], groups: int) -> Whitening:
+        """The :class:`~svdnas.lowrank.whiten.Whitening` of layer ``name``'s moment for that unfolding
+        and first-layer grouping, computed once while the layer is the one being worked on."""
+        key = (name, tuple(first_kernel), groups)
+        if key not in self._whitenings:
+            if any(k[0] != name for k in self._whitenings):
+                self._whitenings.clear()
+            self._whitenings[key] = Whitening(self._stats(name).moment(first_kernel, groups), self.damping)
+        return self._whitenings[key]
+
     def block(self, name: str, layer: nn.Module, specs: Sequence[LowRankSpec]) -> LowRankBlock:
         """``layer`` (dotted ``name``) as the low-rank block of ``specs``."""
         if self.plain:
             return decompose(layer, specs)
-        block = derive(layer, specs, self.factor_kind, self._stats(name), damping=self.damping)
+        block = derive(layer, specs, self.factor_kind, self._stats(name), damping=self.damping,
+                       whitening=lambda fk, g: self.whitening(name, fk, g))
         return block.to(dtype=layer.weight.dtype)
 
     def dense(self, name: str, layer: nn.Module, specs: Sequence[LowRankSpec]) -> Tensor:
@@ -79,7 +93,8 @@ class Derivation:
         weight = conv_weight(layer).detach()
         if self.plain or not specs:
             return F.branches_weight(weight, specs)
-        block = derive(layer, specs, self.factor_kind, self._stats(name), damping=self.damping)
+        block = derive(layer, specs, self.factor_kind, self._stats(name), damping=self.damping,
+                       whitening=lambda fk, g: self.whitening(name, fk, g))
         total = sum(branch_weight(b.first.weight, b.second.weight, b.spec, weight.shape) for b in block.branches)
         return total.to(weight.dtype)
 
@@ -92,7 +107,7 @@ class Derivation:
         if self.plain:
             return F.svd(weight, *family)
         fk, groups = family
-        u, s, vh = whitened_svd(weight.double(), family, self._stats(name).moment(fk, groups[0]), damping=self.damping)
+        u, s, vh = whitened_svd(weight.double(), family, self.whitening(name, fk, groups[0]))
         return F.SVDFactors(u.to(weight.dtype), s.to(weight.dtype), vh.to(weight.dtype))
 
 

@@ -22,7 +22,7 @@ weights exactly as for the data-free SVD.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,18 +68,39 @@ def _per_group(moment: Tensor, mats: Tensor) -> Tensor:
     return c.expand(mats.shape[0], -1, -1)
 
 
-def whitened_svd(weight: Tensor, family: F.Family, moment: Tensor, *, damping: float = 1e-6) -> F.SVDFactors:
+class Whitening:
+    """The damped square root L of a (g1, n, n) moment and its pseudo-inverse, computed once and shared
+    by every family (and every rank) that whitens by that moment."""
+
+    def __init__(self, moment: Tensor, damping: float = 1e-6) -> None:
+        c = moment.to(dtype=torch.float64)
+        self.root, self.inverse = _roots(c if c.dim() == 3 else c[None], damping)
+
+    def for_family(self, mats: Tensor) -> tuple[Tensor, Tensor]:
+        """(L, L^+) laid out for a family's (g, rows, n) matrices."""
+        root, inverse = self.root.to(mats.device), self.inverse.to(mats.device)
+        if root.shape[-1] != mats.shape[-1] or root.shape[0] not in (1, mats.shape[0]):
+            raise SpecError(
+                f"a moment of shape {tuple(root.shape)} does not fit this family's {mats.shape[0]} matrices of "
+                f"{mats.shape[-1]} columns: take it from the same first_kernel and first-layer groups"
+            )
+        return root.expand(mats.shape[0], -1, -1), inverse.expand(mats.shape[0], -1, -1)
+
+
+def whitened_svd(weight: Tensor, family: F.Family, moment: Tensor | Whitening, *, damping: float = 1e-6) -> F.SVDFactors:
     """Whitened SVD of every group of ``weight`` for ``family``; any rank is a prefix of it.
 
     Args:
         weight: (O, I, kh, kw).
         family: (first_kernel, groups).
         moment: E[p p^T] of the first layer's patches per first-layer group, (g1, n, n), as
-            :meth:`PatchMoments.moment(first_kernel, groups[0]) <PatchMoments.moment>` gives it.
+            :meth:`PatchMoments.moment(first_kernel, groups[0]) <PatchMoments.moment>` gives it, or
+            its :class:`Whitening` (then ``damping`` is the one it was made with).
         damping: lambda = damping * trace(C) / n added to C's diagonal.
     """
     mats = F.unfold(weight.detach().double(), *family)
-    root, inverse = _roots(_per_group(moment, mats), damping)
+    whitening = moment if isinstance(moment, Whitening) else Whitening(moment.to(mats.device), damping)
+    root, inverse = whitening.for_family(mats)
     u, s, vh = F.thin_svd(mats @ root)
     return F.SVDFactors(u, s, vh @ inverse)
 
@@ -373,6 +394,7 @@ def derive(
     damping: float = 1e-6,
     refit_iters: int = 4,
     bias_correction: bool = False,
+    whitening: Callable[[tuple[int, int], int], Whitening] | None = None,
 ) -> LowRankBlock:
     """Replace-ready low-rank version of ``layer``, its factors derived as ``derivation`` says.
 
@@ -386,6 +408,8 @@ def derive(
             every family's moment for "whitened", plus the full moment for "refit".
         bias_correction: add :func:`bias_shift` (from ``stats``' full patch mean) to the bias (a
             layer without one gets one).
+        whitening: (first_kernel, first-layer groups) -> the :class:`Whitening` of that moment, where
+            the caller keeps them (they are computed here otherwise).
 
     Raises:
         SpecError: for an unknown derivation, missing statistics or a spec that does not fit.
@@ -408,7 +432,8 @@ def derive(
         if derivation == "weight":
             factors = F.svd(residual, fk, groups)
         else:
-            factors = whitened_svd(residual, spec.family(), stats.moment(fk, groups[0]), damping=damping)
+            moment = whitening(fk, groups[0]) if whitening is not None else stats.moment(fk, groups[0])
+            factors = whitened_svd(residual, spec.family(), moment, damping=damping)
         w1, w2 = F.factor_weights(factors, spec, kernel)
         if derivation == "refit" and (fk != kernel or groups[0] > 1):
             w1, w2, _ = refit(residual, spec, stats.full_moment(), (w1, w2), iters=refit_iters)
@@ -465,6 +490,6 @@ def family_ranks_errors(weight: Tensor, family: F.Family, stats: PatchMoments, *
 
 
 __all__ = [
-    "DERIVATIONS", "bias_shift", "branch_weight", "derive", "derive_prefix", "family_ranks_errors",
+    "DERIVATIONS", "Whitening", "bias_shift", "branch_weight", "derive", "derive_prefix", "family_ranks_errors",
     "output_error", "prefix_svd", "rank_errors", "refit", "whitened_svd",
 ]
