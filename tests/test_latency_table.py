@@ -201,3 +201,30 @@ def test_a_cached_run_measures_only_the_whole_model_and_draws_the_same_noise(fak
     assert fake_timer.calls == 1 and second.table["measured"] == 0
     assert torch.equal(torch.rand(3), after_first)  # measuring or not leaves the search's random draws alike
     assert second.total == first.total and second.fixed == pytest.approx(first.total - sum(c.latency[0] for c in cands.values()))
+
+
+def test_the_report_measures_both_runtimes_and_says_when_the_model_is_slower():
+    from svdnas.report.build import latency_block
+    from svdnas.report.markdown import markdown as md
+
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1)).eval()
+    # the "compressed" model does far more work: slower in any runtime
+    big = nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), *[nn.Conv2d(64, 64, 3, padding=1) for _ in range(6)]).eval()
+    lat = latency_block(small, big, (1, 28, 28), "cpu", threads=1)
+    assert lat["runtime"] == "onnxruntime" and set(lat["runtimes"]) == {"torch", "onnxruntime"}
+    for fig in lat["runtimes"].values():
+        assert fig["compressed_ms"] > fig["original_ms"] and fig["reduction"] == pytest.approx(1 - fig["compressed_ms"] / fig["original_ms"])
+    assert lat["slower"] and lat["reduction"] == lat["runtimes"]["onnxruntime"]["reduction"]
+    report = {"method": "m", "model": "x", "flops": {"original": 2, "compressed": 1, "reduction": 0.5},
+              "params": {"original": 2, "compressed": 1, "reduction": 0.5}, "latency": lat}
+    assert md(report).count("slower than the original") == 2
+    faster = latency_block(big, small, (1, 28, 28), "cpu", threads=1, runtime="torch")
+    assert faster["runtime"] == "torch" and not faster["slower"] and faster["reduction"] == faster["runtimes"]["torch"]["reduction"]
+
+
+def test_the_latency_objective_refuses_an_onnx_runtime_table():
+    with pytest.raises(SpecError, match="--runtime torch"):
+        CompressConfig(reduction=0.3, objective="latency", runtime="onnxruntime")
+    with pytest.raises(SpecError, match="--runtime must be one of"):
+        CompressConfig(reduction=0.3, runtime="tvm")

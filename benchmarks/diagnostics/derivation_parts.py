@@ -6,7 +6,8 @@ on the whole test split.
 
 Rows: the weight's SVD (the paper's), whitened, whitened with bias correction, refit (exact output
 error where the second layer holds kernel dims), prefix without and with bias correction (each layer
-fitted on the inputs the compressed layers before it give it). The calibration images are the first
+fitted on the inputs the compressed layers before it give it), and prefix with the exact refit (alternating
+least squares on the true error where the pooled fit approximates it). The calibration images are the first
 --calibration-images of the search images compress draws with --seed. Writes
 benchmarks/results/derivation_parts/<model>_<run>.json.
 """
@@ -31,20 +32,21 @@ from svdnas.surgery.swap import apply_plan, set_submodule
 from svdnas.surgery.targets import select_targets
 from svdnas.surgery.trace import example_input, trace_layers
 
-PARTS = ("weight", "whitened", "whitened+bias", "refit", "prefix", "prefix+bias")
+PARTS = ("weight", "whitened", "whitened+bias", "refit", "refit+bias", "prefix", "prefix+bias", "prefix+bias+refit")
 
 
-def derived(model, plan: Plan, part: str, images: list[torch.Tensor], order: list[str]) -> torch.nn.Module:
+def derived(model, plan: Plan, part: str, images: list[torch.Tensor], order: list[str], refit_iters: int = 4) -> torch.nn.Module:
     if part == "weight":
         return apply_plan(copy.deepcopy(model), plan)
     if part.startswith("prefix"):
-        return fit_on_prefix(model, plan, order, images, "cpu", bias_correction=part.endswith("+bias")).model
+        return fit_on_prefix(model, plan, order, images, "cpu", bias_correction="+bias" in part,
+                             refit_iters=refit_iters if part.endswith("+refit") else 0).model
     kind = part.removesuffix("+bias")
     derivation = calibrate(model, kind, plan.compressed(), images, "cpu")
     out = copy.deepcopy(model)
     for name, specs in plan.compressed().items():
         layer = model.get_submodule(name)
-        block = derive(layer, specs, kind, derivation.stats[name], bias_correction=part.endswith("+bias"))
+        block = derive(layer, specs, kind, derivation.stats[name], bias_correction=part.endswith("+bias"), refit_iters=refit_iters)
         set_submodule(out, name, block.to(dtype=layer.weight.dtype))
     return out
 
@@ -55,6 +57,7 @@ def main() -> None:
     p.add_argument("--calibration-images", type=int, default=512)
     p.add_argument("--search-images", type=int, default=1000, help="compress's --search-images (the calibration images are their first ones)")
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--refit-iters", type=int, default=4, help="alternating steps of the refits (default 4)")
     args = p.parse_args()
     setup(args)
     model, info, data = model_and_data(args)
@@ -70,13 +73,13 @@ def main() -> None:
     rows = []
     for part in args.parts:
         t0 = time.perf_counter()
-        compressed = derived(model, plan, part, images, order)
+        compressed = derived(model, plan, part, images, order, args.refit_iters)
         seconds = time.perf_counter() - t0
         top1 = evaluate(compressed, data.test)["top1"]
         rows.append({"part": part, "top1": top1, "drop_pp": original - top1, "derive_seconds": seconds})
         print(f"{part:14s} top-1 {top1:6.2f}  drop {original - top1:6.2f}pp  ({seconds:.1f}s to derive)", flush=True)
     out = Path(args.out or result_path("derivation_parts", f"{short_name(info.spec)}_{Path(args.run).name}.json"))
-    meta = {"model": info.spec, "data": args.data, "run": str(args.run), "calibration_images": len(calibration),
+    meta = {"model": info.spec, "data": args.data, "run": str(args.run), "calibration_images": len(calibration), "refit_iters": args.refit_iters,
             "original_top1": original, "test_images": len(data.test), **stamp(args.threads)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "plan": plan.to_dict(), "rows": rows}, indent=1) + "\n")

@@ -285,6 +285,20 @@ def print_outcome(r: dict) -> None:
         print(f"top-1 agreement with the original on {f['images']} held-out synthetic images: {f['top1_agreement']:.2f}%")
 
 
+def print_latency(r: dict) -> None:
+    """The report's measured latency in one line, saying plainly when the compressed model is slower."""
+    lat = r.get("latency")
+    if not lat:
+        return
+    line = (f"latency ({lat['runtime']}, batch {lat['batch']}, {lat['threads']} threads): {lat['original_ms']:.3f} ms -> "
+            f"{lat['compressed_ms']:.3f} ms ({-100 * lat['reduction']:+.2f}%)")
+    if "predicted" in lat:
+        line += f"; predicted {-100 * lat['predicted']['reduction']:+.2f}%"
+    print(line)
+    if lat["slower"]:
+        print(f"note: the compressed model is slower than the original in {lat['runtime']} here")
+
+
 def write_report_quietly(out: str) -> None:
     from svdnas.report.plots import write_report
 

@@ -17,6 +17,7 @@ from svdnas.cli.common import (
     model_and_data,
     need,
     nested_of,
+    print_latency,
     print_outcome,
     run_claimed,
     write_report_quietly,
@@ -101,9 +102,7 @@ def run(args: argparse.Namespace) -> int:
         for b in ("b1", "b2"):
             x = r["branches"][b]
             print(f"  {b.upper()}: FLOPs -{100 * x['flops']['reduction']:.2f}%  top-1 drop {x['top1']['drop_pp']:.2f}pp")
-    if "predicted" in (r.get("latency") or {}):
-        lat = r["latency"]
-        print(f"latency -{100 * lat['reduction']:.2f}% measured at batch {lat['batch']} (predicted -{100 * lat['predicted']['reduction']:.2f}%)")
+    print_latency(r)
     write_report_quietly(args.out)
     replacement.finish()
     print(f"search {r['seconds']['search']:.1f}s, total {r['seconds']['total']:.1f}s; run directory {args.out}")

@@ -36,14 +36,18 @@ class Derivation:
         kind: ``weight`` (the paper's truncated SVD of the unfolded weight), ``whitened`` (the SVD of
             the weight times the square root of the input patches' second moment), ``refit``
             (whitened, then alternating least squares on the layer's true output error) or ``prefix``
-            (whitened here; the final model's layers are refitted on the compressed prefix).
+            (whitened here; the final model's layers are then fitted in order on the compressed
+            prefix's inputs, exactly where the pooled moments approximate, biases corrected).
         stats: per dotted layer name, its calibration moments (empty for ``weight``).
         damping: relative damping of the moments before their square roots are taken.
+        refit_iters: alternating least-squares steps of the exact refits (``refit``; ``prefix``'s fit of
+            the families whose pooled fit is an approximation).
     """
 
     kind: str = "weight"
     stats: dict[str, PatchMoments] = field(default_factory=dict)
     damping: float = 1e-6
+    refit_iters: int = 4
     # the square roots of one layer's moments (the last layer asked for): the proxies, the supernet
     # and the final model go layer by layer, each family of a layer sharing its unfolding's root
     _whitenings: dict[tuple, Whitening] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -84,7 +88,7 @@ class Derivation:
         """``layer`` (dotted ``name``) as the low-rank block of ``specs``."""
         if self.plain:
             return decompose(layer, specs)
-        block = derive(layer, specs, self.factor_kind, self._stats(name), damping=self.damping,
+        block = derive(layer, specs, self.factor_kind, self._stats(name), damping=self.damping, refit_iters=self.refit_iters,
                        whitening=lambda fk, g: self.whitening(name, fk, g))
         return block.to(dtype=layer.weight.dtype)
 

@@ -443,6 +443,22 @@ def derive(
     return _fill(layer, block, weights, shift)
 
 
+def prefix_target(weight: Tensor, stats: CrossMoments, *, damping: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """(W*, C): the dense weight that, applied to the compressed model's full patches, best reproduces
+    ``weight`` on the original ones, W* = W C_oc (C_cc + lambda I)^-1, and the damped C_cc, so that
+    E||W p_orig - W_hat p_comp||^2 = const + tr((W* - W_hat) C (W* - W_hat)^T): the exact refit of
+    W* under C is the exact prefix fit (``stats`` must hold the full moments: ``full=True``)."""
+    kernel = (weight.shape[2], weight.shape[3])
+    c_oc, c_cc = stats.cross(kernel)[0], stats.comp(kernel)[0]
+    n = c_cc.shape[0]
+    c_cc = (c_cc + c_cc.T) / 2
+    trace = float(c_cc.diagonal().sum())
+    c = c_cc + (damping * trace / n if trace > 0 else 1.0) * torch.eye(n, dtype=c_cc.dtype, device=c_cc.device)
+    m = weight.detach().double().to(c.device).reshape(weight.shape[0], -1)
+    target = torch.linalg.solve(c, (m @ c_oc).T).T  # C symmetric: (W C_oc) C^-1
+    return target.reshape(weight.shape), c
+
+
 @torch.no_grad()
 def derive_prefix(
     layer: nn.Module,
@@ -451,17 +467,21 @@ def derive_prefix(
     *,
     damping: float = 1e-6,
     bias_correction: bool | None = None,
+    refit_iters: int = 0,
 ) -> LowRankBlock:
     """Low-rank version of ``layer`` fitted to run on the compressed model's inputs (asymmetric fit).
 
     Exact (the least-squares optimum of the output error against the original layer on the original
     inputs) for a single branch with the whole kernel in the first layer and no first-layer groups;
-    other families use the pooled, per-group moments as :func:`whitened_svd` does.
+    other families use the pooled, per-group moments as :func:`whitened_svd` does, then, with
+    ``refit_iters``, alternating least squares on the exact error (:func:`prefix_target`, :func:`refit`).
 
     Args:
-        stats: the layer's inputs under both streams, with every family's moments.
+        stats: the layer's inputs under both streams, with every family's moments (and, for
+            ``refit_iters``, the full ones).
         bias_correction: shift the bias by W E[p_orig] - W_hat E[p_comp] (a layer without a bias gets
             one); None: only when the layer has a bias.
+        refit_iters: alternating steps of the exact refit for the families the pooled fit approximates.
     """
     specs = _specs(specs)
     check_layer_specs(layer, specs)
@@ -470,6 +490,7 @@ def derive_prefix(
     weight = conv_weight(layer).detach()
     kernel = (weight.shape[2], weight.shape[3])
     fitted = torch.zeros_like(weight, dtype=torch.float64)
+    exact = None
     weights = []
     for spec in specs:
         fk, groups = spec.family()
@@ -478,6 +499,11 @@ def derive_prefix(
             fitted=fitted if weights else None, damping=damping,
         )
         w1, w2 = F.factor_weights(factors, spec, kernel)
+        if refit_iters > 0 and (fk != kernel or groups[0] > 1):
+            if exact is None:
+                exact = prefix_target(weight, stats, damping=damping)
+            target, c = exact
+            w1, w2, _ = refit(target.to(fitted.device) - fitted, spec, c, (w1, w2), iters=refit_iters)
         weights.append((w1, w2))
         fitted += branch_weight(w1, w2, spec, weight.shape)
     shift = bias_shift(weight, fitted, *stats.full_means()) if correct else None
@@ -491,5 +517,5 @@ def family_ranks_errors(weight: Tensor, family: F.Family, stats: PatchMoments, *
 
 __all__ = [
     "DERIVATIONS", "Whitening", "bias_shift", "branch_weight", "derive", "derive_prefix", "family_ranks_errors",
-    "output_error", "prefix_svd", "rank_errors", "refit", "whitened_svd",
+    "output_error", "prefix_svd", "prefix_target", "rank_errors", "refit", "whitened_svd",
 ]

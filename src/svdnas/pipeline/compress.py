@@ -86,6 +86,7 @@ def _compress(model, data, config, input_shape, filter_fn, device, seed, out, re
     if not ddp.is_main():  # under torchrun, rank 0 evaluates and writes
         return CompressResult(compressed, searched.plan, {}, searched.history)
     timing = {"latency_batch": pruned.latency.table["batch"], "latency_threads": pruned.latency.table["threads"]} if pruned.latency else {}
+    timing["runtime"] = config.runtime or ("torch" if config.objective == "latency" else None)  # where its table measured
     report = stages.report(job, compressed, searched.plan, stages.search_header(job, config, searched.config), recovered, **timing)
     summary = stages.search_summary(job, config, pruned, searched, images)
     if "latency_predicted" in summary:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from svdnas.cost.table import LatencyConfig
+from svdnas.cost.timer import RUNTIMES
 from svdnas.errors import SpecError
 from svdnas.lowrank.derivation import KINDS as DERIVATIONS
 from svdnas.options import Config, option
@@ -85,6 +86,9 @@ class CompressConfig(Config):
     objective: str = option("flops", flag="--objective", choices=OBJECTIVES,
                             help="the cost to reduce (latency: measured on this machine's --device)")
     latency: LatencyConfig | None = None
+    runtime: str | None = option(None, flag="--runtime", choices=RUNTIMES,
+                                 help="where the report's latency leads from: onnxruntime (default when installed) or torch; "
+                                      "both are measured when installed")
     filter: str | None = option(None, flag="--filter", help="target layers: all-but-first, convs, pointwise, linear, "
                                 "convs+linear (default: the paper's for the model)")
     grid: tuple[float, float, float] | None = option(None, flag="--grid", parse=parse_grid, metavar="START:STOP[:STEP]",
@@ -118,6 +122,11 @@ class CompressConfig(Config):
     def __post_init__(self) -> None:
         if self.derivation not in DERIVATIONS:
             raise SpecError(f"--derivation must be one of {', '.join(DERIVATIONS)}, got {self.derivation!r}")
+        if self.runtime is not None and self.runtime not in RUNTIMES:
+            raise SpecError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if self.objective == "latency" and self.runtime == "onnxruntime":
+            raise SpecError("--objective latency measures its table in PyTorch (torch); ONNX Runtime tables are not built yet: "
+                            "pass --runtime torch or leave --runtime out")
         if self.calibration_images < 1:
             raise SpecError("--calibration-images must be positive")
         if self.mode not in MODES:

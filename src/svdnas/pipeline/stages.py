@@ -240,7 +240,8 @@ def derive_model(job: Job, plan: Plan, derivation: Derivation, calibration: torc
         raise SpecError("the prefix derivation needs calibration images")
     t0 = time.perf_counter()
     images = [x for x, _ in batches(calibration, 128)]
-    fit = fit_on_prefix(job.model, plan, job.targets, images, job.device, derivation, progress=job.ticker("prefix_fit"))
+    fit = fit_on_prefix(job.model, plan, job.targets, images, job.device, derivation, refit_iters=derivation.refit_iters,
+                        damping=derivation.damping, progress=job.ticker("prefix_fit"))
     job.seconds["prefix_fit"] = time.perf_counter() - t0
     block = {"images": fit.images, "seconds": job.seconds["prefix_fit"], "relative_output_error": fit.errors}
     job.calibration = (job.calibration or {}) | {"prefix_fit": block}

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from svdnas.cost.counting import count_params, layer_cost, model_macs
-from svdnas.cost.timer import torch_latency
+from svdnas.cost.timer import compare_latency, default_runtime, onnxruntime_available
 from svdnas.data.datasets import DataBundle
 from svdnas.data.evaluate import evaluate
 from svdnas.lowrank.plan import Plan
@@ -34,6 +34,7 @@ def build_report(
     latency_batch: int = 1,
     latency_threads: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    runtime: str | None = None,
 ) -> dict[str, Any]:
     """Costs, accuracies (whole test split), measured latency and the per-layer plan; ``header`` goes first.
 
@@ -41,6 +42,8 @@ def build_report(
         reference: the original model's accuracy on ``data.test`` if already measured.
         latency_batch: images per forward pass of the latency measurement (1: one request).
         latency_threads: CPU threads of the latency measurement (None: the current setting).
+        runtime: the runtime whose figures lead the latency block (None: ONNX Runtime when installed);
+            PyTorch eager and, when installed, ONNX Runtime are both measured.
         progress: called with ("evaluate", images done, images in all).
     """
     macs0, macs1 = model_macs(original, shape), model_macs(compressed, shape)
@@ -65,15 +68,7 @@ def build_report(
     else:
         report["top1"] = report["top5"] = None
     if latency:
-
-        # interleaved, so that load on a shared machine hits both alike
-        kw = {"batch": latency_batch, "threads": latency_threads, "device": device, "repeats": 10, "warmup": 3}
-        runs = [torch_latency(m, shape, **kw)["median_ms"] for _ in range(3) for m in (original, compressed)]
-        before, after = sorted(runs[0::2])[1], sorted(runs[1::2])[1]
-        report["latency"] = {
-            "engine": "pytorch", "device": torch.device(device).type, "batch": latency_batch, "threads": latency_threads or torch.get_num_threads(),
-            "original_ms": before, "compressed_ms": after, "reduction": 1 - after / before,
-        }
+        report["latency"] = latency_block(original, compressed, shape, device, latency_batch, latency_threads, runtime)
     layers = []
     for name, specs in plan.layers.items():
         layer = original.get_submodule(name)
@@ -88,3 +83,22 @@ def build_report(
     return report
 
 
+
+
+def latency_block(
+    original: nn.Module, compressed: nn.Module, shape: tuple[int, ...], device: torch.device | str, batch: int = 1,
+    threads: int | None = None, runtime: str | None = None,
+) -> dict[str, Any]:
+    """Both models' latency in PyTorch eager and, when installed, ONNX Runtime (interleaved rounds);
+    the block's top-level figures are ``runtime``'s, ``runtimes`` has each one measured."""
+    runtime = runtime or default_runtime()
+    measured = ["torch"] + (["onnxruntime"] if onnxruntime_available() else [])
+    if runtime not in measured:
+        measured.append(runtime)  # compare_latency names what is missing
+    runtimes = {
+        r: compare_latency(original, compressed, shape, r, batch=batch, threads=threads, device=device) for r in measured
+    }
+    return {
+        "runtime": runtime, "device": torch.device(device).type, "batch": batch, "threads": threads or torch.get_num_threads(),
+        **runtimes[runtime], "slower": runtimes[runtime]["reduction"] < 0, "runtimes": runtimes,
+    }

@@ -24,11 +24,14 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append(f"- params: {p['original'] / 1e6:.3f} M -> {p['compressed'] / 1e6:.3f} M (-{100 * p['reduction']:.2f}%)")
     if report.get("latency"):
         lat = report["latency"]
-        line = (f"- latency ({lat['device']}, batch {lat['batch']}, {lat['threads']} threads): {lat['original_ms']:.3f} ms -> "
-                f"{lat['compressed_ms']:.3f} ms ({-100 * lat['reduction']:+.2f}%)")
-        if "predicted" in lat:
-            line += f"; the lookup table predicted {-100 * lat['predicted']['reduction']:+.2f}%"
-        lines.append(line)
+        for name, fig in lat.get("runtimes", {lat.get("runtime", "torch"): lat}).items():
+            line = (f"- latency in {name} ({lat['device']}, batch {lat['batch']}, {lat['threads']} threads): {fig['original_ms']:.3f} ms -> "
+                    f"{fig['compressed_ms']:.3f} ms ({-100 * fig['reduction']:+.2f}%)")
+            if fig["reduction"] < 0:
+                line += ": **slower than the original**"
+            if "predicted" in lat and name == lat.get("runtime"):
+                line += f"; the lookup table predicted {-100 * lat['predicted']['reduction']:+.2f}%"
+            lines.append(line)
     if report.get("top1"):
         t = report["top1"]
         lines.append(f"- top-1: {t['original']:.2f}% -> {t['compressed']:.2f}% (drop {t['drop_pp']:.2f}pp)")

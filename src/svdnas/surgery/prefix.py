@@ -80,6 +80,7 @@ def fit_on_prefix(
     derivation: Derivation | None = None,
     *,
     bias_correction: bool = True,
+    refit_iters: int = 0,
     damping: float = 1e-6,
     progress: Callable[[int, int], None] | None = None,
 ) -> PrefixFit:
@@ -91,6 +92,8 @@ def fit_on_prefix(
         derivation: the factors the errors are compared against (the search's); None: the weight's SVD.
         bias_correction: shift each block's bias by the change of its output's mean (a layer with no
             bias gets one).
+        refit_iters: alternating least-squares steps on the exact error for the families whose
+            second layer holds kernel dimensions or whose first is grouped (0: the pooled fit only).
     """
     derivation = derivation or Derivation()
     was_training = original.training
@@ -104,11 +107,11 @@ def fit_on_prefix(
             layer = original.get_submodule(name)
             x_orig = layer_inputs(original, name, batches, device)
             x_comp = layer_inputs(compressed, name, batches, device)
-            stats = CrossMoments(layer, needed_families(specs))
+            stats = CrossMoments(layer, needed_families(specs), full=refit_iters > 0)
             for xo, xc in zip(x_orig, x_comp):
                 stats.update(xo, xc)
             try:
-                fitted = derive_prefix(layer, specs, stats, damping=damping, bias_correction=bias_correction)
+                fitted = derive_prefix(layer, specs, stats, damping=damping, bias_correction=bias_correction, refit_iters=refit_iters)
             except SpecError as e:
                 raise SpecError(f"layer {name}: {e}") from e
             fitted = fitted.to(dtype=layer.weight.dtype).eval()
