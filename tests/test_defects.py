@@ -165,7 +165,7 @@ def test_compress_with_whitened_factors_uses_them_in_the_final_model(trained_tin
     for a, b in zip(got.parameters(), expected.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     plain = compress(model, data, CompressConfig(reduction=0.3, search_images=100, proxy_images=32, families=2, proxy_drop=0,
-                                                 search=SearchConfig(epochs=1, target=0.5)), filter_fn="convs", seed=0)
+                                                 derivation="weight", search=SearchConfig(epochs=1, target=0.5)), filter_fn="convs", seed=0)
     assert "calibration" not in plain.report and plain.report["derivation"] == "weight"
 
 

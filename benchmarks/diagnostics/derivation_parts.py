@@ -53,7 +53,8 @@ def derived(model, plan: Plan, part: str, images: list[torch.Tensor], order: lis
 
 def main() -> None:
     p = parser(__doc__, out="JSON to write (default benchmarks/results/derivation_parts/<model>_<run>.json)")
-    p.add_argument("--run", required=True, help="a run directory whose plan.json is derived again")
+    p.add_argument("--run", required=True, help="a run directory whose plan.json is derived again, or a plan.json (or this "
+                                                "script's own JSON, which holds the plan it derived)")
     p.add_argument("--calibration-images", type=int, default=512)
     p.add_argument("--search-images", type=int, default=1000, help="compress's --search-images (the calibration images are their first ones)")
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
@@ -62,7 +63,9 @@ def main() -> None:
     setup(args)
     model, info, data = model_and_data(args)
     model.eval()
-    plan = Plan.from_dict(json.loads((Path(args.run) / "plan.json").read_text()))
+    source = Path(args.run) / "plan.json" if Path(args.run).is_dir() else Path(args.run)
+    loaded = json.loads(source.read_text())
+    plan = Plan.from_dict(loaded.get("plan", loaded))
     infos = trace_layers(model, example_input(model, info.input_shape))
     order = [n for n in infos if n in plan.layers]  # forward order
     assert set(select_targets(model, infos, info.default_filter)[0]) >= set(plan.compressed())
@@ -78,7 +81,7 @@ def main() -> None:
         top1 = evaluate(compressed, data.test)["top1"]
         rows.append({"part": part, "top1": top1, "drop_pp": original - top1, "derive_seconds": seconds})
         print(f"{part:14s} top-1 {top1:6.2f}  drop {original - top1:6.2f}pp  ({seconds:.1f}s to derive)", flush=True)
-    out = Path(args.out or result_path("derivation_parts", f"{short_name(info.spec)}_{Path(args.run).name}.json"))
+    out = Path(args.out or result_path("derivation_parts", f"{short_name(info.spec)}_{Path(args.run).stem}.json"))
     meta = {"model": info.spec, "data": args.data, "run": str(args.run), "calibration_images": len(calibration), "refit_iters": args.refit_iters,
             "original_top1": original, "test_images": len(data.test), **stamp(args.threads)}
     out.parent.mkdir(parents=True, exist_ok=True)

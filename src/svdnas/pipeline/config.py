@@ -112,7 +112,7 @@ class CompressConfig(Config):
                                         help="reuse synthetic images written by `svdnas synth` (a .safetensors file)")
     synth_val: int = option(128, flag="--synth-val", help="synthetic images held out to steer the schedule")
     synth_test: int = option(256, flag="--synth-test", help="synthetic images held out for the fidelity figure")
-    derivation: str = option("weight", flag="--derivation", choices=DERIVATIONS,
+    derivation: str = option("prefix", flag="--derivation", choices=DERIVATIONS,
                              help="how each candidate's factors are derived: weight (the paper's SVD of the weight), "
                                   "whitened or refit (fitted to the layer's output on calibration images), "
                                   "prefix (whitened, then each layer refitted on the compressed layers before it)")
