@@ -53,7 +53,13 @@ from svdnas.search import SearchConfig, grid_candidates, window_dtype
 from svdnas.search.branch import search_branch
 from svdnas.search.budget import cheapest_total, check_budget, rank_one_reach
 from svdnas.search.candidates import LayerCandidates, limit_groups
-from svdnas.search.latency_costs import LatencyCosts, attach_latency, attach_second_branch, predicted_report
+from svdnas.search.latency_costs import (
+    LatencyCosts,
+    attach_latency,
+    attach_second_branch,
+    drop_slower,
+    predicted_report,
+)
 from svdnas.search.output_proxy import keep_families
 from svdnas.search.pruning import accuracy_prune, proxy_errors
 from svdnas.search.residual import second_branch_candidates
@@ -268,6 +274,7 @@ def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidate
     if config.objective == "latency":
         t0 = time.perf_counter()
         latency_costs = attach_latency(model, job.shape, candidates, LatencyTable(job.device, config.latency))
+        latency_costs.table["slower_dropped"] = drop_slower(candidates)
         total = latency_costs.total
         job.seconds["latency_table"] = time.perf_counter() - t0
 

@@ -91,6 +91,21 @@ def attach_latency(model: nn.Module, input_shape: Sequence[int], candidates: dic
     return LatencyCosts((rest + targets) * NS_PER_MS, rest * NS_PER_MS, whole, targets, summary)
 
 
+def drop_slower(candidates: dict[str, LayerCandidates]) -> int:
+    """Remove, in place, every candidate the table measures no faster than its original layer (the
+    original itself is always offered); the number removed."""
+    removed = 0
+    for name, cands in list(candidates.items()):
+        if cands.latency is None:
+            continue
+        faster = {s for s, t in zip(cands.specs, cands.latency[1:]) if t < cands.latency[0]}
+        removed += len(cands.specs) - len(faster)
+        candidates[name] = cands.subset(lambda spec, keep=faster: spec in keep)
+    if removed:
+        log.info("latency table: %d candidates measured no faster than their original layer are not offered", removed)
+    return removed
+
+
 def _cost_of(cands: LayerCandidates, specs: Sequence[LowRankSpec]) -> float | None:
     options = _candidate_specs(cands)
     return cands.cost("latency")[options.index(list(specs))] if list(specs) in options else None
