@@ -53,6 +53,10 @@ def test_export_and_latency_commands(tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["pytorch"]["median_ms"] > 0 and out["onnxruntime"]["median_ms"] > 0
     assert out["pytorch"]["p10_ms"] <= out["pytorch"]["median_ms"] <= out["pytorch"]["p90_ms"]
+    r = run_cli("latency", tmp_path / "run", "--runtime", "onnxruntime", "--repeats", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    only = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "pytorch" not in only and only["onnxruntime"]["median_ms"] > 0
 
 
 def test_measure_and_missing_onnx(monkeypatch):

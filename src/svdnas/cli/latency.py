@@ -17,6 +17,8 @@ TIMING = {k: p.default for k, p in inspect.signature(measure).parameters.items()
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("latency", help="measured inference latency (median of repeated runs)")
     add_model_args(p)
+    p.add_argument("--runtime", choices=("onnxruntime", "torch"), default=None,
+                   help="measure in this runtime only (default: PyTorch, and ONNX Runtime with --onnx)")
     p.add_argument("--onnx", action="store_true", help="also measure ONNX Runtime")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the process's)")
     p.add_argument("--batch", type=int, default=1, help="images per run (default 1: one request)")
@@ -34,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
     model, info = load_model(args.model, args.weights, allow_code=args.allow_code)
     shape = input_shape(args, info, None)
     kw = {"batch": args.batch, "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats}
-    result = {"model": info.spec, "batch": args.batch, "threads": args.threads or torch.get_num_threads(), "pytorch": torch_latency(model, shape, **kw)}
-    if args.onnx:
+    result = {"model": info.spec, "batch": args.batch, "threads": args.threads or torch.get_num_threads()}
+    if args.runtime in (None, "torch"):
+        result["pytorch"] = torch_latency(model, shape, **kw)
+    if args.runtime == "onnxruntime" or (args.runtime is None and args.onnx):
         result["onnxruntime"] = onnx_latency(model, shape, **kw)
     for engine in ("pytorch", "onnxruntime"):
         if engine in result and not args.json:
