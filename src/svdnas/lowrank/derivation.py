@@ -99,7 +99,8 @@ class Derivation:
             return F.branches_weight(weight, specs)
         block = derive(layer, specs, self.factor_kind, self._stats(name), damping=self.damping,
                        whitening=lambda fk, g: self.whitening(name, fk, g))
-        total = sum(branch_weight(b.first.weight, b.second.weight, b.spec, weight.shape) for b in block.branches)
+        with torch.no_grad():  # a constant of the second search, as the weight derivation's is
+            total = sum(branch_weight(b.first.weight, b.second.weight, b.spec, weight.shape) for b in block.branches)
         return total.to(weight.dtype)
 
     def factors(self, name: str, weight: Tensor, family: F.Family) -> F.SVDFactors:
