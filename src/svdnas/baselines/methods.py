@@ -125,6 +125,21 @@ def _fgroup_reach(layers: list[_Layer]) -> float:
     return max((layer.max_rank / layer.pattern_rank for layer in layers), default=1.0)
 
 
+def _threshold_rule(ratios: dict[str, torch.Tensor]) -> Callable[[_Layer, float], int]:
+    """Keep rank k of a layer while its (descending) ratio is at least lambda; the knob moves lambda
+    log-linearly from the largest first ratio in the model (rank 1 everywhere) to the smallest last one
+    (full rank)."""
+    logs = {name: r.clamp_min(1e-300).log() for name, r in ratios.items()}
+    top = max(r[0].item() for r in logs.values())
+    bottom = min(r[-1].item() for r in logs.values())
+
+    def rule(layer: _Layer, t: float) -> int:
+        log_lam = top + t * (bottom - top)
+        return max(1, int((logs[layer.name] >= log_lam - 1e-9).sum()))
+
+    return rule
+
+
 def _rank_rule(method: str, layers: list[_Layer], macs0: dict[str, float]) -> Callable[[_Layer, float], int]:
     """knob in [0, 1] -> rank; non-decreasing in the knob for every method."""
     if method == "uniform":
@@ -140,28 +155,11 @@ def _rank_rule(method: str, layers: list[_Layer], macs0: dict[str, float]) -> Ca
     if method == "lrs2":
         # keep sigma_k^2 >= lambda * (the layer's MACs); the knob moves lambda log-linearly from
         # the largest ratio in the model (rank 1 everywhere) to the smallest (full rank)
-        ratios = {layer.name: (layer.sigma2 / macs0[layer.name]).clamp_min(1e-300).log() for layer in layers}
-        top = max(r[0].item() for r in ratios.values())
-        bottom = min(r[-1].item() for r in ratios.values())
-
-        def lrs2(layer: _Layer, t: float) -> int:
-            log_lam = top + t * (bottom - top)
-            return max(1, int((ratios[layer.name] >= log_lam - 1e-9).sum()))
-
-        return lrs2
+        return _threshold_rule({layer.name: layer.sigma2 / macs0[layer.name] for layer in layers})
     if method == "balf":
         # keep rank k while its share of the layer's energy per unit of cost is at least lambda; the
         # knob moves lambda log-linearly from the largest such ratio (rank 1 everywhere) to the smallest
-        ratios = {layer.name: (layer.sigma2 / layer.sigma2.sum().clamp_min(1e-300) / max(layer.unit, 1e-30)).clamp_min(1e-300).log()
-                  for layer in layers}
-        top = max(r[0].item() for r in ratios.values())
-        bottom = min(r[-1].item() for r in ratios.values())
-
-        def balf(layer: _Layer, t: float) -> int:
-            log_lam = top + t * (bottom - top)
-            return max(1, int((ratios[layer.name] >= log_lam - 1e-9).sum()))
-
-        return balf
+        return _threshold_rule({layer.name: layer.sigma2 / layer.sigma2.sum().clamp_min(1e-300) / max(layer.unit, 1e-30) for layer in layers})
     if method == "fgroup":
         # one factor, knob x reach, scales every published rank; knob 1 puts each layer at its full rank
         reach = _fgroup_reach(layers)

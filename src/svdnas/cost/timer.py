@@ -54,16 +54,7 @@ def torch_latency(
 
 def onnx_latency(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, threads: int | None = None, **kw: Any) -> dict[str, float]:
     """Latency of ``model`` exported to ONNX and run by ONNX Runtime on the CPU (``model`` itself is not moved)."""
-    _, ort = require_onnx()
-    x = torch.randn(batch, *input_shape)
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(onnx_bytes(model, x, dynamic_batch=False), opts, providers=["CPUExecutionProvider"])
-    feed = {"input": x.numpy()}
-    return measure(lambda: session.run(None, feed), **kw)
-
+    return measure(_runner(model, input_shape, "onnxruntime", batch, torch.device("cpu"), threads), **kw)
 
 RUNTIMES = ("onnxruntime", "torch")
 
