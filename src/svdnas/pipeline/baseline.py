@@ -73,10 +73,12 @@ def run_baseline(
     chosen = None
     tried: dict[str, float] = {}
     notes: dict[str, dict[str, Any]] = {}
+    calibrations: dict[str, Any] = {}  # per split: its statistics and prefix fit, for the report
     for sp in splits:
         plan, notes[sp] = plan_and_notes(method, job.model, job.infos, job.targets, reduction, total, sp, objective, spectra)
         derived = spectra if kind == "weight" or method in SPECTRAL else stages.calibrate(job, kind, plan.compressed(), calibration)
         compressed = stages.derive_model(job, plan, derived, calibration)
+        calibrations[sp] = job.calibration
         if len(splits) > 1:
             subset, _ = search_subset(data.train, search_images, seed)
             tried[sp] = evaluate(compressed, subset, job.device)["top1"]
@@ -91,8 +93,8 @@ def run_baseline(
               "objective": objective, "seed": seed, "reduction_target": reduction, "split": sp, "derivation": kind}
     report = stages.report(job, compressed, plan, header)
     report["method_choices"] = notes[sp]
-    if job.calibration is not None:
-        report["calibration"] = job.calibration
+    if calibrations.get(sp) is not None:
+        report["calibration"] = calibrations[sp]
     if tried:
         report["split_search"] = {"search_images": search_images, "top1_on_search_images": tried}
     stages.finish(job, report)
