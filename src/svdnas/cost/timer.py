@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,33 +29,33 @@ def measure(fn: Callable[[], object], warmup: int = 5, repeats: int = 30) -> dic
     return {"median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1], "min_ms": min(times), "repeats": repeats}
 
 
+@contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` (None: left as they are) for the block, then restored;
+    inference mode inside it."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def torch_latency(
     model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, threads: int | None = None,
     device: torch.device | str = "cpu", **kw: Any,
 ) -> dict[str, float]:
     """Latency of ``model`` on ``device`` (a copy runs there: ``model`` is not moved); on CUDA each run waits for the GPU."""
-    device = torch.device(device)
-    model = copy.deepcopy(model).eval().to(device)
-    x = torch.randn(batch, *input_shape, device=device)
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-
-    def run() -> None:
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    try:
-        with torch.inference_mode():
-            return measure(run, **kw)
-    finally:
-        torch.set_num_threads(old)
+    with _threads(threads):
+        return measure(_runner(model, input_shape, "torch", batch, torch.device(device), threads), **kw)
 
 
 def onnx_latency(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, threads: int | None = None, **kw: Any) -> dict[str, float]:
     """Latency of ``model`` exported to ONNX and run by ONNX Runtime on the CPU (``model`` itself is not moved)."""
     return measure(_runner(model, input_shape, "onnxruntime", batch, torch.device("cpu"), threads), **kw)
+
 
 RUNTIMES = ("onnxruntime", "torch")
 
@@ -92,9 +93,8 @@ def _runner(model: nn.Module, input_shape: tuple[int, ...], runtime: str, batch:
     copied = copy.deepcopy(model).eval().to(device)
     x = torch.randn(batch, *input_shape, device=device)
 
-    def run() -> None:
-        with torch.inference_mode():
-            copied(x)
+    def run() -> None:  # timed inside _threads, in inference mode
+        copied(x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -114,16 +114,11 @@ def compare_latency(
     if runtime not in RUNTIMES:
         raise SvdnasError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     device = torch.device(device)
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         runs = [_runner(m, input_shape, runtime, batch, device, threads) for m in (original, compressed)]
         medians: list[list[float]] = [[], []]
         for _ in range(rounds):
             for k, fn in enumerate(runs):
                 medians[k].append(measure(fn, warmup=warmup, repeats=repeats)["median_ms"])
-    finally:
-        torch.set_num_threads(old)
     before, after = (sorted(m)[len(m) // 2] for m in medians)
     return {"original_ms": before, "compressed_ms": after, "reduction": 1 - after / before}

@@ -41,14 +41,21 @@ DERIVATIONS = ("weight", "whitened", "refit")
 _DENSE_SOLVE_MAX = 3000  # unknowns of the first-layer step solved directly; above, preconditioned CG
 
 
-def _roots(c: Tensor, damping: float) -> tuple[Tensor, Tensor]:
-    """(L, L^+) per matrix of a batch (b, n, n) of moments, L L^T = C + lambda I with lambda =
-    damping * trace / n (1 for an all-zero moment); eigenvalues at rounding level are dropped."""
+def _damped(c: Tensor, damping: float) -> Tensor:
+    """A batch (b, n, n) of moments symmetrised, plus lambda I with lambda = damping * trace / n (1 for
+    an all-zero moment)."""
     n = c.shape[-1]
     c = (c + c.transpose(-2, -1)) / 2
     trace = c.diagonal(dim1=-2, dim2=-1).sum(-1)
     lam = torch.where(trace > 0, damping * trace / n, torch.ones_like(trace))
-    e, q = torch.linalg.eigh(c + lam[:, None, None] * torch.eye(n, dtype=c.dtype, device=c.device))
+    return c + lam[:, None, None] * torch.eye(n, dtype=c.dtype, device=c.device)
+
+
+def _roots(c: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """(L, L^+) per matrix of a batch (b, n, n) of moments, L L^T = :func:`_damped` C; eigenvalues at
+    rounding level are dropped."""
+    n = c.shape[-1]
+    e, q = torch.linalg.eigh(_damped(c, damping))
     live = e > e.amax(-1, keepdim=True) * n * torch.finfo(c.dtype).eps
     root = e.clamp_min(0).sqrt()
     inv = torch.where(live, 1 / torch.where(live, root, torch.ones_like(root)), torch.zeros_like(root))
@@ -78,13 +85,7 @@ class Whitening:
 
     def for_family(self, mats: Tensor) -> tuple[Tensor, Tensor]:
         """(L, L^+) laid out for a family's (g, rows, n) matrices."""
-        root, inverse = self.root.to(mats.device), self.inverse.to(mats.device)
-        if root.shape[-1] != mats.shape[-1] or root.shape[0] not in (1, mats.shape[0]):
-            raise SpecError(
-                f"a moment of shape {tuple(root.shape)} does not fit this family's {mats.shape[0]} matrices of "
-                f"{mats.shape[-1]} columns: take it from the same first_kernel and first-layer groups"
-            )
-        return root.expand(mats.shape[0], -1, -1), inverse.expand(mats.shape[0], -1, -1)
+        return _per_group(self.root, mats), _per_group(self.inverse, mats)
 
 
 def whitened_svd(weight: Tensor, family: F.Family, moment: Tensor | Whitening, *, damping: float = 1e-6) -> F.SVDFactors:
@@ -449,11 +450,7 @@ def prefix_target(weight: Tensor, stats: CrossMoments, *, damping: float = 1e-6)
     E||W p_orig - W_hat p_comp||^2 = const + tr((W* - W_hat) C (W* - W_hat)^T): the exact refit of
     W* under C is the exact prefix fit (``stats`` must hold the full moments: ``full=True``)."""
     kernel = (weight.shape[2], weight.shape[3])
-    c_oc, c_cc = stats.cross(kernel)[0], stats.comp(kernel)[0]
-    n = c_cc.shape[0]
-    c_cc = (c_cc + c_cc.T) / 2
-    trace = float(c_cc.diagonal().sum())
-    c = c_cc + (damping * trace / n if trace > 0 else 1.0) * torch.eye(n, dtype=c_cc.dtype, device=c_cc.device)
+    c_oc, c = stats.cross(kernel)[0], _damped(stats.comp(kernel), damping)[0]
     m = weight.detach().double().to(c.device).reshape(weight.shape[0], -1)
     target = torch.linalg.solve(c, (m @ c_oc).T).T  # C symmetric: (W C_oc) C^-1
     return target.reshape(weight.shape), c

@@ -68,7 +68,8 @@ def run_baseline(
     calibration = search_subset(data.train, calibration_images, seed)[0] if kind != "weight" else None
     spectra = Derivation()
     if kind != "weight" and method in SPECTRAL:  # the ranks follow the derivation's spectra: statistics first
-        families = {n: [s for sp in splits for s in split_specs([n], job.model, sp)[n]] for n in job.targets}
+        per_split = [split_specs(job.targets, job.model, sp) for sp in splits]
+        families = {n: [s for specs in per_split for s in specs[n]] for n in job.targets}
         spectra = stages.calibrate(job, kind, families, calibration)
     chosen = None
     tried: dict[str, float] = {}

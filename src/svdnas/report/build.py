@@ -83,8 +83,6 @@ def build_report(
     return report
 
 
-
-
 def latency_block(
     original: nn.Module, compressed: nn.Module, shape: tuple[int, ...], device: torch.device | str, batch: int = 1,
     threads: int | None = None, runtime: str | None = None,
