@@ -43,10 +43,12 @@ def proxy_errors(
         if saved.get("names") == names and saved.get("kept") == kept and saved.get("derivation", "weight") == kind and saved.get("objective", objective) == objective:
             log.info("output-error proxy: reusing %s", checkpoint)
             return {n: {_tuples(f): e for f, e in saved["errors"][n]} for n in names}
-    inputs = capture_inputs(model, names, proxy_set, device)
+    # an output-aware derivation reads the errors from its spectra: no image is needed
+    measured = derivation is None or derivation.plain
+    inputs = capture_inputs(model, names, proxy_set, device) if measured else {}
     errors = {}
     for i, name in enumerate(names):
-        errors[name] = output_errors(model.get_submodule(name), inputs.pop(name), candidates[name], kept, derivation, objective)
+        errors[name] = output_errors(model.get_submodule(name), inputs.pop(name, None), candidates[name], kept, derivation, objective)
         if progress is not None:
             progress("proxy", i + 1, len(names))
     if checkpoint is not None and ddp.is_main():
