@@ -393,3 +393,25 @@ def test_hook_feeds_the_layer_inputs():
     ref.update(model[0](x).detach())
     torch.testing.assert_close(stats.moment((1, 3)), ref.moment((1, 3)))
     assert stats.count == ref.count
+
+
+def test_whitening_roots_are_kept_across_layers_within_their_budget(monkeypatch):
+    from svdnas.lowrank import derivation as dv
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1)).double()
+    specs = {"0": [LowRankSpec((3, 1), (1, 1), 2)], "2": [LowRankSpec((3, 1), (1, 1), 2)]}
+    made = []
+    real = dv.Whitening
+    monkeypatch.setattr(dv, "Whitening", lambda *a, **k: made.append(1) or real(*a, **k))
+    derivation = dv.calibrate(model, "whitened", specs, [correlated(4, 3, (6, 6))], "cpu")
+    for _ in range(2):  # two stages over the same layers: each root computed once
+        for name in specs:
+            derivation.whitening(name, (3, 1), 1)
+    assert len(made) == 2
+    derivation.whitening_bytes = 1  # a budget below one root: only the last one asked for is kept
+    for name in specs:
+        derivation.whitening(name, (3, 1), 1)
+    assert len(made) == 3 and len(derivation._whitenings) == 1  # "0" was held; asking for it let "2" go
+    derivation.whitening("0", (3, 1), 1)
+    assert len(made) == 4

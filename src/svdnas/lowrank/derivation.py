@@ -48,8 +48,10 @@ class Derivation:
     stats: dict[str, PatchMoments] = field(default_factory=dict)
     damping: float = 1e-6
     refit_iters: int = 4
-    # the square roots of one layer's moments (the last layer asked for): the proxies, the supernet
-    # and the final model go layer by layer, each family of a layer sharing its unfolding's root
+    # the square roots of the moments, kept (most recently used last) up to ``whitening_bytes``: the
+    # proxies, the supernet and the final model each go layer by layer over the same unfoldings, and
+    # an eigendecomposition of a 2304-column moment takes seconds
+    whitening_bytes: int = 1 << 30
     _whitenings: dict[tuple, Whitening] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -76,13 +78,16 @@ class Derivation:
 
     def whitening(self, name: str, first_kernel: tuple[int, int], groups: int) -> Whitening:
         """The :class:`~svdnas.lowrank.whiten.Whitening` of layer ``name``'s moment for that unfolding
-        and first-layer grouping, computed once while the layer is the one being worked on."""
+        and first-layer grouping, computed once while the cache (``whitening_bytes``) can hold it."""
         key = (name, tuple(first_kernel), groups)
-        if key not in self._whitenings:
-            if any(k[0] != name for k in self._whitenings):
-                self._whitenings.clear()
-            self._whitenings[key] = Whitening(self._stats(name).moment(first_kernel, groups), self.damping)
-        return self._whitenings[key]
+        found = self._whitenings.pop(key, None) or Whitening(self._stats(name).moment(first_kernel, groups), self.damping)
+        held = found.nbytes()
+        for old in list(self._whitenings):  # the least recently used go first
+            if held + sum(w.nbytes() for w in self._whitenings.values()) <= self.whitening_bytes:
+                break
+            del self._whitenings[old]
+        self._whitenings[key] = found
+        return found
 
     def block(self, name: str, layer: nn.Module, specs: Sequence[LowRankSpec]) -> LowRankBlock:
         """``layer`` (dotted ``name``) as the low-rank block of ``specs``."""

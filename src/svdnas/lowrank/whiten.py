@@ -83,6 +83,9 @@ class Whitening:
         c = moment.to(dtype=torch.float64)
         self.root, self.inverse = _roots(c if c.dim() == 3 else c[None], damping)
 
+    def nbytes(self) -> int:
+        return self.root.numel() * self.root.element_size() + self.inverse.numel() * self.inverse.element_size()
+
     def for_family(self, mats: Tensor) -> tuple[Tensor, Tensor]:
         """(L, L^+) laid out for a family's (g, rows, n) matrices."""
         return _per_group(self.root, mats), _per_group(self.inverse, mats)
@@ -218,8 +221,20 @@ def output_error(weight: Tensor, approx: Tensor, full_moment: Tensor) -> float:
 
 
 def _psd_solve(h: Tensor, rhs: Tensor) -> Tensor:
-    """Minimum-norm solution of h x = rhs (columns of rhs) for a symmetric PSD h."""
-    e, q = torch.linalg.eigh((h + h.T) / 2)
+    """Solution of h x = rhs (columns of rhs) for a symmetric PSD h: by Cholesky with a jitter at
+    rounding level (n * eps * 10 of the largest diagonal entry) where that factorisation exists, else
+    the minimum-norm solution from the eigendecomposition, dropping eigenvalues at that level."""
+    h = (h + h.T) / 2
+    n = h.shape[0]
+    jitter = h.diagonal().amax().clamp_min(0) * n * torch.finfo(h.dtype).eps * 10
+    chol, info = torch.linalg.cholesky_ex(h + jitter * torch.eye(n, dtype=h.dtype, device=h.device))
+    if int(info) == 0 and bool(torch.isfinite(chol).all()):
+        return torch.cholesky_solve(rhs, chol)
+    return _eigen_solve(h, rhs)
+
+
+def _eigen_solve(h: Tensor, rhs: Tensor) -> Tensor:
+    e, q = torch.linalg.eigh(h)
     live = e > e.amax().clamp_min(0) * h.shape[0] * torch.finfo(h.dtype).eps * 10
     inv = torch.where(live, 1 / torch.where(live, e, torch.ones_like(e)), torch.zeros_like(e))
     return q @ (inv[:, None] * (q.T @ rhs))
