@@ -147,3 +147,27 @@ def test_the_exact_refit_lowers_the_prefix_error_where_the_pooled_fit_approximat
     # first layers agree, so compare layer 0 (same inputs) and the errors each run reports
     assert exact.errors["0"]["fitted"] < 0.99 * pooled.errors["0"]["fitted"]
     assert exact.errors["3"]["fitted"] < pooled.errors["3"]["fitted"]
+
+
+def test_one_pass_per_batch_fits_as_a_pass_per_layer_does(monkeypatch):
+    """The lockstep passes (each batch's forward paused at every layer of the plan) give the same fit
+    as the forward pass per layer they replace, and the fallback is taken where the order differs."""
+    from svdnas.surgery import prefix
+
+    model, x = net(), images()
+    batches = [x[:10], x[10:]]
+    calls = []
+    real = prefix.layer_inputs
+    monkeypatch.setattr(prefix, "layer_inputs", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    fast = fit_on_prefix(model, PLAN, NAMES, batches, "cpu", damping=1e-12, refit_iters=2)
+    assert calls == []  # no pass per layer
+    slow = prefix._fit(model, PLAN, NAMES, batches, "cpu", lockstep=False, derivation=prefix.Derivation(), bias_correction=True,
+                       refit_iters=2, damping=1e-12, progress=None)
+    for a, b in zip(fast.model.parameters(), slow[0].parameters()):
+        torch.testing.assert_close(a, b)
+    for name in NAMES:
+        assert fast.errors[name] == pytest.approx(slow[1][name])
+    assert not any(isinstance(m, prefix._Gate) for m in fast.model.modules()) and not any(isinstance(m, prefix._Gate) for m in model.modules())
+    # the plan's order against the forward pass's: the lockstep notices and the fit falls back
+    backwards = fit_on_prefix(model, PLAN, NAMES[::-1], batches, "cpu", damping=1e-12)
+    assert calls and set(backwards.errors) == set(NAMES)

@@ -5,12 +5,19 @@ reproduces the *original* layer on the original model's inputs (the asymmetric f
 :func:`~svdnas.lowrank.whiten.derive_prefix`), and its bias is shifted by the change of its output's
 mean. Layer ``n`` is fitted once layers ``0..n-1`` are in place, so the errors of the earlier layers
 are compensated instead of compounded.
+
+Each calibration batch makes one forward pass through each model, not one per layer: every batch's
+pass runs in a thread of its own that pauses at the input of each layer of the plan (:class:`Lockstep`)
+until that layer is fitted, one pass moving at a time. A model whose passes do not meet the layers in
+the plan's order, once each, is fitted with a pass per layer instead (:func:`layer_inputs`).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -51,6 +58,97 @@ def layer_inputs(model: nn.Module, name: str, batches: Sequence[Tensor], device:
             if len(got) == before:
                 raise SpecError(f"layer {name} was not called in a forward pass; it cannot be fitted on its inputs")
     return got
+
+
+class _OutOfOrder(Exception):
+    """The forward passes met the plan's layers in another order than the plan's, or one twice."""
+
+
+class _Stop(Exception):
+    """Raised in a paused pass to end it when the fit is over or failed."""
+
+
+class _Gate(nn.Module):
+    """Stands in for a layer during the fit: hands its input to the :class:`Lockstep`, waits, then runs ``inner``."""
+
+    def __init__(self, inner: nn.Module, name: str, lockstep: Lockstep) -> None:
+        super().__init__()
+        self.inner, self.name = inner, name
+        self._lockstep = [lockstep]  # a list, so that it is not registered as a child module
+
+    def forward(self, x: Tensor, *rest) -> Tensor:
+        self._lockstep[0].arrive(self.name, x)
+        return self.inner(x, *rest)
+
+
+class Lockstep:
+    """Forward passes of ``model`` over ``batches``, each in a thread that pauses at every layer of
+    ``names`` (replaced in ``model`` by gates until :meth:`close`); :meth:`inputs` lets each pass on,
+    one at a time, to the next layer and returns what each one brought to it. ``layer(name)`` is the
+    module a gate runs, and may be replaced before the passes are let on past it."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str], batches: Sequence[Tensor], device: torch.device | str) -> None:
+        self.model, self.device, self.batches = model, device, list(batches)
+        self.gates = {}
+        for name in names:
+            gate = _Gate(model.get_submodule(name), name, self)
+            set_submodule(model, name, gate)
+            self.gates[name] = gate
+        self.messages: queue.Queue = queue.Queue()
+        self.go = [threading.Semaphore(0) for _ in self.batches]
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(len(self.batches))]
+        self.local = threading.local()
+        self.stopping = False
+
+    def set_layer(self, name: str, module: nn.Module) -> None:
+        self.gates[name].inner = module
+
+    def _run(self, i: int) -> None:
+        self.local.index = i
+        self.go[i].acquire()
+        try:
+            if self.stopping:
+                raise _Stop
+            with torch.no_grad():
+                self.model(self.batches[i].to(self.device))
+            self.messages.put((i, None, None))
+        except _Stop:
+            self.messages.put((i, "stopped", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
+            self.messages.put((i, e, None))
+
+    def arrive(self, name: str, x: Tensor) -> None:
+        i = self.local.index
+        self.messages.put((i, name, x.detach()))
+        self.go[i].acquire()
+        if self.stopping:
+            raise _Stop
+
+    def inputs(self, name: str) -> list[Tensor]:
+        """Each pass let on to the next layer of the plan, which must be ``name``; their inputs there."""
+        got = []
+        for i, thread in enumerate(self.threads):
+            if thread.ident is None:  # not started yet
+                thread.start()
+            self.go[i].release()
+            _, what, x = self.messages.get()
+            if isinstance(what, BaseException):
+                raise what
+            if what != name:
+                raise _OutOfOrder(f"the forward pass met {what or 'the end'} where layer {name} was expected")
+            got.append(x)
+        return got
+
+    def close(self) -> None:
+        """End the paused passes (they raise inside the model) and put the layers back in place of the gates."""
+        self.stopping = True
+        waiting = [i for i, t in enumerate(self.threads) if t.is_alive()]
+        for i in waiting:
+            self.go[i].release()
+        for i in waiting:
+            self.threads[i].join()
+        for name, gate in self.gates.items():
+            set_submodule(self.model, name, gate.inner)
 
 
 def _relative_error(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
@@ -98,15 +196,45 @@ def fit_on_prefix(
     derivation = derivation or Derivation()
     was_training = original.training
     original.eval()
-    compressed = copy.deepcopy(original)
     layers = [n for n in order if plan.layers.get(n)]
+    fit = dict(derivation=derivation, bias_correction=bias_correction, refit_iters=refit_iters, damping=damping, progress=progress)
+    try:
+        try:
+            compressed, errors = _fit(original, plan, layers, batches, device, lockstep=True, **fit)
+        except _OutOfOrder as e:
+            log.info("prefix fit: %s; fitting with one forward pass per layer instead", e)
+            compressed, errors = _fit(original, plan, layers, batches, device, lockstep=False, **fit)
+    finally:
+        original.train(was_training)
+    return PrefixFit(compressed, errors, sum(len(x) for x in batches))
+
+
+@torch.no_grad()
+def _fit(original, plan, layers, batches, device, *, lockstep, derivation, bias_correction, refit_iters, damping, progress):
+    compressed = copy.deepcopy(original)
+    if lockstep:
+        streams = [Lockstep(copy.deepcopy(original), layers, batches, device), Lockstep(compressed, layers, batches, device)]
+
+        def inputs(name):
+            return streams[0].inputs(name), streams[1].inputs(name)
+
+        def place(name, module):
+            streams[1].set_layer(name, module)
+    else:
+        streams = []
+
+        def inputs(name):
+            return layer_inputs(original, name, batches, device), layer_inputs(compressed, name, batches, device)
+
+        def place(name, module):
+            set_submodule(compressed, name, module)
+
     errors: dict[str, dict[str, float]] = {}
     try:
         for i, name in enumerate(layers):
             specs = plan.layers[name]
             layer = original.get_submodule(name)
-            x_orig = layer_inputs(original, name, batches, device)
-            x_comp = layer_inputs(compressed, name, batches, device)
+            x_orig, x_comp = inputs(name)
             stats = CrossMoments(layer, needed_families(specs), full=refit_iters > 0)
             for xo, xc in zip(x_orig, x_comp):
                 stats.update(xo, xc)
@@ -122,12 +250,14 @@ def fit_on_prefix(
                 "fitted": _relative_error(reference, [fitted(x) for x in x_comp]),
             }
             log.debug("%s: relative output error %.4g -> %.4g", name, errors[name]["derived"], errors[name]["fitted"])
-            set_submodule(compressed, name, fitted)
+            place(name, fitted)
+            del x_orig, x_comp, reference
             if progress is not None:
                 progress(i + 1, len(layers))
     finally:
-        original.train(was_training)
-    return PrefixFit(compressed, errors, sum(len(x) for x in batches))
+        for stream in streams:
+            stream.close()
+    return compressed, errors
 
 
 __all__ = ["PrefixFit", "fit_on_prefix", "layer_inputs"]
