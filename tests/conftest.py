@@ -76,6 +76,18 @@ def write_idx(path: Path, tensor: torch.Tensor) -> None:
         f.write(header + tensor.contiguous().numpy().tobytes())
 
 
+@pytest.fixture(autouse=True, scope="session")
+def own_cache(tmp_path_factory):
+    """The suite's latency tables and remembered evaluations go to a folder of its own, not the user's."""
+    saved = os.environ.get("SVDNAS_CACHE")
+    os.environ["SVDNAS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if saved is None:
+        os.environ.pop("SVDNAS_CACHE", None)
+    else:
+        os.environ["SVDNAS_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_fmnist(tmp_path_factory) -> Path:
     """A Fashion-MNIST-shaped data set (IDX files) whose label is readable from the image: class c

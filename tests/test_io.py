@@ -3,6 +3,7 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from svdnas import WeightsError
 from svdnas.data.datasets import load_data, read_idx, search_subset
@@ -218,3 +219,26 @@ def test_corrupt_pt_files_are_one_line_errors(tmp_path):
         with pytest.raises(WeightsError, match="not a plain weights file") as info:
             read_state_dict(tmp_path / name)
         assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
+
+
+def test_evaluation_is_remembered_per_model_and_data(tmp_path, monkeypatch):
+    from svdnas.data import evaluate as ev
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 7)).eval()
+    data = torch.utils.data.TensorDataset(torch.randn(30, 3, 2, 2), torch.randint(0, 7, (30,)))
+    cache = tmp_path / "evaluations.json"
+    first, cached = ev.evaluate_cached(model, data, cache=cache)
+    assert not cached and first == ev.evaluate(model, data)
+    again, cached = ev.evaluate_cached(model, data, cache=cache)
+    assert cached and again == first
+    with torch.no_grad():  # other weights: measured again
+        model[1].bias.add_(1.0)
+    _, cached = ev.evaluate_cached(model, data, cache=cache)
+    assert not cached
+    other = torch.utils.data.TensorDataset(data.tensors[0] + 1, data.tensors[1])  # other images: measured again
+    _, cached = ev.evaluate_cached(model, other, cache=cache)
+    assert not cached
+    monkeypatch.setenv("SVDNAS_EVAL_CACHE", "0")
+    _, cached = ev.evaluate_cached(model, data, cache=cache)
+    assert not cached

@@ -55,3 +55,8 @@ def write_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def cache_root() -> Path:
+    """svdnas's cache folder (latency tables, evaluations): ``$SVDNAS_CACHE``, else ``~/.cache/svdnas``."""
+    return Path(os.environ.get("SVDNAS_CACHE") or Path.home() / ".cache" / "svdnas")

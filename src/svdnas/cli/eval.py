@@ -19,13 +19,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from svdnas.cost.counting import count_params, model_macs
-    from svdnas.data.evaluate import evaluate
+    from svdnas.data.evaluate import evaluate_cached
 
     need(args, "data")
     device = device_of(args.device)
     model, info, data, shape = model_and_data(args, device)
     with progress_bar(args, len(data.test), "eval") as bar:
-        acc = evaluate(model, data.test, device, progress=bar.update)
+        acc, _ = evaluate_cached(model, data.test, device, progress=bar.update)
     result = {"top1": acc["top1"], "top5": acc["top5"], "flops": 2 * model_macs(model, shape), "params": count_params(model)}
     if args.json:
         print(json.dumps(result))

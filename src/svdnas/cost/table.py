@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import statistics
 import time
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from svdnas.errors import SpecError
-from svdnas.fileio import atomic_write_json
+from svdnas.fileio import atomic_write_json, cache_root
 from svdnas.lowrank.decompose import empty_block
 from svdnas.lowrank.geometry import conv_geometry, layer_geometry
 from svdnas.lowrank.spec import LowRankSpec, family_max_rank
@@ -94,8 +93,7 @@ def device_label(device: torch.device | str) -> str:
 
 def default_cache_path(device: torch.device | str, threads: int) -> Path:
     """``$SVDNAS_CACHE/latency-<device>-<threads>.json`` (``~/.cache/svdnas`` without the variable)."""
-    root = Path(os.environ.get("SVDNAS_CACHE") or Path.home() / ".cache" / "svdnas")
-    return root / f"latency-{device_label(device)}-{threads}.json"
+    return cache_root() / f"latency-{device_label(device)}-{threads}.json"
 
 
 def layer_key(layer: nn.Module, input_hw: tuple[int, int], batch: int) -> str:

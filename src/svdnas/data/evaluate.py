@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from svdnas.fileio import atomic_write_json, cache_root
 
 
 def batches(dataset: Dataset, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
@@ -57,3 +63,52 @@ def evaluate(
     if total == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}
+
+
+def fingerprint(model: nn.Module, dataset: Dataset, device: torch.device | str) -> str:
+    """What an evaluation's result depends on, hashed: the model's class, structure and every
+    parameter and buffer, the images and labels of ``dataset``, the device type and torch's version."""
+    h = hashlib.sha256()
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}\n{torch.__version__}\n{torch.device(device).type}\n".encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name} {tuple(t.shape)} {t.dtype}\n".encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for x, y in batches(dataset, 2048):
+        h.update(x.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(y.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def evaluate_cached(
+    model: nn.Module,
+    dataset: Dataset,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
+    cache: Path | None = None,
+) -> tuple[dict[str, float], bool]:
+    """:func:`evaluate`, remembered: a model already evaluated on the same images (same weights, same
+    structure, same device type and torch version) is not run again. ``SVDNAS_EVAL_CACHE=0`` disables it.
+
+    Returns:
+        (accuracies, whether they came from the cache). The cache is
+        ``$SVDNAS_CACHE/evaluations.json`` unless ``cache`` names another file.
+    """
+    if os.environ.get("SVDNAS_EVAL_CACHE") == "0":
+        return evaluate(model, dataset, device, progress=progress), False
+    path = cache or cache_root() / "evaluations.json"
+    key = fingerprint(model, dataset, device)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), dict) and {"top1", "top5"} <= set(known[key]):
+        return {"top1": float(known[key]["top1"]), "top5": float(known[key]["top5"])}, True
+    acc = evaluate(model, dataset, device, progress=progress)
+    try:  # a cache that cannot be written costs only the next run's time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        known = known if isinstance(known, dict) else {}
+        known[key] = acc
+        atomic_write_json(path, dict(list(known.items())[-256:]))
+    except OSError:
+        pass
+    return acc, False
