@@ -217,3 +217,36 @@ def test_window_dtype_resolution():
     assert window_dtype("auto", "meta") == torch.float32
     with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
         window_dtype("float16", "cpu")
+
+
+def test_the_stopping_rule_needs_a_stable_plan_and_a_settled_multiplier():
+    from svdnas.search.loop import SearchHistory, settled
+
+    h = SearchHistory(multiplier=[0.1, 0.5, 1.0, 1.05, 1.1], selection=[[1, 2], [2, 2], [2, 3], [2, 3], [2, 3]])
+    assert settled(h, 2, 0.2)  # the last three epochs: the same plan, the multiplier within 10%
+    assert not settled(h, 3, 0.2)  # epoch 2's plan differs
+    assert not settled(h, 2, 0.05)  # the multiplier moved 10% of its value
+    assert not settled(h, 0, 0.2)  # patience 0: never
+    h.selection[-1] = [3, 3]
+    assert not settled(h, 1, 0.2)
+
+
+def test_a_search_stops_when_its_plan_has_settled_and_says_why(trained_tiny):
+    from svdnas.pipeline.compress import compress
+    from svdnas.pipeline.config import CompressConfig
+    from svdnas.search import SearchConfig
+
+    model, data = trained_tiny
+
+    def run(patience):
+        config = CompressConfig(reduction=0.3, search_images=64, proxy_images=32, families=2, proxy_drop=0, derivation="weight",
+                                search=SearchConfig(epochs=12, target=0.5, patience=patience, settle=10.0))
+        return compress(model, data, config, filter_fn="convs", seed=0)
+
+    full, short = run(0), run(2)
+    assert full.history["stopped"] == "epochs" and len(full.history["epoch"]) == 12
+    assert short.history["stopped"] == "stable" and len(short.history["epoch"]) < 12
+    k = len(short.history["epoch"])
+    assert short.history["selection"][-3:] == [short.history["selection"][-1]] * 3
+    assert short.history["selection"] == full.history["selection"][:k]  # the same search, cut short
+    assert short.report["search"]["stopped"] == {"reason": "stable", "epochs": k, "of": 12}

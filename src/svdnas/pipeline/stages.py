@@ -438,6 +438,12 @@ def check_data(mode: str, data: DataBundle | None) -> None:
         raise DataError(f"--mode {mode} needs real data: --data none works only with --mode data-free")
 
 
+def _stopped(history: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """Why the (first branch's) search ended: ``stable`` (the stopping rule) or ``epochs``, after how many of how many."""
+    first = history.get("b1", history)
+    return {"reason": first.get("stopped", "epochs"), "epochs": len(first.get("epoch", [])), "of": epochs}
+
+
 def _run_path(job: Job) -> Path | None:
     return job.run.path if job.run is not None else None
 
@@ -471,6 +477,7 @@ def search_summary(job: Job, config: CompressConfig, pruned: Pruned, searched: S
     out["search"] = {
         "config": asdict(searched.config), "grid": config.fractions(),
         "candidates": sum(len(c) - 1 for c in pruned.candidates.values()), "branches": config.branches,
+        "stopped": _stopped(searched.history, searched.config.epochs),
     }
     if job.calibration is not None:
         out["calibration"] = job.calibration

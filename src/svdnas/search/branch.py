@@ -15,6 +15,17 @@ from svdnas.search.select import select_within_budget
 from svdnas.search.supernet import build_supernet, window_dtype
 
 
+def choose(
+    scores: list[list[float]], costs: list[list[float]], reduction: float | None, total: float, fixed: float,
+    upgrades: list[list[int | None]] | None = None,
+) -> list[int]:
+    """One candidate index per layer: with a ``reduction``, the best-scoring within the budget (see
+    :func:`svdnas.search.select.select_within_budget`); without one (``beta``), each layer's largest logit."""
+    if reduction is not None:
+        return select_within_budget(scores, costs, (1 - reduction) * total, fixed, upgrades)
+    return [max(range(len(s)), key=s.__getitem__) for s in scores]
+
+
 def search_branch(
     model: nn.Module,
     candidates: dict[str, LayerCandidates],
@@ -52,18 +63,18 @@ def search_branch(
 
     # the search's cost terms see the layers outside this search at their current cost
     ckpt = Path(checkpoint_dir) / f"checkpoint-{prefix or 'b1_'}search.pt" if checkpoint_dir is not None else None
-    history = search(supernet, mixed, subset, sconf, costs, total, device, seed, on_step, fixed=fixed, checkpoint=ckpt)
+    names = list(mixed)
+    upgrades = [candidates[n].next_rank() for n in names]
+
+    def select() -> list[int]:
+        return choose([mixed[n].theta.detach().cpu().tolist() for n in names], [costs[n] for n in names], reduction, total, fixed, upgrades)
+
+    history = search(supernet, mixed, subset, sconf, costs, total, device, seed, on_step, fixed=fixed, checkpoint=ckpt, select=select)
     seconds[prefix + "search"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    names = list(mixed)
     scores = [mixed[n].theta.detach().cpu().tolist() for n in names]
-    cost_lists = [costs[n] for n in names]
-    if reduction is not None:
-        budget = (1 - reduction) * total
-        choice = select_within_budget(scores, cost_lists, budget, fixed, [candidates[n].next_rank() for n in names])
-    else:
-        choice = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    choice = select()
     chosen = {n: (candidates[n].base if c == 0 else [*candidates[n].prefix, candidates[n].specs[c - 1]]) for n, c in zip(names, choice)}
     history.logits = dict(zip(names, scores))
     history.choice = dict(zip(names, choice))

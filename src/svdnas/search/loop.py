@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +45,10 @@ class SearchConfig(Config):
         beta: the paper's loss ``CE * (log F / log F0) ** beta`` when set; else the budget mode.
         target: cost ratio F / F0 to steer to in budget mode (1 - reduction).
         penalty_lr: step of the dual ascent on the budget multiplier.
+        patience: stop once the plan the logits select has stayed the same for this many epochs
+            and the budget multiplier has settled (0: always run every epoch).
+        settle: the multiplier has settled when it moved by at most this share of its value over
+            those epochs.
     """
 
     epochs: int = option(20, flag="--epochs", help="passes of the search over the search images")
@@ -62,11 +66,17 @@ class SearchConfig(Config):
     beta: float | None = None
     target: float | None = None
     penalty_lr: float = 0.5
+    patience: int = option(0, flag="--patience",
+                           help="stop once the selected plan has not changed for this many epochs and the budget multiplier "
+                                "has settled (0: run every epoch)")
+    settle: float = 0.2
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise SpecError(f"{flag_of(SearchConfig, name)} must be positive, got {getattr(self, name)}")
+        if self.patience < 0:
+            raise SpecError(f"--patience must be 0 (off) or positive, got {self.patience}")
         if (self.beta is None) == (self.target is None):
             raise SpecError("give exactly one of beta (the paper's loss) and a target cost ratio")
         if self.target is not None and not 0 < self.target < 1:
@@ -94,6 +104,10 @@ class SearchHistory:
     # in order) and the index the budget selection picked
     logits: dict[str, list[float]] = field(default_factory=dict)
     choice: dict[str, int] = field(default_factory=dict)
+    # per epoch, the candidate each layer's logits select at the end of it (when the search was given
+    # a selection), and why the search ended: "epochs", or "stable" when the stopping rule ended it
+    selection: list[list[int]] = field(default_factory=list)
+    stopped: str = "epochs"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +118,18 @@ def expected_cost(layers: dict[str, MixedLayer], costs: dict[str, torch.Tensor],
     for name, layer in layers.items():
         total = total + (layer.last_weights * costs[name]).sum()
     return total
+
+
+def settled(history: SearchHistory, patience: int, tolerance: float) -> bool:
+    """Whether the last ``patience`` epochs left the selected plan as it was and moved the budget
+    multiplier by at most ``tolerance`` of its value (the search has decided)."""
+    if patience < 1 or len(history.selection) <= patience:
+        return False
+    recent = history.selection[-patience - 1 :]
+    if any(s != recent[0] for s in recent[1:]):
+        return False
+    m = history.multiplier[-patience - 1 :]
+    return max(m) - min(m) <= tolerance * max(abs(m[-1]), 1e-12) or max(m) == 0.0
 
 
 def search(
@@ -118,6 +144,7 @@ def search(
     on_step: Callable[[int, int], None] | None = None,
     fixed: float | None = None,
     checkpoint: Path | None = None,
+    select: Callable[[], Sequence[int]] | None = None,
 ) -> SearchHistory:
     """Learn the logits of ``layers`` (already swapped into ``model``) on ``data``.
 
@@ -128,6 +155,8 @@ def search(
         fixed: cost of everything outside ``layers`` (default: F0 minus the layers' original costs).
         checkpoint: file written atomically after every epoch; if it exists when the search
             starts, the search resumes from it and ends as an uninterrupted one would.
+        select: the plan the current logits select (one index per layer), called after every
+            epoch; with ``config.patience`` the search stops once it has settled (see :func:`settled`).
     """
     model.eval()  # BatchNorm statistics stay those of the pre-trained model
     for p in model.parameters():
@@ -162,6 +191,8 @@ def search(
         if "noise" in state:  # checkpoints of earlier versions drew the noise from the global generator
             noise.set_state(state["noise"])
         log.info("resuming the search at epoch %d from %s", first_epoch + 1, checkpoint)
+        if history.stopped != "epochs":  # it had decided before it was killed
+            return history
     start = time.perf_counter() - (history.seconds[-1] if history.seconds else 0.0)
     for epoch in range(first_epoch, config.epochs):
         for layer in layers.values():
@@ -218,6 +249,12 @@ def search(
             epoch + 1, history.loss[-1], history.ce[-1], history.expected_cost_ratio[-1], temperature, multiplier,
         )
         temperature *= config.decay
+        if select is not None:
+            history.selection.append([int(c) for c in select()])
+            if settled(history, config.patience, config.settle) and epoch + 1 < config.epochs:
+                history.stopped = "stable"
+                log.info("the search stopped after epoch %d of %d: the selected plan has not changed for %d epochs and the "
+                         "budget multiplier has settled", epoch + 1, config.epochs, config.patience)
         if checkpoint is not None and ddp.is_main():
             write_checkpoint(checkpoint, {
                 "names": list(layers), "epochs": config.epochs, "epoch": epoch + 1,
@@ -225,6 +262,8 @@ def search(
                 "multiplier": multiplier, "temperature": temperature, "history": history.to_dict(),
                 "generator": generator.get_state(), "noise": noise.get_state(),
             })
+        if history.stopped != "epochs":
+            break
     return history
 
 
