@@ -197,7 +197,7 @@ def fit_on_prefix(
     was_training = original.training
     original.eval()
     layers = [n for n in order if plan.layers.get(n)]
-    fit = dict(derivation=derivation, bias_correction=bias_correction, refit_iters=refit_iters, damping=damping, progress=progress)
+    fit = {"derivation": derivation, "bias_correction": bias_correction, "refit_iters": refit_iters, "damping": damping, "progress": progress}
     try:
         try:
             compressed, errors = _fit(original, plan, layers, batches, device, lockstep=True, **fit)
