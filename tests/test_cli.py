@@ -83,7 +83,7 @@ def test_help_shows_the_dataclass_defaults():
     text = " ".join(run_cli("compress", "--help").stdout.split())
     assert f"(default: {CompressConfig.__dataclass_fields__['proxy_images'].default})" in text
     assert "--synth-images SYNTH_IMAGES synthetic images to make (default: 1384)" in text  # compress's own default for synth.num
-    assert "--epochs EPOCHS passes of the search over the search images (default: 20)" in text
+    assert "--epochs EPOCHS passes of the search over the search images (at most: see --patience) (default: 5)" in text
 
 
 def test_space_command_counts(module_spec):

@@ -32,7 +32,9 @@ class SearchConfig(Config):
     """Settings of one search.
 
     Attributes:
-        epochs: passes over the search images.
+        epochs: passes over the search images, at most (the temperature reaches its final value after
+            the last). 5: with the output-aware default derivation, plans after 1 to 5 epochs lost no more
+            top-1 than after 20 (benchmarks/diagnostics/search_epochs.py, benchmarks/RESULTS.md).
         batch_size: images per step.
         lr, betas, weight_decay: Adam on the logits (the paper: 0.01, (0.9, 0.999), 5e-4 over 100
             epochs; our default 0.1 suits the 5x shorter schedule, measured in benchmarks/RESULTS.md).
@@ -51,7 +53,7 @@ class SearchConfig(Config):
             those epochs.
     """
 
-    epochs: int = option(20, flag="--epochs", help="passes of the search over the search images")
+    epochs: int = option(5, flag="--epochs", help="passes of the search over the search images (at most: see --patience)")
     batch_size: int = option(128, flag="--batch-size", help="search images per step")
     lr: float = option(0.1, flag="--lr", help="Adam learning rate of the logits (the paper: 0.01 over 100 epochs)")
     betas: tuple[float, float] = (0.9, 0.999)
@@ -66,7 +68,7 @@ class SearchConfig(Config):
     beta: float | None = None
     target: float | None = None
     penalty_lr: float = 0.5
-    patience: int = option(0, flag="--patience",
+    patience: int = option(2, flag="--patience",
                            help="stop once the selected plan has not changed for this many epochs and the budget multiplier "
                                 "has settled (0: run every epoch)")
     settle: float = 0.2
