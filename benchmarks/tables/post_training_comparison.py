@@ -36,7 +36,8 @@ def main() -> None:
     p = parser(__doc__, out="JSON to write (default benchmarks/results/post_training_comparison/<model>.json)")
     p.add_argument("--reductions", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.7])
     p.add_argument("--methods", nargs="+", default=ALL_METHODS, choices=CHOICES, metavar="METHOD")
-    p.add_argument("--epochs", type=int, default=20)
+    epochs = SearchConfig.__dataclass_fields__["epochs"].default
+    p.add_argument("--epochs", type=int, default=epochs, help=f"the search's epochs, at most (default {epochs}, compress's)")
     p.add_argument("--families", type=int, default=4)
     p.add_argument("--proxy-drop", type=float, default=5.0)
     p.add_argument("--branches", type=int, default=1, choices=(1, 2))
