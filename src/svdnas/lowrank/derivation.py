@@ -81,11 +81,11 @@ class Derivation:
         and first-layer grouping, computed once while the cache (``whitening_bytes``) can hold it."""
         key = (name, tuple(first_kernel), groups)
         found = self._whitenings.pop(key, None) or Whitening(self._stats(name).moment(first_kernel, groups), self.damping)
-        held = found.nbytes()
+        held = found.nbytes() + sum(w.nbytes() for w in self._whitenings.values())
         for old in list(self._whitenings):  # the least recently used go first
-            if held + sum(w.nbytes() for w in self._whitenings.values()) <= self.whitening_bytes:
+            if held <= self.whitening_bytes:
                 break
-            del self._whitenings[old]
+            held -= self._whitenings.pop(old).nbytes()
         self._whitenings[key] = found
         return found
 

@@ -84,8 +84,8 @@ class _Gate(nn.Module):
 class Lockstep:
     """Forward passes of ``model`` over ``batches``, each in a thread that pauses at every layer of
     ``names`` (replaced in ``model`` by gates until :meth:`close`); :meth:`inputs` lets each pass on,
-    one at a time, to the next layer and returns what each one brought to it. ``layer(name)`` is the
-    module a gate runs, and may be replaced before the passes are let on past it."""
+    one at a time, to the next layer and returns what each one brought to it. :meth:`set_layer` replaces
+    the module a gate runs, before the passes are let on past it."""
 
     def __init__(self, model: nn.Module, names: Sequence[str], batches: Sequence[Tensor], device: torch.device | str) -> None:
         self.model, self.device, self.batches = model, device, list(batches)
