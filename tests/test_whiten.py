@@ -104,9 +104,10 @@ def test_moments_stream_and_slice():
     p = patches(x, geo)
     torch.testing.assert_close(one.full_moment(), p.T @ p / p.shape[0])
     torch.testing.assert_close(one.full_mean(), p.mean(0))
-    # (1, 3) is stored once (its 2-group blocks are slices); (3, 1) only as 4 blocks
+    # (1, 3) is stored once (its 2-group blocks are slices); (3, 1) is a block of the full moment
+    # (stride 1 and size-keeping padding in the dim it leaves out), stored not at all
     assert one.nbytes() == sum(t.numel() * 8 for t in one.sums.values()) + one.mean_sum.numel() * 8
-    assert sorted(one.sums) == [((1, 3), 1), ((3, 1), 4), ((3, 3), 1)]
+    assert sorted(one.sums) == [((1, 3), 1), ((3, 3), 1)]
     with pytest.raises(SpecError, match="not requested"):
         one.moment((1, 1), 1)
 
@@ -395,6 +396,28 @@ def test_hook_feeds_the_layer_inputs():
     assert stats.count == ref.count
 
 
+@pytest.mark.parametrize("stride, padding, stored", [
+    ((2, 1), (1, 1), [((1, 1), 1), ((1, 3), 1), ((3, 3), 1)]),  # (1, 3) first: stride 2 in the dim it leaves out
+    ((1, 1), (0, 1), [((1, 1), 1), ((1, 3), 1), ((3, 3), 1)]),  # (1, 3) first: that dim's padding shrinks the output
+    ((1, 2), (1, 1), [((1, 1), 1), ((3, 1), 2), ((3, 3), 1)]),
+    ((1, 1), (1, 1), [((3, 3), 1)]),  # every sub-patch a block of the full one
+])
+def test_moments_taken_from_the_full_one_only_where_the_positions_agree(stride, padding, stored):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 5, 3, stride=stride, padding=padding).double()
+    geo = layer_geometry(conv)
+    x = correlated(3, 4, (9, 8))
+    wanted = [((1, 3), (1, 1)), ((3, 1), (2, 1)), ((1, 1), (1, 1))]
+    stats = PatchMoments(conv, wanted, full=True)
+    stats.update(x)
+    for fk, g in [*wanted, ((3, 3), (1, 1))]:
+        p = patches(x, geo, fk)
+        n = p.shape[1] // g[0]
+        ref = torch.stack([p[:, j * n : (j + 1) * n].T @ p[:, j * n : (j + 1) * n] for j in range(g[0])]) / p.shape[0]
+        torch.testing.assert_close(stats.moment(fk, g[0]), ref)
+    assert sorted(stats.sums) == stored
+
+
 def test_whitening_roots_are_kept_across_layers_within_their_budget(monkeypatch):
     from svdnas.lowrank import derivation as dv
 
@@ -415,3 +438,59 @@ def test_whitening_roots_are_kept_across_layers_within_their_budget(monkeypatch)
     assert len(made) == 3 and len(derivation._whitenings) == 1  # "0" was held; asking for it let "2" go
     derivation.whitening("0", (3, 1), 1)
     assert len(made) == 4
+
+
+def test_float32_activations_give_float64_moments_to_float32_rounding(monkeypatch):
+    from svdnas.lowrank import calibration
+
+    monkeypatch.setattr(calibration, "_GEMM_ROWS", 100)  # several float64 sums of float32 products
+    monkeypatch.setattr(calibration, "_BLOCK_COLUMNS", 8)  # the symmetric product in column blocks
+    conv = nn.Conv2d(6, 5, 3, padding=1)
+    x = correlated(4, 6, (8, 8), dtype=torch.float32) + 1.0
+    stats = PatchMoments(conv, [((3, 3), (1, 1))], full=True)
+    stats.update(x)
+    p = patches(x.double(), layer_geometry(conv))
+    ref = p.T @ p / p.shape[0]
+    got = stats.full_moment()
+    assert got.dtype == torch.float64
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6
+    assert float((stats.full_mean() - p.mean(0)).abs().max()) < 1e-6
+    assert float((got - ref).abs().max() / ref.abs().max()) > 0  # the products were float32's
+
+
+def test_cholesky_and_eigen_roots_truncate_alike(monkeypatch):
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4, 3, 3, dtype=D)
+    x = correlated(5, 4, (6, 6))
+    stats = fed(nn.Conv2d(4, 6, 3, padding=1).double(), x, [((3, 1), (1, 1))])
+    moment = stats.moment((3, 1), 1)
+    chol = whiten.whitened_svd(weight, ((3, 1), (1, 1)), moment)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda c: (c, torch.ones(c.shape[0], dtype=torch.int32)))  # "failed"
+    eig = whiten.whitened_svd(weight, ((3, 1), (1, 1)), moment)
+    torch.testing.assert_close(chol.s, eig.s)
+    for r in (1, 3, 7):
+        torch.testing.assert_close(chol.u[..., :r] * chol.s[..., None, :r] @ chol.vh[..., :r, :],
+                                   eig.u[..., :r] * eig.s[..., None, :r] @ eig.vh[..., :r, :])
+
+
+def test_spectrum_alone_and_factors_kept_per_family(monkeypatch):
+    from svdnas.lowrank import derivation as dv
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)).double()
+    fam = ((3, 1), (1, 1))
+    derivation = dv.calibrate(model, "whitened", {"0": [LowRankSpec(*fam, 2)]}, [correlated(4, 4, (6, 6))], "cpu")
+    weight = model[0].weight.detach()
+    spectrum = derivation.spectrum("0", weight, fam)  # without the factors
+    assert not derivation._factors
+    calls = []
+    real = dv.whitened_svd
+    monkeypatch.setattr(dv, "whitened_svd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.testing.assert_close(spectrum, derivation.factors("0", weight, fam).s)
+    for rank in (1, 2, 3):  # every rank of the family and the super blocks' factors: one decomposition
+        derivation.block("0", model[0], [LowRankSpec(*fam, rank)])
+    derivation.factors("0", weight, fam)
+    assert len(calls) == 1
+    other = derivation.factors("0", weight * 2, fam)  # another weight (a residual) is not served the kept ones
+    assert len(calls) == 2
+    torch.testing.assert_close(other.s, 2 * spectrum)

@@ -96,7 +96,7 @@ def _prepare(model: nn.Module, infos: dict[str, LayerInfo], targets: Sequence[st
         m = model.get_submodule(name)
         weight = conv_weight(m)
         first = split_kernel(split, (weight.shape[2], weight.shape[3]))
-        s = derivation.factors(name, weight.detach(), (first, (1, 1))).s[0].double()
+        s = derivation.spectrum(name, weight.detach(), (first, (1, 1)))[0]
         layer = _make_layer(m, name, infos[name].input_hw, LowRankSpec(first), len(s), objective)
         layer.sigma2 = s.pow(2)
         layers.append(layer)

@@ -21,7 +21,7 @@ from svdnas.lowrank.decompose import decompose
 from svdnas.lowrank.geometry import conv_weight
 from svdnas.lowrank.modules import LowRankBlock
 from svdnas.lowrank.spec import LowRankSpec
-from svdnas.lowrank.whiten import Whitening, branch_weight, derive, whitened_svd
+from svdnas.lowrank.whiten import Whitening, branch_weight, derive, whitened_spectrum, whitened_svd
 
 # "prefix": the search compares whitened factors; the chosen plan's layers are then fitted in order on
 # the compressed prefix's inputs, with their biases corrected (svdnas.surgery.prefix)
@@ -52,7 +52,11 @@ class Derivation:
     # proxies, the supernet and the final model each go layer by layer over the same unfoldings, and
     # an eigendecomposition of a 2304-column moment takes seconds
     whitening_bytes: int = 1 << 30
+    # each family's whitened factors of the layer's weight, kept likewise: the accuracy proxy derives
+    # every rank it measures, the super blocks and the prefix fit's comparison the same families again
+    factors_bytes: int = 1 << 29
     _whitenings: dict[tuple, Whitening] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _factors: dict[tuple, tuple[Tensor, F.SVDFactors]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -80,21 +84,34 @@ class Derivation:
         """The :class:`~svdnas.lowrank.whiten.Whitening` of layer ``name``'s moment for that unfolding
         and first-layer grouping, computed once while the cache (``whitening_bytes``) can hold it."""
         key = (name, tuple(first_kernel), groups)
-        found = self._whitenings.pop(key, None) or Whitening(self._stats(name).moment(first_kernel, groups), self.damping)
-        held = found.nbytes() + sum(w.nbytes() for w in self._whitenings.values())
-        for old in list(self._whitenings):  # the least recently used go first
-            if held <= self.whitening_bytes:
-                break
-            held -= self._whitenings.pop(old).nbytes()
-        self._whitenings[key] = found
-        return found
+        return _kept(self._whitenings, key, lambda: Whitening(self._stats(name).moment(first_kernel, groups), self.damping),
+                     lambda w: w.nbytes(), self.whitening_bytes)
+
+    def _whitened(self, name: str, weight: Tensor, family: F.Family) -> F.SVDFactors:
+        """Float64 whitened factors of ``weight`` (the layer's, or a residual of it) for ``family``,
+        kept while ``factors_bytes`` allows (a hit needs the same weight, compared entry by entry)."""
+        weight = weight.detach().double()
+        found = self._found(name, weight, family)
+        if found is not None:
+            self._factors[(name, family)] = self._factors.pop((name, family))  # most recently used last
+            return found
+        fk, groups = family
+        factors = whitened_svd(weight, family, self.whitening(name, fk, groups[0]))
+        entry = (weight.clone(), factors)
+        return _kept(self._factors, (name, family), lambda: entry, _entry_bytes, self.factors_bytes, replace=True)[1]
+
+    def _found(self, name: str, weight: Tensor, family: F.Family) -> F.SVDFactors | None:
+        found = self._factors.get((name, family))
+        if found is not None and found[0].shape == weight.shape and torch.equal(found[0], weight):
+            return found[1]
+        return None
 
     def block(self, name: str, layer: nn.Module, specs: Sequence[LowRankSpec]) -> LowRankBlock:
         """``layer`` (dotted ``name``) as the low-rank block of ``specs``."""
         if self.plain:
             return decompose(layer, specs)
         block = derive(layer, specs, self.factor_kind, self._stats(name), damping=self.damping, refit_iters=self.refit_iters,
-                       whitening=lambda fk, g: self.whitening(name, fk, g))
+                       whitening=lambda fk, g: self.whitening(name, fk, g), factors=lambda w, fam: self._whitened(name, w, fam))
         return block.to(dtype=layer.weight.dtype)
 
     def dense(self, name: str, layer: nn.Module, specs: Sequence[LowRankSpec]) -> Tensor:
@@ -103,7 +120,7 @@ class Derivation:
         if self.plain or not specs:
             return F.branches_weight(weight, specs)
         block = derive(layer, specs, self.factor_kind, self._stats(name), damping=self.damping,
-                       whitening=lambda fk, g: self.whitening(name, fk, g))
+                       whitening=lambda fk, g: self.whitening(name, fk, g), factors=lambda w, fam: self._whitened(name, w, fam))
         with torch.no_grad():  # a constant of the second search, as the weight derivation's is
             total = sum(branch_weight(b.first.weight, b.second.weight, b.spec, weight.shape) for b in block.branches)
         return total.to(weight.dtype)
@@ -116,9 +133,39 @@ class Derivation:
         """
         if self.plain:
             return F.svd(weight, *family)
-        fk, groups = family
-        u, s, vh = whitened_svd(weight.double(), family, self.whitening(name, fk, groups[0]))
+        u, s, vh = self._whitened(name, weight, family)
         return F.SVDFactors(u.to(weight.dtype), s.to(weight.dtype), vh.to(weight.dtype))
+
+    def spectrum(self, name: str, weight: Tensor, family: F.Family) -> Tensor:
+        """The singular values (g, k) of :meth:`factors`, in float64, without computing the factors
+        (for the output-aware kinds: the eigenvalues of a Gram matrix of the whitened weight)."""
+        if self.plain:
+            return F.svd(weight, *family).s.double()
+        weight = weight.detach().double()
+        found = self._found(name, weight, family)
+        if found is not None:
+            return found.s
+        fk, groups = family
+        return whitened_spectrum(weight, family, self.whitening(name, fk, groups[0]))
+
+
+def _entry_bytes(entry: tuple[Tensor, F.SVDFactors]) -> int:
+    return sum(t.numel() * t.element_size() for t in (entry[0], *entry[1]))
+
+
+def _kept(cache: dict, key, make, nbytes, budget: int, *, replace: bool = False):
+    """``cache[key]`` (made by ``make()`` when missing, or always with ``replace``), moved to the end
+    (most recently used); the least recently used entries are dropped while the whole exceeds ``budget``."""
+    found = cache.pop(key, None)
+    if found is None or replace:
+        found = make()
+    held = nbytes(found) + sum(nbytes(v) for v in cache.values())
+    for old in list(cache):
+        if held <= budget:
+            break
+        held -= nbytes(cache.pop(old))
+    cache[key] = found
+    return found
 
 
 @torch.no_grad()

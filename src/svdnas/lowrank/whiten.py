@@ -52,10 +52,22 @@ def _damped(c: Tensor, damping: float) -> Tensor:
 
 
 def _roots(c: Tensor, damping: float) -> tuple[Tensor, Tensor]:
-    """(L, L^+) per matrix of a batch (b, n, n) of moments, L L^T = :func:`_damped` C; eigenvalues at
-    rounding level are dropped."""
+    """(L, L^+) per matrix of a batch (b, n, n) of moments, L L^T = :func:`_damped` C.
+
+    L is the Cholesky factor (any L with L L^T = C whitens alike: the truncations of M L and of
+    M L Q agree for orthogonal Q), an order of magnitude cheaper than an eigendecomposition; where
+    the damped moment is too ill-conditioned for it, L = Q sqrt(E) from the eigendecomposition, with
+    eigenvalues at rounding level dropped from the pseudo-inverse.
+    """
     n = c.shape[-1]
-    e, q = torch.linalg.eigh(_damped(c, damping))
+    damped = _damped(c, damping)
+    chol, info = torch.linalg.cholesky_ex(damped)
+    if bool((info == 0).all()) and bool(torch.isfinite(chol).all()):
+        eye = torch.eye(n, dtype=c.dtype, device=c.device).expand_as(chol)
+        inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
+        if bool(torch.isfinite(inverse).all()):
+            return chol, inverse
+    e, q = torch.linalg.eigh(damped)
     live = e > e.amax(-1, keepdim=True) * n * torch.finfo(c.dtype).eps
     root = e.clamp_min(0).sqrt()
     inv = torch.where(live, 1 / torch.where(live, root, torch.ones_like(root)), torch.zeros_like(root))
@@ -109,6 +121,16 @@ def whitened_svd(weight: Tensor, family: F.Family, moment: Tensor | Whitening, *
     return F.SVDFactors(u, s, vh @ inverse)
 
 
+def whitened_spectrum(weight: Tensor, family: F.Family, whitening: Whitening) -> Tensor:
+    """The singular values (g, k), descending, of :func:`whitened_svd`'s factors without the factors:
+    the eigenvalues of the smaller Gram matrix of M L (what :func:`rank_errors` reads)."""
+    mats = F.unfold(weight.detach().double(), *family)
+    root, _ = whitening.for_family(mats)
+    x = mats @ root
+    gram = x @ x.transpose(-2, -1) if x.shape[-2] <= x.shape[-1] else x.transpose(-2, -1) @ x
+    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
+
+
 def prefix_svd(
     weight: Tensor,
     family: F.Family,
@@ -136,11 +158,12 @@ def prefix_svd(
     return F.SVDFactors(u, s, vh @ inverse)
 
 
-def rank_errors(factors: F.SVDFactors) -> Tensor:
+def rank_errors(factors: F.SVDFactors | Tensor) -> Tensor:
     """Squared output error (per patch, summed over groups) of every rank 0..K: ``out[r]`` is the
-    sum of the dropped squared singular values. For whitened factors it is E||(M - BA) p||^2 under
-    the damped pooled moment; for prefix factors, the error less a constant."""
-    s2 = factors.s.double() ** 2
+    sum of the dropped squared singular values (of the factors, or (g, k) singular values given
+    alone). For whitened factors it is E||(M - BA) p||^2 under the damped pooled moment; for prefix
+    factors, the error less a constant."""
+    s2 = (factors if isinstance(factors, Tensor) else factors.s).double() ** 2
     total = s2.sum(-1, keepdim=True)
     tails = torch.cat([total, total - s2.cumsum(-1)], -1).clamp_min(0)
     return tails.sum(0)
@@ -247,7 +270,7 @@ def refit(
     init: tuple[Tensor, Tensor],
     *,
     iters: int = 4,
-    cg_iters: int = 50,
+    cg_iters: int = 5,
 ) -> tuple[Tensor, Tensor, float]:
     """Alternating least squares on a branch's two factors under the full patch moment.
 
@@ -411,6 +434,7 @@ def derive(
     refit_iters: int = 4,
     bias_correction: bool = False,
     whitening: Callable[[tuple[int, int], int], Whitening] | None = None,
+    factors: Callable[[Tensor, F.Family], F.SVDFactors] | None = None,
 ) -> LowRankBlock:
     """Replace-ready low-rank version of ``layer``, its factors derived as ``derivation`` says.
 
@@ -426,6 +450,8 @@ def derive(
             layer without one gets one).
         whitening: (first_kernel, first-layer groups) -> the :class:`Whitening` of that moment, where
             the caller keeps them (they are computed here otherwise).
+        factors: (weight or residual, family) -> its float64 whitened factors, where the caller
+            keeps them (:func:`whitened_svd` otherwise).
 
     Raises:
         SpecError: for an unknown derivation, missing statistics or a spec that does not fit.
@@ -446,11 +472,13 @@ def derive(
     for spec in specs:
         fk, groups = spec.family()
         if derivation == "weight":
-            factors = F.svd(residual, fk, groups)
+            svd = F.svd(residual, fk, groups)
+        elif factors is not None:
+            svd = factors(residual, spec.family())
         else:
             moment = whitening(fk, groups[0]) if whitening is not None else stats.moment(fk, groups[0])
-            factors = whitened_svd(residual, spec.family(), moment, damping=damping)
-        w1, w2 = F.factor_weights(factors, spec, kernel)
+            svd = whitened_svd(residual, spec.family(), moment, damping=damping)
+        w1, w2 = F.factor_weights(svd, spec, kernel)
         if derivation == "refit" and (fk != kernel or groups[0] > 1):
             w1, w2, _ = refit(residual, spec, stats.full_moment(), (w1, w2), iters=refit_iters)
         weights.append((w1, w2))
@@ -529,5 +557,5 @@ def family_ranks_errors(weight: Tensor, family: F.Family, stats: PatchMoments, *
 
 __all__ = [
     "DERIVATIONS", "Whitening", "bias_shift", "branch_weight", "derive", "derive_prefix", "family_ranks_errors",
-    "output_error", "prefix_svd", "prefix_target", "rank_errors", "refit", "whitened_svd",
+    "output_error", "prefix_svd", "prefix_target", "rank_errors", "refit", "whitened_spectrum", "whitened_svd",
 ]

@@ -84,7 +84,7 @@ def spectrum_errors(layer: nn.Module, cands: LayerCandidates, best: dict[tuple, 
         weight = weight - derivation.dense(cands.name, layer, cands.prefix).to(weight)
     errors = {}
     for fam, i in best.items():
-        tails = rank_errors(derivation.factors(cands.name, weight, fam))
+        tails = rank_errors(derivation.spectrum(cands.name, weight, fam))
         errors[fam] = float(tails[min(cands.specs[i - 1].rank, len(tails) - 1)] / tails[0].clamp_min(1e-300))
     return errors
 
