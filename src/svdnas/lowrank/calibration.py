@@ -20,6 +20,7 @@ one stream (E[p p^T]) is symmetric and only its blocks on and above the diagonal
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import pairwise
 
 import torch
 from torch import Tensor, nn
@@ -55,7 +56,7 @@ def gram(left: Tensor, right: Tensor | None = None) -> Tensor:
             out += (lo.T @ ro).double()
         return out
     edges = list(range(0, n, _BLOCK_COLUMNS)) + [n] if n > 2 * _BLOCK_COLUMNS else [0, n]
-    spans = list(zip(edges[:-1], edges[1:]))
+    spans = list(pairwise(edges))
     for rows in left.split(_GEMM_ROWS):
         for i0, i1 in spans:
             # the blocks right of the diagonal in one product: columns i0.. of the rows' block
