@@ -312,7 +312,7 @@ def test_prefix_fit_on_perturbed_inputs():
     g = torch.Generator().manual_seed(5)
     distort = torch.eye(4, dtype=D) + 0.3 * torch.randn(4, 4, generator=g, dtype=D)
     x_comp = torch.einsum("nchw,cd->ndhw", x, distort) + 0.2
-    cross = CrossMoments(conv, [((3, 3), (1, 1)), ((3, 3), (1, 2))], orig=True)
+    cross = CrossMoments(conv, [((3, 3), (1, 1)), ((3, 3), (1, 2))])
     cross.update(x[:3], x_comp[:3])
     cross.update(x[3:], x_comp[3:])
     for groups in [(1, 1), (1, 2)]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +15,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from svdnas.fileio import atomic_write_json, cache_root
+
+log = logging.getLogger(__name__)
 
 
 def batches(dataset: Dataset, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
@@ -34,22 +38,39 @@ def batches(dataset: Dataset, batch_size: int, shuffle: bool = False, generator:
     yield from loader
 
 
-@torch.no_grad()
+def _channels_last(model: nn.Module, device: torch.device | str) -> nn.Module | None:
+    """A copy of ``model`` in channels-last memory on a CPU (its convolutions run about twice as fast
+    there at the same results); None elsewhere, or where the model cannot be copied."""
+    if torch.device(device).type != "cpu":
+        return None
+    try:
+        return copy.deepcopy(model).to(memory_format=torch.channels_last)
+    except Exception as e:  # noqa: BLE001 - a model that cannot be copied is evaluated as it is
+        log.debug("evaluating in the model's own memory format: %s", e)
+        return None
+
+
+@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     dataset: Dataset,
     device: torch.device | str = "cpu",
-    batch_size: int = 500,
+    batch_size: int = 128,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy in percent over the whole ``dataset``."""
+    """Top-1 and top-5 accuracy in percent over the whole ``dataset`` (on a CPU, of a channels-last
+    copy of ``model``; ``model`` itself is left as it was)."""
+    fast = _channels_last(model, device)
+    runner = fast if fast is not None else model
     was_training = model.training
-    model.eval()
+    runner.eval()
     correct1 = correct5 = total = 0
     try:
         for x, y in batches(dataset, batch_size):
             x, y = x.to(device), y.to(device)
-            logits = model(x)
+            if fast is not None and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = runner(x)
             k = min(5, logits.shape[1])
             top = logits.topk(k, dim=1).indices
             hit = top == y[:, None]

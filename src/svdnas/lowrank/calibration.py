@@ -268,11 +268,14 @@ class PatchMoments(_Moments):
 
 
 class CrossMoments(_Moments):
-    """Streamed moments of one layer's patches under two input streams: the original model's inputs
+    """Streamed statistics of one layer under two input streams: the original model's inputs
     ``x_orig`` and those the already-compressed prefix produces, ``x_comp`` (same images, same order).
 
-    Holds E[p_orig p_comp^T] and E[p_comp p_comp^T] per key, and E[p_orig p_orig^T] when ``orig`` is
-    set (only needed to report the error's constant term), plus the full patches' means of both.
+    What the asymmetric fit reads: E[p_comp p_comp^T] per key (the compressed stream's patch moments,
+    the full kernel's always among them) and E[y p_comp^T], where y = W p_orig is the original
+    layer's output (without its bias) on the original inputs, computed here by the layer itself:
+    O x (I*kh*kw), a fraction O / (I*kh*kw) of what E[p_orig p_comp^T] would cost, and all that
+    W E[p_orig p_comp^T] needs. Plus the means E[y] and E[p_comp] of the full patches.
     """
 
     def __init__(
@@ -280,74 +283,60 @@ class CrossMoments(_Moments):
         layer: nn.Module,
         families: Iterable[tuple[tuple[int, int], tuple[int, int]]] = (),
         *,
-        full: bool = False,
-        orig: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         geo = layer_geometry(layer)
-        super().__init__(geo, _keys(geo, families, full), device)
+        super().__init__(geo, _keys(geo, families, True), device)
+        self.layer = layer
         self.linear = isinstance(layer, nn.Linear)
-        self.keep_orig = orig
-        self.comp_sums: dict[Key, Tensor] = {}
-        self.orig_sums: dict[Key, Tensor] = {}
         n = _columns(geo, geo.kernel)
-        self.mean_sums = [torch.zeros(n, dtype=torch.float64, device=device) for _ in range(2)]
+        self.output_sum = torch.zeros(geo.out_channels, n, dtype=torch.float64, device=device)
+        self.mean_sums = [torch.zeros(geo.out_channels, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.float64, device=device)]
+
+    def _output(self, x: Tensor) -> Tensor:
+        """The layer's output without its bias, one row per patch position: (positions, O)."""
+        if self.linear:
+            return TF.linear(x, self.layer.weight).reshape(-1, self.geo.out_channels)
+        y = self.layer._conv_forward(x, self.layer.weight, None)
+        return y.permute(0, 2, 3, 1).reshape(-1, self.geo.out_channels)
 
     @torch.no_grad()
     def update(self, x_orig: Tensor, x_comp: Tensor) -> None:
         """Add a batch of the layer's inputs under both streams."""
         if x_orig.shape != x_comp.shape:
             raise SpecError(f"the two input streams differ in shape: {tuple(x_orig.shape)} vs {tuple(x_comp.shape)}")
-        keys = self.stored
-        unfoldings = sorted({k[0] for k in keys} | {self.geo.kernel})
+        unfoldings = sorted({k[0] for k in self.stored})
         width = max(_columns(self.geo, fk) for fk in unfoldings)
         for xo, xc in zip(_chunks(x_orig.detach(), width, self.linear), _chunks(x_comp.detach(), width, self.linear)):
             for fk in unfoldings:
-                po, pc = (_working(patches(t, self.geo, fk, linear=self.linear)) for t in (xo, xc))
-                self.counts[fk] = self.counts.get(fk, 0) + po.shape[0]
+                pc = _working(patches(xc, self.geo, fk, linear=self.linear))
+                self.counts[fk] = self.counts.get(fk, 0) + pc.shape[0]
                 if fk == self.geo.kernel:
-                    dev = self.device or po.device
-                    self.mean_sums = [m.to(dev) + column_sums(p).to(dev) for m, p in zip(self.mean_sums, (po, pc))]
-                    count = po.shape[0]
-                for key in keys:
-                    if key[0] != fk:
-                        continue
-                    self._add(key, po, pc)
-                    self._add_to(self.comp_sums, key, pc, pc)
-                    if self.keep_orig:
-                        self._add_to(self.orig_sums, key, po, po)
-            self.count += count
-
-    def _add_to(self, store: dict[Key, Tensor], key: Key, left: Tensor, right: Tensor) -> None:
-        saved, self.sums = self.sums, store
-        try:
-            self._add(key, left, right)
-        finally:
-            self.sums = saved
-
-    def cross(self, first_kernel: tuple[int, int], groups: int = 1) -> Tensor:
-        """E[p_orig p_comp^T] per first-layer group: (groups, n, n)."""
-        return self._moment(self.sums, first_kernel, groups)
+                    y = _working(self._output(xo)).to(pc.dtype)
+                    dev = self.device or pc.device
+                    self.output_sum = self.output_sum.to(dev) + gram(y, pc).to(dev)
+                    self.mean_sums = [m.to(dev) + column_sums(t).to(dev) for m, t in zip(self.mean_sums, (y, pc))]
+                    self.count += pc.shape[0]
+                for key in self.stored:
+                    if key[0] == fk:
+                        self._add(key, pc, pc)
 
     def comp(self, first_kernel: tuple[int, int], groups: int = 1) -> Tensor:
         """E[p_comp p_comp^T] per first-layer group: (groups, n, n)."""
-        return self._moment(self.comp_sums, first_kernel, groups)
+        return self._moment(self.sums, first_kernel, groups)
 
-    def orig(self, first_kernel: tuple[int, int], groups: int = 1) -> Tensor:
-        """E[p_orig p_orig^T] per first-layer group (only with ``orig=True``)."""
-        if not self.keep_orig:
-            raise SpecError("E[p_orig p_orig^T] was not kept: create the CrossMoments with orig=True")
-        return self._moment(self.orig_sums, first_kernel, groups)
+    def output_cross(self) -> Tensor:
+        """E[y p_comp^T] over the full patches, y the original layer's output without bias: (O, I * kh * kw)."""
+        if self.count == 0:
+            raise SpecError("no calibration inputs were seen: call update() with at least one batch first")
+        return self.output_sum / self.count
 
     def full_means(self) -> tuple[Tensor, Tensor]:
-        """(E[p_orig], E[p_comp]) of the original kernel's patches."""
+        """(E[y], E[p_comp]): the original layer's output mean without bias, the compressed stream's full patch mean."""
         return tuple(m / max(self.count, 1) for m in self.mean_sums)  # type: ignore[return-value]
 
-    def _copies(self) -> int:
-        return 3 if self.keep_orig else 2
-
     def _mean_bytes(self) -> int:
-        return 2 * _columns(self.geo, self.geo.kernel) * 8
+        return (self.geo.out_channels + 1) * (_columns(self.geo, self.geo.kernel) + 1) * 8
 
 
 def needed_families(specs: Iterable[LowRankSpec]) -> list[tuple[tuple[int, int], tuple[int, int]]]:

@@ -9,10 +9,11 @@ the input patch p, the second B (rows x r). With C = E[p p^T] (+ damping) = L L^
 - refit: alternating least squares on the two factors under the full patch moment of the original
   kernel (the true output error whatever the split), started from the whitened factors.
 - prefix: the asymmetric fit (Zhang et al., TPAMI 2016): the branch on the compressed model's inputs
-  x_comp reproduces the original layer on the original inputs x_orig; with C_oc = E[p_orig p_comp^T]
-  and C_cc = E[p_comp p_comp^T] = L L^T the least-squares target is W* = M C_oc C_cc^-1 and
-  E||M p_orig - BA p_comp||^2 = const + ||(W* - BA) L||_F^2, so B A is the truncated SVD of
-  W* L = M C_oc L^-T, mapped back by L^-1.
+  x_comp reproduces the original layer on the original inputs x_orig; with C_cc = E[p_comp p_comp^T]
+  = L L^T and y = W p_orig the original layer's output, the least-squares target is
+  W* = E[y p_comp^T] C_cc^-1 and E||W p_orig - BA p_comp||^2 = const + ||(W* - BA) L||_F^2, so B A is
+  the truncated SVD of W* L, mapped back by L^-1 (exact for the whole kernel in an ungrouped first
+  layer; other families whiten by their own pooled moments, then refit on the exact error).
 
 All factors are float64 :class:`~svdnas.lowrank.functional.SVDFactors` (``vh`` already carries
 L^-1), so :func:`~svdnas.lowrank.functional.factor_weights` folds any rank of them into the two conv
@@ -51,27 +52,41 @@ def _damped(c: Tensor, damping: float) -> Tensor:
     return c + lam[:, None, None] * torch.eye(n, dtype=c.dtype, device=c.device)
 
 
-def _roots(c: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+def _roots(c: Tensor, damping: float, *, inverse: bool = True) -> tuple[Tensor, Tensor | None]:
     """(L, L^+) per matrix of a batch (b, n, n) of moments, L L^T = :func:`_damped` C.
 
     L is the Cholesky factor (any L with L L^T = C whitens alike: the truncations of M L and of
     M L Q agree for orthogonal Q), an order of magnitude cheaper than an eigendecomposition; where
     the damped moment is too ill-conditioned for it, L = Q sqrt(E) from the eigendecomposition, with
-    eigenvalues at rounding level dropped from the pseudo-inverse.
+    eigenvalues at rounding level dropped from the pseudo-inverse. Without ``inverse`` a Cholesky
+    factor comes with None in place of its inverse (see :func:`_triangular_inverse`).
     """
-    n = c.shape[-1]
     damped = _damped(c, damping)
     chol, info = torch.linalg.cholesky_ex(damped)
     if bool((info == 0).all()) and bool(torch.isfinite(chol).all()):
-        eye = torch.eye(n, dtype=c.dtype, device=c.device).expand_as(chol)
-        inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
-        if bool(torch.isfinite(inverse).all()):
-            return chol, inverse
+        if not inverse:
+            return chol, None
+        inv = _triangular_inverse(chol)
+        if inv is not None:
+            return chol, inv
+    return _eigen_roots(damped)
+
+
+def _eigen_roots(damped: Tensor) -> tuple[Tensor, Tensor]:
+    """(Q sqrt(E), pseudo-inverse) of a batch of damped moments, eigenvalues at rounding level dropped."""
+    n = damped.shape[-1]
     e, q = torch.linalg.eigh(damped)
-    live = e > e.amax(-1, keepdim=True) * n * torch.finfo(c.dtype).eps
+    live = e > e.amax(-1, keepdim=True) * n * torch.finfo(damped.dtype).eps
     root = e.clamp_min(0).sqrt()
     inv = torch.where(live, 1 / torch.where(live, root, torch.ones_like(root)), torch.zeros_like(root))
     return q * root[:, None, :], inv[:, :, None] * q.transpose(-2, -1)
+
+
+def _triangular_inverse(chol: Tensor) -> Tensor | None:
+    """L^-1 of a batch of lower-triangular Cholesky factors, or None where it is not finite."""
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
+    inv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    return inv if bool(torch.isfinite(inv).all()) else None
 
 
 def _per_group(moment: Tensor, mats: Tensor) -> Tensor:
@@ -88,19 +103,32 @@ def _per_group(moment: Tensor, mats: Tensor) -> Tensor:
 
 
 class Whitening:
-    """The damped square root L of a (g1, n, n) moment and its pseudo-inverse, computed once and shared
-    by every family (and every rank) that whitens by that moment."""
+    """The damped square root L of a (g1, n, n) moment and its pseudo-inverse (computed when first
+    asked for: reading a spectrum needs L alone), shared by every family (and every rank) that
+    whitens by that moment."""
 
     def __init__(self, moment: Tensor, damping: float = 1e-6) -> None:
         c = moment.to(dtype=torch.float64)
-        self.root, self.inverse = _roots(c if c.dim() == 3 else c[None], damping)
+        self.root, self._inverse = _roots(c if c.dim() == 3 else c[None], damping, inverse=False)
+
+    @property
+    def inverse(self) -> Tensor:
+        if self._inverse is None:
+            self._inverse = _triangular_inverse(self.root)
+            if self._inverse is None:  # too ill-conditioned after all: the eigendecomposition's pair
+                self.root, self._inverse = _eigen_roots(self.root @ self.root.transpose(-2, -1))
+        return self._inverse
 
     def nbytes(self) -> int:
-        return self.root.numel() * self.root.element_size() + self.inverse.numel() * self.inverse.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.root, self._inverse) if t is not None)
 
     def for_family(self, mats: Tensor) -> tuple[Tensor, Tensor]:
         """(L, L^+) laid out for a family's (g, rows, n) matrices."""
         return _per_group(self.root, mats), _per_group(self.inverse, mats)
+
+    def root_for(self, mats: Tensor) -> Tensor:
+        """L laid out for a family's (g, rows, n) matrices."""
+        return _per_group(self.root, mats)
 
 
 def whitened_svd(weight: Tensor, family: F.Family, moment: Tensor | Whitening, *, damping: float = 1e-6) -> F.SVDFactors:
@@ -125,37 +153,9 @@ def whitened_spectrum(weight: Tensor, family: F.Family, whitening: Whitening) ->
     """The singular values (g, k), descending, of :func:`whitened_svd`'s factors without the factors:
     the eigenvalues of the smaller Gram matrix of M L (what :func:`rank_errors` reads)."""
     mats = F.unfold(weight.detach().double(), *family)
-    root, _ = whitening.for_family(mats)
-    x = mats @ root
+    x = mats @ whitening.root_for(mats)
     gram = x @ x.transpose(-2, -1) if x.shape[-2] <= x.shape[-1] else x.transpose(-2, -1) @ x
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
-
-
-def prefix_svd(
-    weight: Tensor,
-    family: F.Family,
-    cross: Tensor,
-    comp: Tensor,
-    *,
-    fitted: Tensor | None = None,
-    damping: float = 1e-6,
-) -> F.SVDFactors:
-    """Asymmetric fit: factors whose branch, applied to the compressed model's patches, best
-    reproduces the original layer (minus the branches ``fitted`` before it) on the original patches.
-
-    Args:
-        cross: E[p_orig p_comp^T] per first-layer group (g1, n, n).
-        comp: E[p_comp p_comp^T] per first-layer group (g1, n, n).
-        fitted: dense weight (O, I, kh, kw) of the branches already fitted (residual branches).
-    """
-    mats = F.unfold(weight.detach().double(), *family)
-    c_oc, c_cc = _per_group(cross, mats), _per_group(comp, mats)
-    target = mats @ c_oc
-    if fitted is not None:
-        target = target - F.unfold(fitted.detach().double(), *family) @ c_cc
-    _, inverse = _roots(c_cc, damping)
-    u, s, vh = F.thin_svd(target @ inverse.transpose(-2, -1))
-    return F.SVDFactors(u, s, vh @ inverse)
 
 
 def rank_errors(factors: F.SVDFactors | Tensor) -> Tensor:
@@ -489,13 +489,12 @@ def derive(
 
 def prefix_target(weight: Tensor, stats: CrossMoments, *, damping: float = 1e-6) -> tuple[Tensor, Tensor]:
     """(W*, C): the dense weight that, applied to the compressed model's full patches, best reproduces
-    ``weight`` on the original ones, W* = W C_oc (C_cc + lambda I)^-1, and the damped C_cc, so that
-    E||W p_orig - W_hat p_comp||^2 = const + tr((W* - W_hat) C (W* - W_hat)^T): the exact refit of
-    W* under C is the exact prefix fit (``stats`` must hold the full moments: ``full=True``)."""
+    ``weight`` on the original ones, W* = E[y p_comp^T] (C_cc + lambda I)^-1 with y = W p_orig, and the
+    damped C_cc, so that E||W p_orig - W_hat p_comp||^2 = const + tr((W* - W_hat) C (W* - W_hat)^T):
+    the exact refit of W* under C is the exact prefix fit."""
     kernel = (weight.shape[2], weight.shape[3])
-    c_oc, c = stats.cross(kernel)[0], _damped(stats.comp(kernel), damping)[0]
-    m = weight.detach().double().to(c.device).reshape(weight.shape[0], -1)
-    target = torch.linalg.solve(c, (m @ c_oc).T).T  # C symmetric: (W C_oc) C^-1
+    c = _damped(stats.comp(kernel), damping)[0]
+    target = torch.linalg.solve(c, stats.output_cross().to(c.device).T).T  # C symmetric: E[y p^T] C^-1
     return target.reshape(weight.shape), c
 
 
@@ -511,15 +510,15 @@ def derive_prefix(
 ) -> LowRankBlock:
     """Low-rank version of ``layer`` fitted to run on the compressed model's inputs (asymmetric fit).
 
-    Exact (the least-squares optimum of the output error against the original layer on the original
-    inputs) for a single branch with the whole kernel in the first layer and no first-layer groups;
-    other families use the pooled, per-group moments as :func:`whitened_svd` does, then, with
-    ``refit_iters``, alternating least squares on the exact error (:func:`prefix_target`, :func:`refit`).
+    Each branch is the whitened SVD of what is left of :func:`prefix_target`'s W* under the
+    compressed stream's patch moment of its family: exact (the least-squares optimum of the output
+    error against the original layer on the original inputs) for the whole kernel in the first layer
+    and no first-layer groups; other families whiten by their pooled, per-group moments, then, with
+    ``refit_iters``, alternating least squares on the exact error (:func:`refit`).
 
     Args:
-        stats: the layer's inputs under both streams, with every family's moments (and, for
-            ``refit_iters``, the full ones).
-        bias_correction: shift the bias by W E[p_orig] - W_hat E[p_comp] (a layer without a bias gets
+        stats: the layer's inputs under both streams, with every family's moments.
+        bias_correction: shift the bias by E[W p_orig] - W_hat E[p_comp] (a layer without a bias gets
             one); None: only when the layer has a bias.
         refit_iters: alternating steps of the exact refit for the families the pooled fit approximates.
     """
@@ -529,24 +528,21 @@ def derive_prefix(
     block = empty_block(layer, specs)
     weight = conv_weight(layer).detach()
     kernel = (weight.shape[2], weight.shape[3])
-    fitted = torch.zeros_like(weight, dtype=torch.float64)
-    exact = None
+    target, c = prefix_target(weight, stats, damping=damping)
+    fitted = torch.zeros_like(target)
     weights = []
     for spec in specs:
         fk, groups = spec.family()
-        factors = prefix_svd(
-            weight, spec.family(), stats.cross(fk, groups[0]), stats.comp(fk, groups[0]),
-            fitted=fitted if weights else None, damping=damping,
-        )
+        factors = whitened_svd(target - fitted, spec.family(), stats.comp(fk, groups[0]), damping=damping)
         w1, w2 = F.factor_weights(factors, spec, kernel)
         if refit_iters > 0 and (fk != kernel or groups[0] > 1):
-            if exact is None:
-                exact = prefix_target(weight, stats, damping=damping)
-            target, c = exact
-            w1, w2, _ = refit(target.to(fitted.device) - fitted, spec, c, (w1, w2), iters=refit_iters)
+            w1, w2, _ = refit(target - fitted, spec, c, (w1, w2), iters=refit_iters)
         weights.append((w1, w2))
-        fitted += branch_weight(w1, w2, spec, weight.shape)
-    shift = bias_shift(weight, fitted, *stats.full_means()) if correct else None
+        fitted += branch_weight(w1, w2, spec, weight.shape).to(fitted.device)
+    shift = None
+    if correct:
+        mean_y, mean_comp = stats.full_means()
+        shift = mean_y.to(fitted.device) - fitted.reshape(fitted.shape[0], -1) @ mean_comp.to(fitted.device)
     return _fill(layer, block, weights, shift)
 
 
@@ -557,5 +553,5 @@ def family_ranks_errors(weight: Tensor, family: F.Family, stats: PatchMoments, *
 
 __all__ = [
     "DERIVATIONS", "Whitening", "bias_shift", "branch_weight", "derive", "derive_prefix", "family_ranks_errors",
-    "output_error", "prefix_svd", "prefix_target", "rank_errors", "refit", "whitened_spectrum", "whitened_svd",
+    "output_error", "prefix_target", "rank_errors", "refit", "whitened_spectrum", "whitened_svd",
 ]

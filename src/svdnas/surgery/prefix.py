@@ -235,7 +235,7 @@ def _fit(original, plan, layers, batches, device, *, lockstep, derivation, bias_
             specs = plan.layers[name]
             layer = original.get_submodule(name)
             x_orig, x_comp = inputs(name)
-            stats = CrossMoments(layer, needed_families(specs), full=refit_iters > 0)
+            stats = CrossMoments(layer, needed_families(specs))
             for xo, xc in zip(x_orig, x_comp):
                 stats.update(xo, xc)
             try:
