@@ -46,7 +46,9 @@ def main() -> None:
     setup(args, manual_seed=0)
     model, info = build_model(args.model)
     shape = tuple(info.input_shape)
-    data = random_bundle(shape, info.num_classes, args.images + args.proxy_images, 32)
+    with torch.no_grad():
+        classes = model.eval()(torch.zeros(1, *shape)).shape[-1]
+    data = random_bundle(shape, classes, args.images + args.proxy_images, 32)
     config = CompressConfig(
         reduction=args.reduction, search_images=args.images, proxy_images=args.proxy_images, calibration_images=args.images,
         search=SearchConfig(epochs=1, batch_size=32, target=1 - args.reduction),

@@ -297,6 +297,11 @@ def print_latency(r: dict) -> None:
     print(line)
     if lat["slower"]:
         print(f"note: the compressed model is slower than the original in {lat['runtime']} here")
+    budget = lat.get("measured_budget")
+    if budget is not None and not budget["met"]:
+        best = budget["attempts"][budget["kept"]]["reduction"]
+        print(f"note: the latency budget was not met on the whole model measured in {budget['runtime']}: the fastest plan "
+              f"of the candidates measured -{100 * best:.2f}% (see report.json latency.measured_budget)")
 
 
 def write_report_quietly(out: str) -> None:

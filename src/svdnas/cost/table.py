@@ -19,6 +19,7 @@ family; ``anchors=0`` measures every candidate.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -319,14 +320,11 @@ class LatencyTable:
         """Median latency (ms) of a whole model on inputs of ``input_shape`` (C, H, W); not cached."""
         p = next(model.parameters(), None)
         dtype = p.dtype if p is not None else torch.float32
-        was_training = model.training
-        model.eval()
-        try:
-            with self._random():
-                x = torch.randn(self.config.batch, *input_shape, device=self.device, dtype=dtype)
-                return float(self._timed([model], x)[0]["median_ms"])
-        finally:
-            model.train(was_training)
+        # a copy in the default memory format, as the table's layers are built (the job's may be channels-last)
+        copied = copy.deepcopy(model).eval().to(memory_format=torch.contiguous_format)
+        with self._random():
+            x = torch.randn(self.config.batch, *input_shape, device=self.device, dtype=dtype)
+            return float(self._timed([copied], x)[0]["median_ms"])
 
     def summary(self) -> dict[str, Any]:
         """What the table did in this run, for the report."""

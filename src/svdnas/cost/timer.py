@@ -90,7 +90,8 @@ def _runner(model: nn.Module, input_shape: tuple[int, ...], runtime: str, batch:
         session = ort.InferenceSession(onnx_bytes(model, x, dynamic_batch=False), opts, providers=providers)
         feed = {"input": x.numpy()}
         return lambda: session.run(None, feed)
-    copied = copy.deepcopy(model).eval().to(device)
+    # in the default memory format, as a user holds a model (a job's working copy may be channels-last)
+    copied = copy.deepcopy(model).eval().to(device).to(memory_format=torch.contiguous_format)
     x = torch.randn(batch, *input_shape, device=device)
 
     def run() -> None:  # timed inside _threads, in inference mode

@@ -77,7 +77,7 @@ def _compress(model, data, config, input_shape, filter_fn, device, seed, out, re
     calibration = stages.calibration_set(images.search, config.calibration_images)
     derivation = stages.calibrate(job, config.derivation, {n: c.specs for n, c in candidates.items()}, calibration)
     pruned = stages.prune(job, config, candidates, images.proxy, derivation)
-    searched = stages.search_plan(job, config, pruned, images)
+    searched = stages.meet_latency_budget(job, config, pruned, stages.search_plan(job, config, pruned, images))
     compressed = stages.derive_model(job, searched.plan, derivation, calibration)
     recovered = stages.recover(
         job, config.mode, compressed, searched.plan, config.finetune, images.synthetic,
@@ -86,11 +86,13 @@ def _compress(model, data, config, input_shape, filter_fn, device, seed, out, re
     if not ddp.is_main():  # under torchrun, rank 0 evaluates and writes
         return CompressResult(compressed, searched.plan, {}, searched.history)
     timing = {"latency_batch": pruned.latency.table["batch"], "latency_threads": pruned.latency.table["threads"]} if pruned.latency else {}
-    timing["runtime"] = config.runtime or ("torch" if config.objective == "latency" else None)  # where its table measured
+    timing["runtime"] = config.runtime
     report = stages.report(job, compressed, searched.plan, stages.search_header(job, config, searched.config), recovered, **timing)
     summary = stages.search_summary(job, config, pruned, searched, images)
     if "latency_predicted" in summary:
         report["latency"]["predicted"] = summary.pop("latency_predicted")
+    if searched.measured_budget is not None:
+        report["latency"]["measured_budget"] = searched.measured_budget
     for entry in report["layers"]:
         entry["candidates"] = len(pruned.candidates[entry["name"]]) - 1 if entry["name"] in pruned.candidates else 0
     stages.finish(job, report)

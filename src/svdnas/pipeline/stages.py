@@ -11,7 +11,8 @@ the next stage needs. In order, for ``compress``:
 5. :func:`prune`: families by output error, latencies measured where that is the objective, candidates
    by the one-layer accuracy proxy; what is left is checked against the budget again.
 6. :func:`search_plan`: a super model, its logits learned, one candidate per layer within the budget;
-   with two branches, a second search over the first branch's residual.
+   with two branches, a second search over the first branch's residual. :func:`meet_latency_budget`
+   (latency objective): the plan selected again until the whole model, measured, meets the budget.
 7. :func:`derive_model`: the plan's factors (``prefix``: fitted layer by layer on the compressed
    prefix), then :func:`recover`: distillation, in the modes that fine-tune.
 8. :func:`report`, then :func:`write`: accuracy, costs and latency measured; the run directory written.
@@ -20,6 +21,7 @@ the next stage needs. In order, for ``compress``:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from torch import nn
 from svdnas import distributed as ddp
 from svdnas.cost.counting import count_params, model_macs
 from svdnas.cost.table import LatencyTable
+from svdnas.cost.timer import compare_latency, default_runtime
 from svdnas.data.datasets import DataBundle
 from svdnas.data.evaluate import batches, evaluate
 from svdnas.errors import DataError, SpecError, WriteError
@@ -54,15 +57,18 @@ from svdnas.search.branch import search_branch
 from svdnas.search.budget import cheapest_total, check_budget, rank_one_reach
 from svdnas.search.candidates import LayerCandidates, limit_groups
 from svdnas.search.latency_costs import (
+    NS_PER_MS,
     LatencyCosts,
     attach_latency,
     attach_second_branch,
     drop_slower,
     predicted_report,
 )
+from svdnas.search.measured_budget import meet_measured_budget
 from svdnas.search.output_proxy import keep_families
 from svdnas.search.pruning import accuracy_prune, proxy_errors
 from svdnas.search.residual import second_branch_candidates
+from svdnas.search.select import select_within_budget
 from svdnas.surgery.prefix import fit_on_prefix
 from svdnas.surgery.swap import apply_plan
 from svdnas.surgery.targets import FilterFn, require_targets
@@ -325,6 +331,7 @@ class Searched:
     stages: list[dict[str, LayerCandidates]]
     branch_reports: dict[str, Any]
     config: SearchConfig
+    measured_budget: dict[str, Any] | None = None
 
 
 def search_plan(job: Job, config: CompressConfig, pruned: Pruned, images: SearchImages) -> Searched:
@@ -366,6 +373,48 @@ def search_plan(job: Job, config: CompressConfig, pruned: Pruned, images: Search
             histories = {"b1": history, "b2": history2}
     hist = {k: v.to_dict() for k, v in histories.items()} if isinstance(histories, dict) else histories.to_dict()
     return Searched(plan, hist, stages, branch_reports, sconf)
+
+
+def meet_latency_budget(job: Job, config: CompressConfig, pruned: Pruned, searched: Searched) -> Searched:
+    """The latency objective's plan selected again from the search's logits until the whole model,
+    timed end to end against the original in the report's runtime (at the table's batch and
+    threads), meets the budget (see :mod:`svdnas.search.measured_budget`); one branch only."""
+    if config.objective != "latency" or config.reduction is None or config.branches != 1 or pruned.latency is None:
+        return searched
+    t0 = time.perf_counter()
+    names = list(pruned.candidates)
+    cands = pruned.candidates
+    logits = searched.history["logits"]
+    scores, costs = [logits[n] for n in names], [pruned.costs[n] for n in names]
+    upgrades = [cands[n].next_rank() for n in names]
+    runtime = config.runtime or default_runtime()
+    batch, threads = pruned.latency.table["batch"], pruned.latency.table["threads"]
+
+    def select(budget: float) -> tuple[Plan, list[int]]:
+        choice = select_within_budget(scores, costs, budget, pruned.fixed, upgrades)
+        plan = Plan({n: [] for n in job.targets})
+        for n, c in zip(names, choice):
+            plan.layers[n] = list(cands[n].base) if c == 0 else [*cands[n].prefix, cands[n].specs[c - 1]]
+        return plan, choice
+
+    def predicted(picked: tuple[Plan, list[int]]) -> float:
+        return pruned.fixed + sum(k[c] for k, c in zip(costs, picked[1]))
+
+    def measure(picked: tuple[Plan, list[int]]) -> dict[str, float]:
+        model = _standard_memory(apply_plan(copy.deepcopy(job.model), picked[0]))  # timing does not depend on the factors' values
+        return compare_latency(job.model, model, job.shape, runtime, batch=batch, threads=threads, device=job.device)
+
+    outcome = None
+    if ddp.is_main():  # under torchrun rank 0 measures (the processes would disturb each other) and tells the others
+        result = meet_measured_budget(select, predicted, measure, config.reduction, (1 - config.reduction) * pruned.total)
+        block = result.to_dict() | {"runtime": runtime, "batch": batch, "threads": threads}
+        for attempt in block["attempts"]:
+            attempt["budget_ms"], attempt["predicted_ms"] = attempt.pop("budget") / NS_PER_MS, attempt.pop("predicted") / NS_PER_MS
+        outcome = (result.plan, block)
+    (plan, kept), block = ddp.broadcast_object(outcome)
+    job.seconds["latency_budget"] = time.perf_counter() - t0
+    history = searched.history | {"choice": dict(zip(names, kept))}
+    return dataclasses.replace(searched, plan=plan, history=history, measured_budget=block)
 
 
 @dataclass

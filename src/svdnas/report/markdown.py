@@ -32,6 +32,13 @@ def markdown(report: dict[str, Any]) -> str:
             if "predicted" in lat and name == lat.get("runtime"):
                 line += f"; the lookup table predicted {-100 * lat['predicted']['reduction']:+.2f}%"
             lines.append(line)
+        budget = lat.get("measured_budget")
+        if budget is not None:
+            kept = budget["attempts"][budget["kept"]]
+            verdict = "met" if budget["met"] else "**not met**"
+            lines.append(f"- latency budget {verdict} on the whole model measured in {budget['runtime']} while selecting: "
+                         f"{-100 * kept['reduction']:+.2f}% after {budget['repairs']} repair(s) of the table's plan "
+                         f"({-100 * budget['attempts'][0]['reduction']:+.2f}% measured at first)")
     if report.get("top1"):
         t = report["top1"]
         lines.append(f"- top-1: {t['original']:.2f}% -> {t['compressed']:.2f}% (drop {t['drop_pp']:.2f}pp)")
