@@ -70,7 +70,7 @@ def main() -> None:
                     for a, b in pairwise(attempts)
                 ]
             rows.append(row)
-            print(f"{objective} R={r}: measured -{100 * row['measured']:.1f}% in {args.runtime}, FLOPs -{100 * row['flops_reduction']:.1f}%, "
+            print(f"{objective} R={r}: measured {-100 * row['measured']:+.1f}% in {args.runtime}, FLOPs -{100 * row['flops_reduction']:.1f}%, "
                   f"drop {row['drop_pp']:.2f} pp" + (f", met {row['met']} after {row['repairs']} repairs" if objective == "latency" else ""),
                   flush=True)
 

@@ -50,7 +50,7 @@ class Derivation:
     refit_iters: int = 4
     # the square roots of the moments, kept (most recently used last) up to ``whitening_bytes``: the
     # proxies, the supernet and the final model each go layer by layer over the same unfoldings, and
-    # an eigendecomposition of a 2304-column moment takes seconds
+    # a square root of a 2304-column moment is not free
     whitening_bytes: int = 1 << 30
     # each family's whitened factors of the layer's weight, kept likewise: the accuracy proxy derives
     # every rank it measures, the super blocks and the prefix fit's comparison the same families again
