@@ -122,7 +122,7 @@ def _sub_patch(geo: ConvGeometry, first_kernel: tuple[int, int]) -> Tensor | Non
 
 
 class _Moments:
-    """Sums of products of left and right patches for a set of keys, plus means of the full patches."""
+    """Sums of the products p^T p of one stream's patches for a set of keys, plus means of the full patches."""
 
     def __init__(self, geo: ConvGeometry, keys: Iterable[Key], device: torch.device | str | None) -> None:
         self.geo = geo
@@ -154,17 +154,16 @@ class _Moments:
         n = _columns(self.geo, fk) // g
         return torch.zeros(g, n, n, dtype=torch.float64, device=self.device or like.device)
 
-    def _add(self, key: Key, left: Tensor, right: Tensor) -> None:
+    def _add(self, key: Key, p: Tensor) -> None:
+        """Add ``p^T p`` of each first-layer group's columns to ``key``'s sums."""
         g = key[1]
         if key not in self.sums:
-            self.sums[key] = self._zeros(key, left)
+            self.sums[key] = self._zeros(key, p)
         acc = self.sums[key]
-        same = right is left
-        left, right = left.to(acc.device), right.to(acc.device)
-        n = left.shape[1] // g
+        p = p.to(acc.device)
+        n = p.shape[1] // g
         for j in range(g):
-            cols = slice(j * n, (j + 1) * n)
-            acc[j] += gram(left[:, cols], None if same else right[:, cols])
+            acc[j] += gram(p[:, j * n : (j + 1) * n])
 
     def _moment(self, store: dict[Key, Tensor], first_kernel: tuple[int, int], groups: int) -> Tensor:
         if self.count == 0:
@@ -244,7 +243,7 @@ class PatchMoments(_Moments):
                     count = p.shape[0]
                 for key in self.stored:
                     if key[0] == fk:
-                        self._add(key, p, p)
+                        self._add(key, p)
             self.count += count
 
     def moment(self, first_kernel: tuple[int, int], groups: int = 1) -> Tensor:
@@ -293,33 +292,36 @@ class CrossMoments(_Moments):
         self.output_sum = torch.zeros(geo.out_channels, n, dtype=torch.float64, device=device)
         self.mean_sums = [torch.zeros(geo.out_channels, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.float64, device=device)]
 
-    def _output(self, x: Tensor) -> Tensor:
-        """The layer's output without its bias, one row per patch position: (positions, O)."""
-        if self.linear:
-            return TF.linear(x, self.layer.weight).reshape(-1, self.geo.out_channels)
-        y = self.layer._conv_forward(x, self.layer.weight, None)
-        return y.permute(0, 2, 3, 1).reshape(-1, self.geo.out_channels)
+    def _rows(self, y: Tensor) -> Tensor:
+        """The layer's output less its bias, one row per patch position: (positions, O)."""
+        if not self.linear:
+            y = y.permute(0, 2, 3, 1)
+        y = y.reshape(-1, self.geo.out_channels)
+        return y - self.layer.bias.detach() if self.layer.bias is not None else y
 
     @torch.no_grad()
-    def update(self, x_orig: Tensor, x_comp: Tensor) -> None:
-        """Add a batch of the layer's inputs under both streams."""
+    def update(self, x_orig: Tensor, x_comp: Tensor, y_orig: Tensor | None = None) -> None:
+        """Add a batch of the layer's inputs under both streams; ``y_orig``: the layer's output on
+        ``x_orig``, where the caller has it (computed here otherwise)."""
         if x_orig.shape != x_comp.shape:
             raise SpecError(f"the two input streams differ in shape: {tuple(x_orig.shape)} vs {tuple(x_comp.shape)}")
+        y_orig = (self.layer(x_orig) if y_orig is None else y_orig).detach()
         unfoldings = sorted({k[0] for k in self.stored})
         width = max(_columns(self.geo, fk) for fk in unfoldings)
-        for xo, xc in zip(_chunks(x_orig.detach(), width, self.linear), _chunks(x_comp.detach(), width, self.linear)):
+        chunks = list(_chunks(x_comp.detach(), width, self.linear))
+        for yo, xc in zip(y_orig.split([len(c) for c in chunks]), chunks):
             for fk in unfoldings:
                 pc = _working(patches(xc, self.geo, fk, linear=self.linear))
                 self.counts[fk] = self.counts.get(fk, 0) + pc.shape[0]
                 if fk == self.geo.kernel:
-                    y = _working(self._output(xo)).to(pc.dtype)
+                    y = _working(self._rows(yo)).to(pc.dtype)
                     dev = self.device or pc.device
                     self.output_sum = self.output_sum.to(dev) + gram(y, pc).to(dev)
                     self.mean_sums = [m.to(dev) + column_sums(t).to(dev) for m, t in zip(self.mean_sums, (y, pc))]
                     self.count += pc.shape[0]
                 for key in self.stored:
                     if key[0] == fk:
-                        self._add(key, pc, pc)
+                        self._add(key, pc)
 
     def comp(self, first_kernel: tuple[int, int], groups: int = 1) -> Tensor:
         """E[p_comp p_comp^T] per first-layer group: (groups, n, n)."""

@@ -52,23 +52,19 @@ def _damped(c: Tensor, damping: float) -> Tensor:
     return c + lam[:, None, None] * torch.eye(n, dtype=c.dtype, device=c.device)
 
 
-def _roots(c: Tensor, damping: float, *, inverse: bool = True) -> tuple[Tensor, Tensor | None]:
+def _roots(c: Tensor, damping: float) -> tuple[Tensor, Tensor | None]:
     """(L, L^+) per matrix of a batch (b, n, n) of moments, L L^T = :func:`_damped` C.
 
     L is the Cholesky factor (any L with L L^T = C whitens alike: the truncations of M L and of
-    M L Q agree for orthogonal Q), an order of magnitude cheaper than an eigendecomposition; where
-    the damped moment is too ill-conditioned for it, L = Q sqrt(E) from the eigendecomposition, with
-    eigenvalues at rounding level dropped from the pseudo-inverse. Without ``inverse`` a Cholesky
-    factor comes with None in place of its inverse (see :func:`_triangular_inverse`).
+    M L Q agree for orthogonal Q), an order of magnitude cheaper than an eigendecomposition, and
+    comes with None in place of its inverse (see :func:`_triangular_inverse`); where the damped
+    moment is too ill-conditioned for it, L = Q sqrt(E) from the eigendecomposition, with eigenvalues
+    at rounding level dropped from the pseudo-inverse.
     """
     damped = _damped(c, damping)
     chol, info = torch.linalg.cholesky_ex(damped)
     if bool((info == 0).all()) and bool(torch.isfinite(chol).all()):
-        if not inverse:
-            return chol, None
-        inv = _triangular_inverse(chol)
-        if inv is not None:
-            return chol, inv
+        return chol, None
     return _eigen_roots(damped)
 
 
@@ -109,7 +105,7 @@ class Whitening:
 
     def __init__(self, moment: Tensor, damping: float = 1e-6) -> None:
         c = moment.to(dtype=torch.float64)
-        self.root, self._inverse = _roots(c if c.dim() == 3 else c[None], damping, inverse=False)
+        self.root, self._inverse = _roots(c if c.dim() == 3 else c[None], damping)
 
     @property
     def inverse(self) -> Tensor:
@@ -124,7 +120,7 @@ class Whitening:
 
     def for_family(self, mats: Tensor) -> tuple[Tensor, Tensor]:
         """(L, L^+) laid out for a family's (g, rows, n) matrices."""
-        return _per_group(self.root, mats), _per_group(self.inverse, mats)
+        return self.root_for(mats), _per_group(self.inverse, mats)
 
     def root_for(self, mats: Tensor) -> Tensor:
         """L laid out for a family's (g, rows, n) matrices."""

@@ -394,7 +394,7 @@ def meet_latency_budget(job: Job, config: CompressConfig, pruned: Pruned, search
         choice = select_within_budget(scores, costs, budget, pruned.fixed, upgrades)
         plan = Plan({n: [] for n in job.targets})
         for n, c in zip(names, choice):
-            plan.layers[n] = list(cands[n].base) if c == 0 else [*cands[n].prefix, cands[n].specs[c - 1]]
+            plan.layers[n] = cands[n].branches(c)
         return plan, choice
 
     def predicted(picked: tuple[Plan, list[int]]) -> float:

@@ -75,7 +75,7 @@ def search_branch(
     t0 = time.perf_counter()
     scores = [mixed[n].theta.detach().cpu().tolist() for n in names]
     choice = select()
-    chosen = {n: (candidates[n].base if c == 0 else [*candidates[n].prefix, candidates[n].specs[c - 1]]) for n, c in zip(names, choice)}
+    chosen = {n: candidates[n].branches(c) for n, c in zip(names, choice)}
     history.logits = dict(zip(names, scores))
     history.choice = dict(zip(names, choice))
     seconds[prefix + "select"] = time.perf_counter() - t0

@@ -44,6 +44,10 @@ class LayerCandidates:
     def __len__(self) -> int:
         return len(self.specs) + 1
 
+    def branches(self, index: int) -> list[LowRankSpec]:
+        """The layer's branches when candidate ``index`` is chosen (0: ``base``)."""
+        return list(self.base) if index == 0 else [*self.prefix, self.specs[index - 1]]
+
     def cost(self, objective: str) -> list[float]:
         if objective == "latency":
             if self.latency is None:

@@ -50,7 +50,7 @@ class LatencyCosts:
 
 
 def _candidate_specs(cands: LayerCandidates) -> list[list[LowRankSpec]]:
-    return [list(cands.base)] + [[*cands.prefix, s] for s in cands.specs]
+    return [cands.branches(i) for i in range(len(cands))]
 
 
 def attach_latency(model: nn.Module, input_shape: Sequence[int], candidates: dict[str, LayerCandidates], table: LatencyTable) -> LatencyCosts:

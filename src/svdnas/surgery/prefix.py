@@ -235,16 +235,16 @@ def _fit(original, plan, layers, batches, device, *, lockstep, derivation, bias_
             specs = plan.layers[name]
             layer = original.get_submodule(name)
             x_orig, x_comp = inputs(name)
+            reference = [layer(x) for x in x_orig]
             stats = CrossMoments(layer, needed_families(specs))
-            for xo, xc in zip(x_orig, x_comp):
-                stats.update(xo, xc)
+            for xo, xc, yo in zip(x_orig, x_comp, reference):
+                stats.update(xo, xc, yo)
             try:
                 fitted = derive_prefix(layer, specs, stats, damping=damping, bias_correction=bias_correction, refit_iters=refit_iters)
             except SpecError as e:
                 raise SpecError(f"layer {name}: {e}") from e
             fitted = fitted.to(dtype=layer.weight.dtype).eval()
             own = derivation.block(name, layer, specs).eval()
-            reference = [layer(x) for x in x_orig]
             errors[name] = {
                 "derived": _relative_error(reference, [own(x) for x in x_comp]),
                 "fitted": _relative_error(reference, [fitted(x) for x in x_comp]),
