@@ -216,7 +216,9 @@ def test_the_report_measures_both_runtimes_and_says_when_the_model_is_slower():
     lat = latency_block(small, big, (1, 28, 28), "cpu", threads=1)
     assert lat["runtime"] == "onnxruntime" and set(lat["runtimes"]) == {"torch", "onnxruntime"}
     for fig in lat["runtimes"].values():
-        assert fig["compressed_ms"] > fig["original_ms"] and fig["reduction"] == pytest.approx(1 - fig["compressed_ms"] / fig["original_ms"])
+        # the reduction is the median of the rounds' own, near the ratio of the medians
+        assert fig["compressed_ms"] > fig["original_ms"] and fig["reduction"] == pytest.approx(1 - fig["compressed_ms"] / fig["original_ms"], rel=0.25)
+        assert fig["reduction"] < 0 and fig["spread"] >= 0
     assert lat["slower"] and lat["reduction"] == lat["runtimes"]["onnxruntime"]["reduction"]
     report = {"method": "m", "model": "x", "flops": {"original": 2, "compressed": 1, "reduction": 0.5},
               "params": {"original": 2, "compressed": 1, "reduction": 0.5}, "latency": lat}

@@ -54,3 +54,25 @@ def test_repairs_stop_after_the_given_rounds(rounds):
     measure, calls = measured(overhead=300.0)
     meet_measured_budget(select, lambda p: p, measure, 0.4, 60.0, rounds=rounds)
     assert len(calls) <= rounds + 1
+
+
+def test_a_plan_far_faster_than_asked_is_traded_for_a_looser_one_that_still_meets_the_target():
+    calls = []
+
+    def measure(plan: float) -> dict[str, float]:  # the runtime rewards small layers more than the table says
+        calls.append(plan)
+        return {"original_ms": 100.0, "compressed_ms": plan * plan / 100, "reduction": 1 - plan * plan / 10000}
+
+    result = meet_measured_budget(select, lambda p: p, measure, 0.4, 60.0, tolerance=0.01, slack=0.03)
+    assert result.attempts[0]["reduction"] > 0.6  # the table's plan removes far more than asked
+    kept = result.attempts[result.kept]
+    assert result.met and 0.39 <= kept["reduction"] <= 0.43 and result.plan > 60.0
+    assert "calibrated_reduction" not in result.attempts[0]
+    assert result.kept > 0  # the calibrated table predicts the kept plan better than the raw table did
+    assert abs(kept["calibrated_reduction"] - kept["reduction"]) < abs((1 - kept["predicted"] / 100) - kept["reduction"]) / 4
+
+
+def test_without_slack_an_overshoot_is_kept():
+    measure, calls = measured(overhead=0.0, scale=1.0)
+    result = meet_measured_budget(select, lambda p: p, lambda p: {**measure(p), "reduction": 0.9}, 0.4, 60.0, slack=float("inf"))
+    assert result.plan == 60.0 and len(calls) == 1

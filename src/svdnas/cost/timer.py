@@ -75,8 +75,12 @@ def default_runtime() -> str:
 
 
 def _runner(model: nn.Module, input_shape: tuple[int, ...], runtime: str, batch: int, device: torch.device,
-            threads: int | None) -> Callable[[], object]:
-    """One inference of ``model`` (a copy, or its ONNX graph) in ``runtime``, ready to time."""
+            threads: int | None, stop_spinning: bool = False) -> Callable[[], object]:
+    """One inference of ``model`` (a copy, or its ONNX graph) in ``runtime``, ready to time.
+
+    ``stop_spinning``: ONNX Runtime's worker threads stop spinning when a run ends (they still spin
+    between the operators of a run), so that a session left waiting does not take the cores of the
+    one being timed."""
     if runtime == "onnxruntime":
         _, ort = require_onnx()
         x = torch.randn(batch, *input_shape)
@@ -84,6 +88,8 @@ def _runner(model: nn.Module, input_shape: tuple[int, ...], runtime: str, batch:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+        if stop_spinning:
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
         providers = ["CPUExecutionProvider"]
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -104,22 +110,39 @@ def _runner(model: nn.Module, input_shape: tuple[int, ...], runtime: str, batch:
 
 def compare_latency(
     original: nn.Module, compressed: nn.Module, input_shape: tuple[int, ...], runtime: str, *, batch: int = 1,
-    threads: int | None = None, device: torch.device | str = "cpu", rounds: int = 3, repeats: int = 10, warmup: int = 3,
+    threads: int | None = None, device: torch.device | str = "cpu", rounds: int = 31, repeats: int | None = None,
+    warmup: int = 2, block_ms: float = 20.0,
 ) -> dict[str, float]:
     """Both models' latency in ``runtime``, timed in interleaved rounds (so that load on a shared
-    machine hits both alike); the middle of the rounds' medians. Neither model is moved or modified.
+    machine hits both alike). Neither model is moved or modified.
+
+    Each round times the original, then the compressed model, ``repeats`` runs each (None: as many
+    as take about ``block_ms``, 5 to 50); the reduction is the median over rounds of each round's own
+    reduction, which a slow spell of the machine shifts far less than a ratio of overall medians.
+    On this project's 2-core machine at two threads, the reduction of one plan read again in fresh
+    sessions varied by a standard deviation of 0.06 with 7 rounds and 0.026 with 35 (PyTorch: 0.086,
+    0.008).
+    ONNX Runtime's sessions stop their threads spinning after each run: two sessions in one process
+    would otherwise take each other's cores (on a 2-core machine, the original read 1.5 or 5 ms at
+    random; ``benchmarks/diagnostics/timing_stability.py``).
 
     Returns:
-        ``original_ms``, ``compressed_ms`` and ``reduction`` (1 - compressed / original).
+        ``original_ms`` and ``compressed_ms`` (medians of the rounds' medians), ``reduction``
+        (1 - compressed / original, the median of the rounds') and ``spread`` (the rounds'
+        reductions, largest minus smallest).
     """
     if runtime not in RUNTIMES:
         raise SvdnasError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     device = torch.device(device)
     with _threads(threads):
-        runs = [_runner(m, input_shape, runtime, batch, device, threads) for m in (original, compressed)]
+        runs = [_runner(m, input_shape, runtime, batch, device, threads, stop_spinning=True) for m in (original, compressed)]
+        if repeats is None:
+            first = measure(runs[0], warmup=warmup, repeats=3)["median_ms"]
+            repeats = int(min(50, max(5, block_ms // max(first, 1e-3))))
         medians: list[list[float]] = [[], []]
         for _ in range(rounds):
             for k, fn in enumerate(runs):
                 medians[k].append(measure(fn, warmup=warmup, repeats=repeats)["median_ms"])
-    before, after = (sorted(m)[len(m) // 2] for m in medians)
-    return {"original_ms": before, "compressed_ms": after, "reduction": 1 - after / before}
+    ratios = [1 - after / before for before, after in zip(*medians, strict=True)]
+    return {"original_ms": statistics.median(medians[0]), "compressed_ms": statistics.median(medians[1]),
+            "reduction": statistics.median(ratios), "spread": max(ratios) - min(ratios)}

@@ -409,6 +409,7 @@ def meet_latency_budget(job: Job, config: CompressConfig, pruned: Pruned, search
         result = meet_measured_budget(select, predicted, measure, config.reduction, (1 - config.reduction) * pruned.total)
         block = result.to_dict() | {"runtime": runtime, "batch": batch, "threads": threads}
         for attempt in block["attempts"]:
+            attempt["predicted_reduction"] = 1 - attempt["predicted"] / pruned.total
             attempt["budget_ms"], attempt["predicted_ms"] = attempt.pop("budget") / NS_PER_MS, attempt.pop("predicted") / NS_PER_MS
         outcome = (result.plan, block)
     (plan, kept), block = ddp.broadcast_object(outcome)

@@ -2,14 +2,17 @@
 
 The lookup table times each layer alone, in PyTorch; the whole model's latency in the runtime it is
 deployed with is not the sum of those (fusions, memory layouts and fixed costs differ), so a plan
-that meets the budget on the table can miss it on the model. After the selection the compressed
-model is therefore timed end to end against the original (interleaved, in the report's runtime,
-batch and threads). While it falls short, the selection runs again under the table's budget scaled
-by the shortfall: the table calibrated on the whole-model measurements, assuming the measured
-latency follows the predicted one in proportion. It stops when the measured reduction is within
-``tolerance`` of the target, when no plan of the candidates fits the scaled budget, or after
-``rounds`` repairs; the plan returned is then the measured fastest, and the caller says that the
-target was not reached and what was.
+that meets the budget on the table can miss it on the model, or beat it by far and give away
+accuracy. After the selection the compressed model is therefore timed end to end against the
+original (interleaved, in the report's runtime, batch and threads). While its measured reduction is
+outside ``[target - tolerance, target + slack]``, the selection runs again under the table's budget
+scaled by the measured ratio: the table calibrated on the whole-model measurement, assuming the
+measured latency follows the predicted one in proportion (each attempt records that calibrated
+prediction beside the measurement). Budgets already seen to meet or to miss the target bracket the
+next one. It stops when a measurement lands in the window, when the selection gives a plan already
+measured, when no plan of the candidates fits, or after ``rounds`` repairs. The plan kept is the
+measured slowest of those that meet the target (the most accurate the search offers within the
+budget), else the measured fastest, and the caller says that the target was not reached and what was.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ class MeasuredBudget(Generic[PlanT]):
     def to_dict(self) -> dict[str, Any]:
         """``met``, ``repairs`` (selections after the first), ``kept`` (the attempt whose plan is kept)
         and ``attempts``: each selection's ``budget`` and ``predicted`` cost on the table and its
-        measured ``original_ms``, ``compressed_ms`` and ``reduction``."""
+        measured ``original_ms``, ``compressed_ms`` and ``reduction``; after the first, also the
+        ``calibrated_reduction`` the table predicted once calibrated on the previous measurement."""
         return {"met": self.met, "repairs": len(self.attempts) - 1, "kept": self.kept, "attempts": self.attempts}
 
 
@@ -55,10 +59,11 @@ def meet_measured_budget(
     budget: float,
     *,
     tolerance: float = 0.01,
+    slack: float = 0.03,
     rounds: int = 4,
 ) -> MeasuredBudget[PlanT]:
     """Select under ``budget``, measure, and select again under a scaled budget until the measured
-    reduction is at least ``reduction - tolerance``.
+    reduction is in ``[reduction - tolerance, reduction + slack]``.
 
     Args:
         select: the plan that best fits a budget on the table (raises :class:`BudgetError` when none fits).
@@ -67,36 +72,54 @@ def meet_measured_budget(
         reduction: the target share of the measured latency to remove.
         budget: the table's budget of the first selection.
         tolerance: how far below the target the measured reduction may fall.
+        slack: how far above the target it may rise before a looser budget is tried (inf: never).
         rounds: repairs at most.
     """
     plan = select(budget)
     attempts: list[dict[str, Any]] = []
-    best: tuple[float, PlanT] | None = None
+    plans: list[PlanT] = []
+    meets, misses = float("-inf"), float("inf")  # the largest budget seen to meet, the smallest seen to miss
+    calibrated = None
     for k in range(rounds + 1):
         cost = predicted(plan)
         figures = measure(plan)
-        attempts.append({"budget": budget, "predicted": cost, **figures})
-        log.info("latency budget, selection %d: measured reduction %.4f (target %.4f)", k + 1, figures["reduction"], reduction)
-        if best is None or figures["reduction"] > best[0]:
-            best = (figures["reduction"], plan)
-        if figures["reduction"] >= reduction - tolerance or k == rounds:
+        attempt = {"budget": budget, "predicted": cost, **figures}
+        if calibrated is not None:
+            attempt["calibrated_reduction"] = 1 - cost * calibrated
+        attempts.append(attempt)
+        plans.append(plan)
+        r = figures["reduction"]
+        log.info("latency budget, selection %d: measured reduction %.4f (target %.4f)", k + 1, r, reduction)
+        if r >= reduction - tolerance:
+            meets = max(meets, budget)
+        else:
+            misses = min(misses, budget)
+        if reduction - tolerance <= r <= reduction + slack or k == rounds:
             break
-        # the measured ratio over the target ratio, applied to the plan's own cost on the table
-        budget = cost * (1 - reduction) / max(1 - figures["reduction"], 1e-9)
+        # the table calibrated on this measurement: measured compressed / original per unit of the table
+        calibrated = (1 - r) / cost
+        budget = (1 - reduction) / calibrated
+        if not meets < budget < misses:  # a scaled step outside what was seen: halve the bracket instead
+            if meets == float("-inf") or misses == float("inf"):
+                break
+            budget = (meets + misses) / 2
         try:
             plan = select(budget)
         except BudgetError:
             log.info("latency budget: no plan of the candidates fits %.4g on the table", budget)
             break
-    assert best is not None
-    met = best[0] >= reduction - tolerance
-    kept = next(i for i in reversed(range(len(attempts))) if attempts[i]["reduction"] == best[0])
-    if not met:
+        if any(predicted(p) == predicted(plan) for p in plans):
+            break  # the selection gives a plan already measured
+    met_at = [i for i, a in enumerate(attempts) if a["reduction"] >= reduction - tolerance]
+    if met_at:
+        kept = min(met_at, key=lambda i: attempts[i]["reduction"])
+    else:
+        kept = max(range(len(attempts)), key=lambda i: attempts[i]["reduction"])
         log.warning(
             "the measured latency reduction reached %.4f, short of the target %.4f: the candidates cannot remove more "
-            "in this runtime (a lower --reduction, a wider --grid or more families may)", best[0], reduction,
+            "in this runtime (a lower --reduction, a wider --grid or more families may)", attempts[kept]["reduction"], reduction,
         )
-    return MeasuredBudget(best[1], met, attempts, kept)
+    return MeasuredBudget(plans[kept], bool(met_at), attempts, kept)
 
 
 __all__ = ["MeasuredBudget", "meet_measured_budget"]
