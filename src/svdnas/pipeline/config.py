@@ -55,6 +55,9 @@ class CompressConfig(Config):
             None centres a window on the target (for latency, reaching down to 5%).
         max_groups: largest group count of a candidate (None, the default: every divisor of the
             channels, the paper's space).
+        rank_multiple: ranks rounded to multiples of it, and only candidates whose convolutions keep
+            whole channel blocks (None, the default: :func:`svdnas.cost.timer.channel_block` of the
+            device, where ONNX Runtime's CPU kernels compute; 1: the paper's grid, any rank).
         families: families (split and grouping) kept per layer by the output-error proxy (0: all).
         proxy_drop: the one-layer accuracy proxy's threshold: a candidate whose layer, compressed
             alone, loses more than this many points of top-1 on the proxy images is removed (0: off).
@@ -96,6 +99,10 @@ class CompressConfig(Config):
                                                      help="kept-cost fractions per layer (default: around the target)")
     max_groups: int | None = option(None, flag="--max-groups", parse=parse_max_groups,
                                     help="largest group count of a candidate (default: no limit; 0 says the same)")
+    rank_multiple: int | None = option(None, flag="--rank-multiple",
+                                       help="ranks rounded to multiples of N, and only candidates whose convolutions keep whole "
+                                            "channel blocks (default: ONNX Runtime's block on this CPU, 16 with AVX-512, 8 with "
+                                            "AVX2; 1 on a GPU; 1: any rank, the paper's grid)")
     families: int = option(4, flag="--families", help="families kept per layer by the output-error proxy (0: all)")
     proxy_drop: float = option(5.0, flag="--proxy-drop", metavar="PP",
                                help="remove candidates whose layer alone loses more than PP points of top-1 on the proxy images (0: off)")
@@ -144,6 +151,8 @@ class CompressConfig(Config):
             raise SpecError(f"--branches must be 1 or 2, got {self.branches}")
         if self.families < 0:
             raise SpecError(f"--families must be 0 (all) or positive, got {self.families}")
+        if self.rank_multiple is not None and self.rank_multiple < 1:
+            raise SpecError(f"--rank-multiple must be positive, got {self.rank_multiple}")
         if self.max_groups is not None and self.max_groups < 1:
             raise SpecError(f"--max-groups must be positive (0: no limit), got {self.max_groups}")
         if self.search_images < 1:

@@ -35,12 +35,13 @@ from torch import nn
 from svdnas import distributed as ddp
 from svdnas.cost.counting import count_params, model_macs
 from svdnas.cost.table import LatencyTable
-from svdnas.cost.timer import compare_latency, default_runtime
+from svdnas.cost.timer import channel_block, compare_latency, default_runtime
 from svdnas.data.datasets import DataBundle
 from svdnas.data.evaluate import batches, evaluate
 from svdnas.errors import DataError, SpecError, WriteError
 from svdnas.lowrank.derivation import Derivation, statistics_bytes
 from svdnas.lowrank.derivation import calibrate as calibrate_layers
+from svdnas.lowrank.geometry import layer_geometry
 from svdnas.lowrank.plan import Plan
 from svdnas.models.weights import check_finite
 from svdnas.pipeline.config import CompressConfig
@@ -169,6 +170,22 @@ def prepare(
     )
 
 
+def rank_multiple(job: Job, config: CompressConfig) -> int:
+    """``--rank-multiple``, or the channel block of the runtime's kernels on the job's device."""
+    return config.rank_multiple if config.rank_multiple is not None else channel_block(job.device)
+
+
+def layer_rank_multiple(job: Job, config: CompressConfig, name: str) -> int:
+    """The rank multiple of one layer: ``--rank-multiple`` as given; by default the device's channel
+    block where the layer's own channels are whole blocks (elsewhere its convolutions leave the
+    blocked layout anyway, and rounding would only coarsen the grid), else 1."""
+    if config.rank_multiple is not None:
+        return config.rank_multiple
+    block = channel_block(job.device)
+    geo = layer_geometry(job.model.get_submodule(name))
+    return block if geo.in_channels % block == 0 and geo.out_channels % block == 0 else 1
+
+
 def make_candidates(job: Job, config: CompressConfig) -> dict[str, LayerCandidates]:
     """Each target layer's candidates on the FLOPs grid, checked against the budget (latency: later)."""
     t0 = time.perf_counter()
@@ -176,7 +193,11 @@ def make_candidates(job: Job, config: CompressConfig) -> dict[str, LayerCandidat
     candidates = {}
     for name in job.targets:
         layer = job.model.get_submodule(name)
-        cands = limit_groups(grid_candidates(name, layer, job.infos[name].input_hw, fractions, config.objective), config.max_groups)
+        multiple = layer_rank_multiple(job, config, name)
+        cands = limit_groups(grid_candidates(name, layer, job.infos[name].input_hw, fractions, config.objective, rank_multiple=multiple),
+                             config.max_groups)
+        if not cands.specs and multiple > 1 and config.rank_multiple is None:  # the default never leaves a layer out
+            cands = limit_groups(grid_candidates(name, layer, job.infos[name].input_hw, fractions, config.objective), config.max_groups)
         if cands.specs:
             candidates[name] = cands
     if not candidates:
@@ -355,7 +376,9 @@ def search_plan(job: Job, config: CompressConfig, pruned: Pruned, images: Search
             compressed_b1 = apply_plan(copy.deepcopy(model), plan, derivation=pruned.derivation)
             b1 = build_report(model, compressed_b1, plan, job.infos, job.shape, job.data, job.device, {}, latency=False, reference=job.reference)
             branch_reports["b1"] = {k: b1[k] for k in ("flops", "params", "top1", "top5")} | {"plan": plan.to_dict()}
-        cands2, fixed2 = second_branch_candidates(model, job.infos, plan, pruned.costs, pruned.total, config.objective, config.max_groups)
+        cands2, fixed2 = second_branch_candidates(
+            model, job.infos, plan, pruned.costs, pruned.total, config.objective, config.max_groups,
+            lambda name, rank: m if rank % (m := layer_rank_multiple(job, config, name)) == 0 else 1)
         if pruned.latency is not None and cands2:
             fixed2 = attach_second_branch(model, cands2, candidates, plan.layers, pruned.latency, LatencyTable(job.device, config.latency))
             stages.append(cands2)
@@ -514,7 +537,7 @@ def search_header(job: Job, config: CompressConfig, sconf: SearchConfig) -> dict
         "reduction_target": config.reduction, "beta": config.beta, "sampling": sconf.sampling,
         "search_dtype": str(window_dtype(sconf.window_dtype, job.device)).removeprefix("torch.") if sconf.sampling == "mixed" else None,
         "search_loss": "kd" if config.mode == "data-free" else config.search_loss,
-        "derivation": config.derivation,
+        "derivation": config.derivation, "rank_multiple": rank_multiple(job, config),
     }
 
 
