@@ -7,7 +7,8 @@ from torch import nn
 
 from svdnas import LowRankSpec
 from svdnas.cost import table as lt
-from svdnas.cost.table import LatencyConfig, LatencyTable, layer_key, spec_key
+from svdnas.cost.table import LatencyConfig, LatencyTable, default_cache_path, layer_key, spec_key
+from svdnas.cost.timer import onnxruntime_available
 from svdnas.data.datasets import load_data
 from svdnas.errors import BudgetError, SpecError
 from svdnas.pipeline.compress import compress
@@ -25,13 +26,15 @@ class FakeTimer:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.engines: set[str] = set()
 
     @staticmethod
     def ms(module: nn.Module) -> float:
         layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
         return 1e-5 * sum(p.numel() for p in module.parameters()) + 1e-4 * layers
 
-    def __call__(self, modules, x, warmup, repeats, min_sample_ms=0.5):
+    def __call__(self, modules, x, warmup, repeats, min_sample_ms=0.5, engine="pytorch", threads=None):
+        self.engines.add(engine)
         self.calls += len(modules)
         return [{"median_ms": self.ms(m), "p10_ms": self.ms(m), "p90_ms": self.ms(m), "repeats": repeats} for m in modules]
 
@@ -254,9 +257,31 @@ def test_the_latency_budget_is_met_on_the_measured_whole_model(fake_timer, tiny_
     block = result.report["latency"]["measured_budget"]
     first, kept = block["attempts"][0], block["attempts"][block["kept"]]
     assert set(seen) == {"onnxruntime"} and block["runtime"] == "onnxruntime"
+    assert fake_timer.engines == {"onnxruntime"}  # the table is timed in the runtime the budget is met in
+    assert result.report["latency"]["predicted"]["table"]["engine"] == "onnxruntime"
     assert first["predicted_ms"] <= first["budget_ms"] and first["reduction"] < 0.29  # the table's plan fell short
     assert block["met"] and block["repairs"] >= 1 and kept["reduction"] >= 0.29
     # the plan kept is the one measured: the fake is additive, so its figure is the delivered model's
     assert kept["compressed_ms"] == pytest.approx(FakeTimer.ms(result.model) + overhead, rel=1e-6)
     assert result.report["seconds"]["latency_budget"] > 0
     assert "latency budget met on the whole model measured in onnxruntime" in markdown(result.report)
+
+
+@pytest.mark.skipif(not onnxruntime_available(), reason="needs ONNX Runtime")
+def test_an_onnx_runtime_table_measures_every_candidate_in_onnx_runtime(tmp_path):
+    layer = nn.Conv2d(16, 16, 3, padding=1)
+    variants = _variants(layer)
+    table = LatencyTable("cpu", LatencyConfig(cache=str(tmp_path / "ort.json"), repeats=3, warmup=1, threads=1), engine="onnxruntime")
+    times = table.candidates(layer, (8, 8), variants)
+    assert len(times) == len(variants) and all(t > 0 for t in times)
+    assert table.measured == len(variants)  # no interpolation between anchors: every rank measured
+    table.save()
+    saved = json.loads((tmp_path / "ort.json").read_text())
+    assert saved["engine"] == "onnxruntime" and "onnxruntime" in saved
+    again = LatencyTable("cpu", LatencyConfig(cache=str(tmp_path / "ort.json"), threads=1), engine="onnxruntime")
+    assert again.candidates(layer, (8, 8), variants) == times and again.measured == 0
+    # a PyTorch table does not take the ONNX Runtime one's figures
+    assert LatencyTable("cpu", LatencyConfig(cache=str(tmp_path / "ort.json"), threads=1)).entries == {}
+    assert default_cache_path("cpu", 2, "onnxruntime").name == "latency-cpu-2-onnxruntime.json"
+    with pytest.raises(SpecError, match="engine"):
+        LatencyTable("cpu", engine="tvm")

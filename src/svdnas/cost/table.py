@@ -15,6 +15,11 @@ Many candidates differ only in rank. :meth:`LatencyTable.candidates` measures ea
 split and grouping, after any fixed branches) at a lattice of ranks and interpolates linearly
 between the two lattice points around a rank, which keeps the table to a few measurements per
 family; ``anchors=0`` measures every candidate.
+
+Engine: the layers are timed in PyTorch eager, or (``engine="onnxruntime"``) each exported to ONNX
+and run by ONNX Runtime on the CPU, the runtime the budget is met in. ONNX Runtime's latency does
+not follow the rank smoothly (a rank that is not a whole channel block leaves its blocked layout),
+so that engine measures every candidate; its tables live in ``latency-<device>-<threads>-onnxruntime.json``.
 """
 
 from __future__ import annotations
@@ -92,9 +97,14 @@ def device_label(device: torch.device | str) -> str:
     return device.type
 
 
-def default_cache_path(device: torch.device | str, threads: int) -> Path:
-    """``$SVDNAS_CACHE/latency-<device>-<threads>.json`` (``~/.cache/svdnas`` without the variable)."""
-    return cache_root() / f"latency-{device_label(device)}-{threads}.json"
+ENGINES = ("pytorch", "onnxruntime")
+
+
+def default_cache_path(device: torch.device | str, threads: int, engine: str = "pytorch") -> Path:
+    """``$SVDNAS_CACHE/latency-<device>-<threads>.json`` (``~/.cache/svdnas`` without the variable);
+    ``-onnxruntime`` before ``.json`` for that engine's table."""
+    suffix = "" if engine == "pytorch" else f"-{engine}"
+    return cache_root() / f"latency-{device_label(device)}-{threads}{suffix}.json"
 
 
 def layer_key(layer: nn.Module, input_hw: tuple[int, int], batch: int) -> str:
@@ -148,34 +158,44 @@ def _input(layer: nn.Module, input_hw: tuple[int, int], batch: int, device: torc
 
 
 def time_modules(
-    modules: Sequence[nn.Module], x: torch.Tensor, warmup: int, repeats: int, min_sample_ms: float = 0.5
+    modules: Sequence[nn.Module], x: torch.Tensor, warmup: int, repeats: int, min_sample_ms: float = 0.5,
+    engine: str = "pytorch", threads: int | None = None,
 ) -> list[dict[str, float]]:
     """Median (and spread) of ``repeats`` timed forward passes of each module on ``x``; milliseconds.
 
     The modules are timed in interleaved rounds (one sample of each per round), so that a burst of
     load from other processes spreads over all of them instead of spoiling one. A module faster
-    than ``min_sample_ms`` runs several times per sample, and the time per run is reported.
+    than ``min_sample_ms`` runs several times per sample, and the time per run is reported. With
+    ``engine="onnxruntime"`` each module runs as its ONNX graph in an ONNX Runtime session of
+    ``threads`` threads (on the CPU).
     """
     cuda = x.device.type == "cuda"
+    if engine == "onnxruntime":
+        from svdnas.cost.timer import _runner  # the comparisons' sessions, built the same way
 
-    def run(module: nn.Module, times: int) -> float:
+        calls = [_runner(m, tuple(x.shape[1:]), "onnxruntime", x.shape[0], torch.device("cpu"), threads, stop_spinning=True)
+                 for m in modules]
+    else:
+        calls = [(lambda m=m: m(x)) for m in modules]
+
+    def run(call, times: int) -> float:
         t0 = time.perf_counter()
         for _ in range(times):
-            module(x)
+            call()
         if cuda:
             torch.cuda.synchronize(x.device)
         return 1000 * (time.perf_counter() - t0)
 
     with torch.inference_mode():
         inner = []
-        for module in modules:
-            run(module, max(warmup, 1))
-            once = min(run(module, 1) for _ in range(2))
+        for call in calls:
+            run(call, max(warmup, 1))
+            once = min(run(call, 1) for _ in range(2))
             inner.append(max(1, min(100, math.ceil(min_sample_ms / max(once, 1e-6)))))
-        samples: list[list[float]] = [[] for _ in modules]
+        samples: list[list[float]] = [[] for _ in calls]
         for _ in range(repeats):
-            for module, n, times in zip(modules, inner, samples):
-                times.append(run(module, n) / n)
+            for call, n, times in zip(calls, inner, samples):
+                times.append(run(call, n) / n)
     results = []
     for times, n in zip(samples, inner):
         q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
@@ -191,6 +211,7 @@ class LatencyTable:
     Args:
         device: where the timings are taken.
         config: batch, repeats, anchors and the cache file.
+        engine: ``pytorch`` (eager) or ``onnxruntime`` (each layer's ONNX graph in ONNX Runtime, on a CPU).
 
     Attributes:
         measured: timings taken by this table (cache misses), for reports and tests.
@@ -200,16 +221,25 @@ class LatencyTable:
         seconds: time spent measuring.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", config: LatencyConfig | None = None) -> None:
+    def __init__(self, device: torch.device | str = "cpu", config: LatencyConfig | None = None, engine: str = "pytorch") -> None:
+        if engine not in ENGINES:
+            raise SpecError(f"a latency table's engine is one of {', '.join(ENGINES)}, got {engine!r}")
         self.device = torch.device(device)
+        if engine == "onnxruntime" and self.device.type != "cpu":
+            raise SpecError("the onnxruntime latency table measures on a CPU")
+        self.engine = engine
         self.config = config or LatencyConfig()
         self.threads = self.config.threads or torch.get_num_threads()
         cache = self.config.cache
-        self.path = None if cache == "" else Path(cache).expanduser() if cache else default_cache_path(self.device, self.threads)
+        self.path = None if cache == "" else Path(cache).expanduser() if cache else default_cache_path(self.device, self.threads, engine)
         self.meta = {
-            "format": FORMAT, "engine": "pytorch", "device": device_label(self.device), "threads": self.threads,
+            "format": FORMAT, "engine": engine, "device": device_label(self.device), "threads": self.threads,
             "torch": torch.__version__,
         }
+        if engine == "onnxruntime":
+            from svdnas.cost.onnx import require_onnx
+
+            self.meta["onnxruntime"] = require_onnx()[1].__version__
         self.entries: dict[str, dict[str, Any]] = self._load()
         self.measured = 0
         self.noisy = 0
@@ -254,7 +284,7 @@ class LatencyTable:
         t0 = time.perf_counter()
         try:
             c = self.config
-            return time_modules(modules, x, c.warmup, c.repeats, c.min_sample_ms)
+            return time_modules(modules, x, c.warmup, c.repeats, c.min_sample_ms, engine=self.engine, threads=self.threads)
         finally:
             self.seconds += time.perf_counter() - t0
             torch.set_num_threads(old)
@@ -294,10 +324,10 @@ class LatencyTable:
         """Latency (ms) of each candidate of ``layer``: a list of branches, ``[]`` for the layer as it is.
 
         Candidates that differ only in the last branch's rank share a family; with ``anchors``
-        > 0 each family is measured at ranks 1, s, 2s, ..., its full rank (s = full rank /
+        > 0 and the pytorch engine each family is measured at ranks 1, s, 2s, ..., its full rank (s = full rank /
         anchors, rounded up) next to the candidates' ranks, and the rest interpolated linearly.
         """
-        if self.config.anchors == 0:
+        if self.config.anchors == 0 or self.engine == "onnxruntime":
             return self.lookup(layer, input_hw, candidates)
         g = layer_geometry(layer)
         brackets: list[tuple[list[LowRankSpec], list[LowRankSpec], float]] = []  # low, high, weight of high

@@ -186,6 +186,14 @@ def layer_rank_multiple(job: Job, config: CompressConfig, name: str) -> int:
     return block if geo.in_channels % block == 0 and geo.out_channels % block == 0 else 1
 
 
+def latency_table(job: Job, config: CompressConfig) -> LatencyTable:
+    """The latency objective's table, timed in the runtime the budget is met in: ONNX Runtime's
+    (the default when installed) on a CPU, else PyTorch's."""
+    runtime = config.runtime or default_runtime()
+    engine = "onnxruntime" if runtime == "onnxruntime" and job.device.type == "cpu" else "pytorch"
+    return LatencyTable(job.device, config.latency, engine=engine)
+
+
 def make_candidates(job: Job, config: CompressConfig) -> dict[str, LayerCandidates]:
     """Each target layer's candidates on the FLOPs grid, checked against the budget (latency: later)."""
     t0 = time.perf_counter()
@@ -308,7 +316,7 @@ def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidate
     latency_costs = None
     if config.objective == "latency":
         t0 = time.perf_counter()
-        latency_costs = attach_latency(model, job.shape, candidates, LatencyTable(job.device, config.latency))
+        latency_costs = attach_latency(model, job.shape, candidates, latency_table(job, config))
         latency_costs.table["slower_dropped"] = drop_slower(candidates)
         total = latency_costs.total
         job.seconds["latency_table"] = time.perf_counter() - t0
@@ -380,7 +388,7 @@ def search_plan(job: Job, config: CompressConfig, pruned: Pruned, images: Search
             model, job.infos, plan, pruned.costs, pruned.total, config.objective, config.max_groups,
             lambda name, rank: m if rank % (m := layer_rank_multiple(job, config, name)) == 0 else 1)
         if pruned.latency is not None and cands2:
-            fixed2 = attach_second_branch(model, cands2, candidates, plan.layers, pruned.latency, LatencyTable(job.device, config.latency))
+            fixed2 = attach_second_branch(model, cands2, candidates, plan.layers, pruned.latency, latency_table(job, config))
             stages.append(cands2)
         job.seconds["b1_evaluate"] = time.perf_counter() - t0
         if cands2:
