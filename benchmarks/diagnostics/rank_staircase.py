@@ -32,7 +32,8 @@ def ort_runner(module: torch.nn.Module, x: torch.Tensor, threads: int, tmp: str)
     onnx, ort = require_onnx()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.optimized_model_filepath = tmp
+    opts.optimized_model_filepath, opts.log_severity_level = tmp, 3
+    opts.add_session_config_entry("session.force_spinning_stop", "1")  # many sessions alive: none may hold the cores
     session = ort.InferenceSession(onnx_bytes(module, x, dynamic_batch=False), opts, providers=["CPUExecutionProvider"])
     reorders = sum(node.op_type.startswith("Reorder") for node in onnx.load(tmp).graph.node)
     feed = {"input": x.numpy()}

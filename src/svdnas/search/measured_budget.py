@@ -1,7 +1,7 @@
 """A latency budget met on the whole model as it runs, not on the lookup table's sum.
 
-The lookup table times each layer alone, in PyTorch; the whole model's latency in the runtime it is
-deployed with is not the sum of those (fusions, memory layouts and fixed costs differ), so a plan
+The lookup table times each layer alone; the whole model's latency in the runtime it is deployed
+with is not the sum of those (fusions, memory layouts and each call's fixed costs differ), so a plan
 that meets the budget on the table can miss it on the model, or beat it by far and give away
 accuracy. After the selection the compressed model is therefore timed end to end against the
 original (interleaved, in the report's runtime, batch and threads). While its measured reduction is
