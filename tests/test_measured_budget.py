@@ -76,3 +76,36 @@ def test_without_slack_an_overshoot_is_kept():
     measure, calls = measured(overhead=0.0, scale=1.0)
     result = meet_measured_budget(select, lambda p: p, lambda p: {**measure(p), "reduction": 0.9}, 0.4, 60.0, slack=float("inf"))
     assert result.plan == 60.0 and len(calls) == 1
+
+
+def test_an_overshoot_with_budget_to_spare_still_tries_a_looser_budget():
+    sparse = [10.0, 20.0, 72.0, 100.0]  # a budget of 70 selects 20, far below it
+
+    def select_sparse(budget: float) -> float:
+        fits = [c for c in sparse if c <= budget]
+        if not fits:
+            raise BudgetError("budget cannot be met")
+        return max(fits)
+
+    measure, calls = measured(overhead=0.0)
+    result = meet_measured_budget(select_sparse, lambda p: p, measure, 0.27, 70.0, tolerance=0.01, slack=0.03)
+    # 20 removes 80% against 27% asked; the calibrated step (73) is above the budget already seen to meet
+    assert calls == [20.0, 72.0] and result.met and result.plan == 72.0
+
+
+def test_a_budget_whose_selection_was_measured_already_narrows_the_bracket_instead():
+    sparse = [20.0, 40.0, 60.0, 100.0]
+    selected = []
+
+    def select_sparse(budget: float) -> float:
+        selected.append(budget)
+        return max(c for c in sparse if c <= budget)
+
+    def measure(plan: float) -> dict[str, float]:  # 60 misses 0.5 by far, 40 overshoots it: nothing lands in the window
+        r = {20.0: 0.9, 40.0: 0.8, 60.0: 0.2, 100.0: 0.0}[plan]
+        return {"original_ms": 1.0, "compressed_ms": 1 - r, "reduction": r}
+
+    result = meet_measured_budget(select_sparse, lambda p: p, measure, 0.5, 60.0, tolerance=0.01, slack=0.03, rounds=6)
+    measured_plans = [a["predicted"] for a in result.attempts]
+    assert len(measured_plans) == len(set(measured_plans))  # no plan measured twice
+    assert result.met and result.plan == 40.0  # the slowest plan that met the target

@@ -76,19 +76,28 @@ def test_onnx_runtime_runs_every_offered_candidate_in_its_blocked_layout():
     assert not blocked(odd, 64, 64, block) and _reorders(between(decompose(layer, [odd])), x) > baseline
 
 
+def test_a_depthwise_first_layer_of_rank_one_is_offered_as_it_is():
+    layer = nn.Conv2d(64, 64, 3, padding=1)
+    rounded = grid_candidates("x", layer, (14, 14), fraction_grid(0.05, 0.9, 0.05), rank_multiple=16)
+    depthwise = [s for s in rounded.specs if s.groups[0] == 64]
+    assert depthwise and all(s.rank == 1 for s in depthwise)
+
+
 class Wide(nn.Module):
-    """A network with layers of whole blocks (32 channels) and one that is not (24)."""
+    """Layers of whole blocks (``a``), of a width that is not (``b``: 24 out), and of whole blocks
+    without a blocked candidate on the grid (``c``: a 1x1 whose rank-16 block costs as much as it)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(1, 32, 3, padding=1)
         self.a = nn.Conv2d(32, 32, 3, padding=1)
+        self.c = nn.Conv2d(32, 32, 1)
         self.b = nn.Conv2d(32, 24, 3, stride=2, padding=1)
         self.head = nn.Linear(24, 10)
 
     def forward(self, x):
-        x = torch.relu(self.b(torch.relu(self.a(torch.relu(self.stem(x))))))
-        return self.head(x.mean((2, 3)))
+        x = torch.relu(self.c(torch.relu(self.a(torch.relu(self.stem(x))))))
+        return self.head(torch.relu(self.b(x)).mean((2, 3)))
 
 
 def test_the_default_multiple_follows_the_device_and_leaves_no_layer_without_candidates(tiny_fmnist, monkeypatch):
@@ -100,8 +109,10 @@ def test_the_default_multiple_follows_the_device_and_leaves_no_layer_without_can
     result = compress(Wide().eval(), data, config, filter_fn="convs")
     assert result.report["rank_multiple"] == 16
     plan = result.plan.compressed()
-    assert all(s.rank % 16 == 0 for s in plan.get("a", []))  # whole blocks where the layer's channels are
-    assert "b" in plan or "a" in plan
+    assert "a" in plan and all(s.rank % 16 == 0 for s in plan["a"])  # whole blocks where the layer's channels are
+    offered = {e["name"]: e["candidates"] for e in result.report["layers"]}
+    assert offered["c"] > 0 and offered["b"] > 0  # no blocked candidate for c, not whole blocks for b: the plain grid
+    assert all(s.rank % 16 for s in plan.get("c", []))  # c's are the plain grid's (no rank of 16 is cheaper than c)
     config = CompressConfig(reduction=0.4, search_images=200, proxy_images=64, proxy_drop=0, derivation="weight", rank_multiple=1)
     config.search.epochs = 1
     explicit = compress(Wide().eval(), data, config, filter_fn="convs")

@@ -111,13 +111,14 @@ def _runner(model: nn.Module, input_shape: tuple[int, ...], runtime: str, batch:
 def compare_latency(
     original: nn.Module, compressed: nn.Module, input_shape: tuple[int, ...], runtime: str, *, batch: int = 1,
     threads: int | None = None, device: torch.device | str = "cpu", rounds: int = 31, repeats: int | None = None,
-    warmup: int = 2, block_ms: float = 20.0,
+    warmup: int = 2, block_ms: float = 20.0, max_seconds: float = 30.0,
 ) -> dict[str, float]:
     """Both models' latency in ``runtime``, timed in interleaved rounds (so that load on a shared
     machine hits both alike). Neither model is moved or modified.
 
     Each round times the original, then the compressed model, ``repeats`` runs each (None: as many
-    as take about ``block_ms``, 5 to 50); the reduction is the median over rounds of each round's own
+    as take about ``block_ms``, 5 to 50; rounds cut, to 5 at least, so that the whole comparison takes
+    about ``max_seconds`` when the models are slow); the reduction is the median over rounds of each round's own
     reduction, which a slow spell of the machine shifts far less than a ratio of overall medians.
     On this project's 2-core machine at two threads, the reduction of one plan read again in fresh
     sessions varied by a standard deviation of 0.06 with 7 rounds and 0.026 with 35 (PyTorch: 0.086,
@@ -136,9 +137,11 @@ def compare_latency(
     device = torch.device(device)
     with _threads(threads):
         runs = [_runner(m, input_shape, runtime, batch, device, threads, stop_spinning=True) for m in (original, compressed)]
+        first = measure(runs[0], warmup=warmup, repeats=3)["median_ms"]
         if repeats is None:
-            first = measure(runs[0], warmup=warmup, repeats=3)["median_ms"]
             repeats = int(min(50, max(5, block_ms // max(first, 1e-3))))
+        per_round_s = 2 * (warmup + repeats) * first / 1000  # the compressed model is taken as fast as the original
+        rounds = max(min(rounds, 5), min(rounds, int(max_seconds / max(per_round_s, 1e-9))))
         medians: list[list[float]] = [[], []]
         for _ in range(rounds):
             for k, fn in enumerate(runs):

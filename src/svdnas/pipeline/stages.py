@@ -181,8 +181,11 @@ def layer_rank_multiple(job: Job, config: CompressConfig, name: str) -> int:
     blocked layout anyway, and rounding would only coarsen the grid), else 1."""
     if config.rank_multiple is not None:
         return config.rank_multiple
+    layer = job.model.get_submodule(name)
+    if isinstance(layer, nn.Linear):  # a matrix product: no blocked layout to keep
+        return 1
     block = channel_block(job.device)
-    geo = layer_geometry(job.model.get_submodule(name))
+    geo = layer_geometry(layer)
     return block if geo.in_channels % block == 0 and geo.out_channels % block == 0 else 1
 
 
@@ -204,8 +207,11 @@ def make_candidates(job: Job, config: CompressConfig) -> dict[str, LayerCandidat
         multiple = layer_rank_multiple(job, config, name)
         cands = limit_groups(grid_candidates(name, layer, job.infos[name].input_hw, fractions, config.objective, rank_multiple=multiple),
                              config.max_groups)
-        if not cands.specs and multiple > 1 and config.rank_multiple is None:  # the default never leaves a layer out
-            cands = limit_groups(grid_candidates(name, layer, job.infos[name].input_hw, fractions, config.objective), config.max_groups)
+        if not cands.specs and multiple > 1:
+            if config.rank_multiple is None:  # the default never leaves a layer out
+                cands = limit_groups(grid_candidates(name, layer, job.infos[name].input_hw, fractions, config.objective), config.max_groups)
+            else:
+                log.warning("%s: no candidate on the grid keeps whole blocks of %d channels; the layer is left as it is", name, multiple)
         if cands.specs:
             candidates[name] = cands
     if not candidates:

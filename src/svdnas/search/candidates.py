@@ -114,7 +114,8 @@ def grid_candidates(
         total = params0 if objective == "params" else macs0
         ranks = sorted({int(f * total // per_rank) for f in fractions})
         if rank_multiple > 1:
-            ranks = sorted({max(rank_multiple, rank_multiple * round(r / rank_multiple)) for r in ranks})
+            ranks = sorted({r if r >= 1 and blocked(unit.with_rank(r), geo.in_channels, geo.out_channels, rank_multiple)
+                            else max(rank_multiple, rank_multiple * round(r / rank_multiple)) for r in ranks})
             ranks = [r for r in ranks if blocked(unit.with_rank(r), geo.in_channels, geo.out_channels, rank_multiple)]
         specs += [unit.with_rank(r) for r in ranks if r in admissible]
     macs = [macs0]

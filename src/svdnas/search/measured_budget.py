@@ -9,8 +9,9 @@ outside ``[target - tolerance, target + slack]``, the selection runs again under
 scaled by the measured ratio: the table calibrated on the whole-model measurement, assuming the
 measured latency follows the predicted one in proportion (each attempt records that calibrated
 prediction beside the measurement). Budgets already seen to meet or to miss the target bracket the
-next one. It stops when a measurement lands in the window, when the selection gives a plan already
-measured, when no plan of the candidates fits, or after ``rounds`` repairs. The plan kept is the
+next one; a budget whose selection gives a plan already measured takes that plan's result and the
+bracket is halved instead. It stops when a measurement lands in the window, when no new plan comes
+out of the bracket, when no plan of the candidates fits, or after ``rounds`` repairs. The plan kept is the
 measured slowest of those that meet the target (the most accurate the search offers within the
 budget), else the measured fastest, and the caller says that the target was not reached and what was.
 """
@@ -97,19 +98,17 @@ def meet_measured_budget(
         if reduction - tolerance <= r <= reduction + slack or k == rounds:
             break
         # the table calibrated on this measurement: measured compressed / original per unit of the table
-        calibrated = (1 - r) / cost
-        budget = (1 - reduction) / calibrated
-        if not meets < budget < misses:  # a scaled step outside what was seen: halve the bracket instead
-            if meets == float("-inf") or misses == float("inf"):
-                break
-            budget = (meets + misses) / 2
-        try:
-            plan = select(budget)
-        except BudgetError:
-            log.info("latency budget: no plan of the candidates fits %.4g on the table", budget)
+        calibrated = max(1 - r, 1e-9) / max(cost, 1e-12)
+        step = (1 - reduction) / calibrated
+        if not meets < step < misses:  # the plan used less of its budget than the step assumes
+            if misses == float("inf") or meets == float("-inf"):  # one side seen: scale the last budget itself
+                step = budget * (1 - reduction) / max(1 - r, 1e-9)
+            else:  # halve the bracket
+                step = (meets + misses) / 2
+        next_plan = _next_plan(select, predicted, plans, attempts, step, meets, misses, reduction - tolerance)
+        if next_plan is None:
             break
-        if any(predicted(p) == predicted(plan) for p in plans):
-            break  # the selection gives a plan already measured
+        plan, budget, meets, misses = next_plan
     met_at = [i for i, a in enumerate(attempts) if a["reduction"] >= reduction - tolerance]
     if met_at:
         kept = min(met_at, key=lambda i: attempts[i]["reduction"])
@@ -120,6 +119,30 @@ def meet_measured_budget(
             "in this runtime (a lower --reduction, a wider --grid or more families may)", attempts[kept]["reduction"], reduction,
         )
     return MeasuredBudget(plans[kept], bool(met_at), attempts, kept)
+
+
+def _next_plan(select, predicted, plans, attempts, budget, meets, misses, floor, tries: int = 12):
+    """The plan to measure next, selected under ``budget``; when the selection gives a plan already
+    measured, its known result narrows the bracket and the bracket is halved, until a new plan comes
+    (returned with its budget and the bracket) or none can (None)."""
+    costs = [predicted(p) for p in plans]
+    for _ in range(tries):
+        try:
+            plan = select(budget)
+        except BudgetError:
+            log.info("latency budget: no plan of the candidates fits %.4g on the table", budget)
+            return None
+        cost = predicted(plan)
+        if cost not in costs:
+            return plan, budget, meets, misses
+        if attempts[costs.index(cost)]["reduction"] >= floor:  # that plan met the target: so does this budget
+            meets = max(meets, budget)
+        else:
+            misses = min(misses, budget)
+        if meets == float("-inf") or misses == float("inf") or misses - meets <= 1e-6 * abs(misses):
+            return None
+        budget = (meets + misses) / 2
+    return None
 
 
 __all__ = ["MeasuredBudget", "meet_measured_budget"]
