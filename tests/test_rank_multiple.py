@@ -1,12 +1,11 @@
 """Ranks in whole channel blocks: the rule, the grid, the pipeline, and what ONNX Runtime does with them."""
 
-import tempfile
-
 import pytest
 import torch
 from torch import nn
 
 from svdnas import LowRankSpec, decompose
+from svdnas.cost.onnx import reorder_nodes
 from svdnas.cost.timer import channel_block, onnxruntime_available
 from svdnas.data.datasets import load_data
 from svdnas.pipeline.compress import compress
@@ -46,17 +45,6 @@ def test_the_grid_rounds_ranks_to_the_multiple_and_offers_only_blocked_candidate
     assert grid_candidates("x", layer, (14, 14), fractions, rank_multiple=1).specs == plain.specs
 
 
-def _reorders(module: nn.Module, x: torch.Tensor) -> int:
-    from svdnas.cost.onnx import onnx_bytes, require_onnx
-
-    onnx, ort = require_onnx()
-    path = tempfile.mktemp(suffix=".onnx")
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath, opts.log_severity_level = path, 3
-    ort.InferenceSession(onnx_bytes(module, x, dynamic_batch=False), opts, providers=["CPUExecutionProvider"])
-    return sum(node.op_type.startswith("Reorder") for node in onnx.load(path).graph.node)
-
-
 @pytest.mark.skipif(not onnxruntime_available() or channel_block() == 1, reason="needs ONNX Runtime on a CPU with blocked kernels")
 def test_onnx_runtime_runs_every_offered_candidate_in_its_blocked_layout():
     torch.manual_seed(0)
@@ -67,13 +55,13 @@ def test_onnx_runtime_runs_every_offered_candidate_in_its_blocked_layout():
     def between(middle: nn.Module) -> nn.Module:  # blocked convolutions on both sides, as inside a network
         return nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), middle, nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()
 
-    baseline = _reorders(between(layer), x)  # into and out of the blocked layout once
+    baseline = reorder_nodes(between(layer), x)  # into and out of the blocked layout once
     offered = grid_candidates("x", layer, (14, 14), fraction_grid(0.1, 0.9, 0.1), rank_multiple=block).specs
     assert offered
     for spec in offered:
-        assert _reorders(between(decompose(layer, [spec])), x) == baseline, spec
+        assert reorder_nodes(between(decompose(layer, [spec])), x) == baseline, spec
     odd = LowRankSpec((3, 1), (1, 1), block // 2 + 1)
-    assert not blocked(odd, 64, 64, block) and _reorders(between(decompose(layer, [odd])), x) > baseline
+    assert not blocked(odd, 64, 64, block) and reorder_nodes(between(decompose(layer, [odd])), x) > baseline
 
 
 def test_a_depthwise_first_layer_of_rank_one_is_offered_as_it_is():

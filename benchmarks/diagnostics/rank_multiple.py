@@ -14,12 +14,11 @@ benchmarks/results/rank_multiple/<model>.json.
 from __future__ import annotations
 
 import statistics
-import tempfile
 
 import torch
 
 from benchmarks.common import markdown_table, parser, result_path, setup, short_name, stamp, write_json
-from svdnas.cost.onnx import onnx_bytes, require_onnx
+from svdnas.cost.onnx import reorder_nodes
 from svdnas.cost.timer import compare_latency
 from svdnas.data.datasets import load_data
 from svdnas.data.evaluate import evaluate
@@ -30,12 +29,7 @@ from svdnas.pipeline.config import CompressConfig
 
 def reorders(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
     """Reorder nodes in ONNX Runtime's optimised graph of ``model`` (batch 1, this CPU)."""
-    onnx, ort = require_onnx()
-    path = tempfile.mktemp(suffix=".onnx")
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath, opts.log_severity_level = path, 3
-    ort.InferenceSession(onnx_bytes(model, torch.randn(1, *input_shape), dynamic_batch=False), opts, providers=["CPUExecutionProvider"])
-    return sum(node.op_type.startswith("Reorder") for node in onnx.load(path).graph.node)
+    return reorder_nodes(model, torch.randn(1, *input_shape))
 
 
 TIMINGS = {"onnxruntime": ("onnxruntime", None), "onnxruntime, 1 thread": ("onnxruntime", 1), "torch": ("torch", None)}

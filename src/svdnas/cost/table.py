@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from svdnas.cost.timer import _runner
 from svdnas.errors import SpecError
 from svdnas.fileio import atomic_write_json, cache_root
 from svdnas.lowrank.decompose import empty_block
@@ -173,9 +174,7 @@ def time_modules(
     ``threads`` threads (on the CPU).
     """
     cuda = x.device.type == "cuda"
-    if engine == "onnxruntime":
-        from svdnas.cost.timer import _runner  # the comparisons' sessions, built the same way
-
+    if engine == "onnxruntime":  # sessions built as the whole-model comparisons' are
         calls = [_runner(m, tuple(x.shape[1:]), "onnxruntime", x.shape[0], torch.device("cpu"), threads, stop_spinning=True)
                  for m in modules]
     else:

@@ -204,12 +204,16 @@ def make_candidates(job: Job, config: CompressConfig) -> dict[str, LayerCandidat
     candidates = {}
     for name in job.targets:
         layer = job.model.get_submodule(name)
+
+        def grid(multiple: int, name: str = name, layer: nn.Module = layer) -> LayerCandidates:
+            return limit_groups(grid_candidates(name, layer, job.infos[name].input_hw, fractions, config.objective, rank_multiple=multiple),
+                                config.max_groups)
+
         multiple = layer_rank_multiple(job, config, name)
-        cands = limit_groups(grid_candidates(name, layer, job.infos[name].input_hw, fractions, config.objective, rank_multiple=multiple),
-                             config.max_groups)
+        cands = grid(multiple)
         if not cands.specs and multiple > 1:
             if config.rank_multiple is None:  # the default never leaves a layer out
-                cands = limit_groups(grid_candidates(name, layer, job.infos[name].input_hw, fractions, config.objective), config.max_groups)
+                cands = grid(1)
             else:
                 log.warning("%s: no candidate on the grid keeps whole blocks of %d channels; the layer is left as it is", name, multiple)
         if cands.specs:
