@@ -84,6 +84,14 @@ def any_rank(monkeypatch):
     monkeypatch.setattr("svdnas.pipeline.stages.channel_block", lambda device="cpu": 1)
 
 
+@pytest.fixture(autouse=True)
+def untimed_candidates(monkeypatch):
+    """By default ``compress`` times every candidate and offers only those faster than their layer;
+    the suite turns that off, so that its plans do not depend on this machine's timings (and its
+    runs stay quick). Tests of it patch :func:`svdnas.search.latency_costs.offer_only_faster` back."""
+    monkeypatch.setattr("svdnas.pipeline.stages.offer_only_faster", lambda *args, **kwargs: None)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def own_cache(tmp_path_factory):
     """The suite's latency tables and remembered evaluations go to a folder of its own, not the user's."""

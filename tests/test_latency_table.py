@@ -176,6 +176,53 @@ def test_compress_meets_a_latency_budget(fake_timer, tiny_fmnist, tmp_path, bran
     assert (branches == 2) == ("branches" in result.report)
 
 
+class OddRanksSlower(FakeTimer):
+    """The fake timer, but any block with an odd number of channels between its two layers takes 1 ms more than
+    every original layer, as a rank off the runtime's channel blocks can."""
+
+    @staticmethod
+    def ms(module: nn.Module) -> float:
+        odd = any(getattr(m, "out_channels", getattr(m, "out_features", 0)) % 2 for m in module.modules())
+        return FakeTimer.ms(module) + (1.0 if odd else 0.0)
+
+
+@pytest.mark.parametrize("offer_slower", [False, True])
+def test_under_the_flops_objective_no_candidate_slower_than_its_layer_is_offered(tiny_fmnist, tmp_path, monkeypatch, offer_slower):
+    from svdnas.pipeline import stages
+    from svdnas.search import latency_costs
+
+    def joined(spec):  # the channels between the block's two layers
+        return max(spec.groups) * spec.rank
+
+    timer = OddRanksSlower()
+    monkeypatch.setattr(lt, "time_modules", timer)
+    seen = {}
+
+    def watched(model, candidates, table):
+        seen["odd"] = sum(joined(s) % 2 for c in candidates.values() for s in c.specs)
+        summary = latency_costs.offer_only_faster(model, candidates, table)
+        seen["after"] = {n: (list(c.specs), c.latency) for n, c in candidates.items()}
+        return summary
+
+    monkeypatch.setattr(stages, "offer_only_faster", watched)
+    config = CompressConfig(
+        reduction=0.4, latency=LatencyConfig(cache=str(tmp_path / "lut.json")), offer_slower=offer_slower, grid=(0.1, 0.9, 0.05),
+        search_images=200, proxy_images=64, search=SearchConfig(epochs=1, batch_size=64, target=0.5), derivation="whitened",
+    )
+    result = compress(tiny_net().eval(), load_data(f"fmnist:{tiny_fmnist}"), config, filter_fn="convs+linear")
+    if offer_slower:
+        assert not seen and timer.calls == 0 and "slower_candidates" not in result.report
+        return
+    assert seen["odd"] > 0  # the grid had candidates this timer makes slower
+    assert result.report["slower_candidates"]["slower_dropped"] == seen["odd"]
+    for specs, latency in seen["after"].values():
+        assert all(joined(s) % 2 == 0 for s in specs)
+        assert all(t < latency[0] for t in latency[1:])  # every candidate offered is faster than the layer
+    chosen = [s for specs in result.plan.layers.values() for s in specs]
+    assert chosen and all(joined(s) % 2 == 0 for s in chosen)
+    assert result.report["objective"] == "flops" and result.report["flops"]["reduction"] >= 0.4 - 0.01
+
+
 def test_an_unreachable_latency_budget_fails_before_the_accuracy_proxy(fake_timer, tiny_fmnist, tmp_path, monkeypatch):
     from svdnas.search import pruning
 

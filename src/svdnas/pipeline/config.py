@@ -58,6 +58,10 @@ class CompressConfig(Config):
         rank_multiple: ranks rounded to multiples of it, and only candidates whose convolutions keep
             whole channel blocks (None, the default: :func:`svdnas.cost.timer.channel_block` of the
             device, where ONNX Runtime's CPU kernels compute; 1: the paper's grid, any rank).
+        offer_slower: also offer candidates that the latency table measures no faster than their
+            original layer. By default they are not offered under any objective: under ``flops``
+            and ``params`` each candidate left by the output-error proxy is timed (in the table of
+            ``runtime``, cached like the latency objective's) for this alone.
         families: families (split and grouping) kept per layer by the output-error proxy (0: all).
         proxy_drop: the one-layer accuracy proxy's threshold: a candidate whose layer, compressed
             alone, loses more than this many points of top-1 on the proxy images is removed (0: off).
@@ -103,6 +107,9 @@ class CompressConfig(Config):
                                        help="ranks rounded to multiples of N, and only candidates whose convolutions keep whole "
                                             "channel blocks (default: ONNX Runtime's block on this CPU, 16 with AVX-512, 8 with "
                                             "AVX2; 1 on a GPU; 1: any rank, the paper's grid)")
+    offer_slower: bool = option(False, flag="--offer-slower",
+                                help="also offer candidates measured slower than their original layer (default: under every "
+                                     "objective only candidates faster than the layer in the --runtime's latency table are offered)")
     families: int = option(4, flag="--families", help="families kept per layer by the output-error proxy (0: all)")
     proxy_drop: float = option(5.0, flag="--proxy-drop", metavar="PP",
                                help="remove candidates whose layer alone loses more than PP points of top-1 on the proxy images (0: off)")

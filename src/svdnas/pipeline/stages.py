@@ -63,6 +63,7 @@ from svdnas.search.latency_costs import (
     attach_latency,
     attach_second_branch,
     drop_slower,
+    offer_only_faster,
     predicted_report,
 )
 from svdnas.search.measured_budget import meet_measured_budget
@@ -255,6 +256,8 @@ class Pruned:
         costs: per layer, each candidate's cost (the original first); ``fixed``: the cost of
             everything outside the target layers; ``total``: the original's whole cost.
         latency: the measured latency table's costs (latency objective only).
+        timed: what the latency table did to keep only candidates faster than their layer, with
+            ``slower_dropped`` (None with ``--offer-slower``).
         accuracy_proxy: the accuracy proxy's summary for the report (None when it is off).
     """
 
@@ -263,6 +266,7 @@ class Pruned:
     fixed: float
     total: float
     latency: LatencyCosts | None = None
+    timed: dict[str, Any] | None = None
     accuracy_proxy: dict[str, Any] | None = None
     derivation: Derivation = field(default_factory=Derivation)
 
@@ -323,11 +327,13 @@ def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidate
         for name in list(candidates):
             candidates[name] = keep_families(candidates[name], errors[name], config.families)
     job.seconds["proxy"] = time.perf_counter() - t0
-    latency_costs = None
+    latency_costs = timed = None
     if config.objective == "latency":
         t0 = time.perf_counter()
         latency_costs = attach_latency(model, job.shape, candidates, latency_table(job, config))
-        latency_costs.table["slower_dropped"] = drop_slower(candidates)
+        timed = latency_costs.table
+        if not config.offer_slower:
+            timed["slower_dropped"] = drop_slower(candidates)
         total = latency_costs.total
         job.seconds["latency_table"] = time.perf_counter() - t0
 
@@ -335,6 +341,10 @@ def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidate
             return 1 - cheapest_total({n: c.cost("latency") for n, c in candidates.items()}, total) / total
 
         check_budget(candidates, config.objective, config.reduction, total, reach)  # before the accuracy proxy spends its time
+    elif not config.offer_slower:
+        t0 = time.perf_counter()
+        timed = offer_only_faster(model, candidates, latency_table(job, config))
+        job.seconds["latency_table"] = time.perf_counter() - t0
     summary = None
     if config.proxy_drop > 0:
         t0 = time.perf_counter()
@@ -348,7 +358,7 @@ def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidate
     fixed = total - sum(c[0] for c in costs.values())
     fractions = config.fractions()
     log.info("%d target layers, %d candidates (grid %s..%s)", len(candidates), sum(len(c) - 1 for c in candidates.values()), fractions[0], fractions[-1])
-    return Pruned(candidates, costs, fixed, total, latency_costs, summary, derivation)
+    return Pruned(candidates, costs, fixed, total, latency_costs, timed, summary, derivation)
 
 
 def search_config(config: CompressConfig) -> SearchConfig:
@@ -571,6 +581,8 @@ def search_summary(job: Job, config: CompressConfig, pruned: Pruned, searched: S
         "processes": ddp.world_size(),
         "evaluation_images": len(data.test) if data is not None else 0, "evaluation_split": "test" if data is not None else None,
     }}
+    if pruned.timed is not None:
+        out["slower_candidates"] = pruned.timed
     if pruned.accuracy_proxy is not None:
         out["accuracy_proxy"] = pruned.accuracy_proxy
     out["search"] = {

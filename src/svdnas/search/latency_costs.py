@@ -53,35 +53,42 @@ def _candidate_specs(cands: LayerCandidates) -> list[list[LowRankSpec]]:
     return [cands.branches(i) for i in range(len(cands))]
 
 
-def attach_latency(model: nn.Module, input_shape: Sequence[int], candidates: dict[str, LayerCandidates], table: LatencyTable) -> LatencyCosts:
-    """Fill each ``LayerCandidates.latency`` from ``table`` and measure the whole model.
+def _measure(model: nn.Module, input_shape: Sequence[int] | None, candidates: dict[str, LayerCandidates],
+             table: LatencyTable) -> tuple[float | None, dict[str, Any]]:
+    """Fill each ``LayerCandidates.latency`` from ``table`` (and, given ``input_shape``, measure the
+    whole model); the whole model's milliseconds (None without a shape) and the table's summary.
 
     Under torchrun only rank 0 measures (the processes would disturb each other's timings), and the
     others receive its figures, so that every process searches with the same costs.
     """
     figures = None
     if ddp.is_main():
-        per_layer = {}
-        for name, cands in candidates.items():
-            layer = model.get_submodule(name)
-            per_layer[name] = table.candidates(layer, cands.input_hw, _candidate_specs(cands))
-        whole = table.model(model, input_shape)
+        per_layer = {name: table.candidates(model.get_submodule(name), cands.input_hw, _candidate_specs(cands))
+                     for name, cands in candidates.items()}
+        whole = table.model(model, input_shape) if input_shape is not None else None
         table.save()
         figures = (per_layer, whole, table.summary())
     per_layer, whole, summary = ddp.broadcast_object(figures)
     for name, ms in per_layer.items():
         candidates[name].latency = [t * NS_PER_MS for t in ms]
-    targets = sum(ms[0] for ms in per_layer.values())
-    if targets > whole:
-        log.warning(
-            "the target layers alone measure %.3f ms, more than the whole model's %.3f ms (noise, or caches "
-            "that favour the model); taking the rest of the model as free", targets, whole,
-        )
     if summary["noisy"]:
         log.warning(
             "%d of %d latency timings were disturbed (slowest tenth over %.0fx the fastest): other processes "
             "compete for the cores; delete %s to measure again on a quiet machine",
             summary["noisy"], summary["measured"], NOISY, summary["cache"],
+        )
+    return whole, summary
+
+
+def attach_latency(model: nn.Module, input_shape: Sequence[int], candidates: dict[str, LayerCandidates], table: LatencyTable) -> LatencyCosts:
+    """Fill each ``LayerCandidates.latency`` from ``table`` and measure the whole model."""
+    whole, summary = _measure(model, input_shape, candidates, table)
+    assert whole is not None
+    targets = sum(cands.latency[0] for cands in candidates.values() if cands.latency is not None) / NS_PER_MS
+    if targets > whole:
+        log.warning(
+            "the target layers alone measure %.3f ms, more than the whole model's %.3f ms (noise, or caches "
+            "that favour the model); taking the rest of the model as free", targets, whole,
         )
     rest = max(whole - targets, 0.0)
     log.info(
@@ -89,6 +96,16 @@ def attach_latency(model: nn.Module, input_shape: Sequence[int], candidates: dic
         summary["entries"], summary["measured"], summary["measure_seconds"], whole, targets,
     )
     return LatencyCosts((rest + targets) * NS_PER_MS, rest * NS_PER_MS, whole, targets, summary)
+
+
+def offer_only_faster(model: nn.Module, candidates: dict[str, LayerCandidates], table: LatencyTable) -> dict[str, Any]:
+    """Under a FLOPs or params objective: time every candidate and its original layer in ``table``
+    and remove, in place, the candidates no faster than their layer (a plan of fewer FLOPs can be
+    slower where it runs); the table's summary with ``slower_dropped``. The latencies stay on the
+    candidates for the report; the search's costs remain the objective's."""
+    _, summary = _measure(model, None, candidates, table)
+    summary["slower_dropped"] = drop_slower(candidates)
+    return summary
 
 
 def drop_slower(candidates: dict[str, LayerCandidates]) -> int:
