@@ -77,7 +77,8 @@ def _compress(model, data, config, input_shape, filter_fn, device, seed, out, re
     calibration = stages.calibration_set(images.search, config.calibration_images)
     derivation = stages.calibrate(job, config.derivation, {n: c.specs for n, c in candidates.items()}, calibration)
     pruned = stages.prune(job, config, candidates, images.proxy, derivation)
-    searched = stages.meet_latency_budget(job, config, pruned, stages.search_plan(job, config, pruned, images))
+    searched = stages.check_plan(job, config, pruned, images, stages.search_plan(job, config, pruned, images))
+    searched = stages.meet_latency_budget(job, config, pruned, searched)
     compressed = stages.derive_model(job, searched.plan, derivation, calibration)
     recovered = stages.recover(
         job, config.mode, compressed, searched.plan, config.finetune, images.synthetic,

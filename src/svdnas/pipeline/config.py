@@ -84,6 +84,11 @@ class CompressConfig(Config):
             calibration images), or ``prefix`` (whitened in the search; the plan's layers then fitted
             in order on the compressed prefix's inputs, biases corrected); see
             :mod:`svdnas.lowrank.derivation` and :mod:`svdnas.surgery.prefix`.
+        spectrum_plan: check the search's plan against the spectrum allocation's (each candidate's
+            output error read from its family's whitened spectrum, the sum minimised within the
+            budget) on the proxy images, and keep the one nearer the original model (output-aware
+            derivations, a reduction on FLOPs or params, one branch; see
+            :mod:`svdnas.search.allocation`).
         calibration_images: search images (synthetic ones in ``data-free``) whose layer inputs make
             the output-aware derivations' statistics.
     """
@@ -131,6 +136,9 @@ class CompressConfig(Config):
                              help="how each candidate's factors are derived: weight (the paper's SVD of the weight), "
                                   "whitened or refit (fitted to the layer's output on calibration images), "
                                   "prefix (whitened, then each layer refitted on the compressed layers before it)")
+    spectrum_plan: bool = option(True, flag="--no-spectrum-plan",
+                                 help="keep the search's plan as it is (default: it is checked on the proxy images against the plan "
+                                      "that minimises the spectrum-read output errors within the budget, and the better kept)")
     calibration_images: int = option(512, flag="--calibration-images",
                                      help="search images (synthetic in data-free) whose layer inputs make the output-aware statistics")
 

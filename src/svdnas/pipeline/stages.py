@@ -54,7 +54,8 @@ from svdnas.recovery.synthetic import require_batchnorm
 from svdnas.report.build import build_report
 from svdnas.runs.directory import PYTHON_BASE, RunDir, write_run
 from svdnas.search import SearchConfig, grid_candidates, window_dtype
-from svdnas.search.branch import search_branch
+from svdnas.search.allocation import better_plan, choices_to_plan, spectrum_scores
+from svdnas.search.branch import choose, search_branch
 from svdnas.search.budget import cheapest_total, check_budget, rank_one_reach
 from svdnas.search.candidates import LayerCandidates, limit_groups
 from svdnas.search.latency_costs import (
@@ -381,6 +382,7 @@ class Searched:
     branch_reports: dict[str, Any]
     config: SearchConfig
     measured_budget: dict[str, Any] | None = None
+    plan_check: dict[str, Any] | None = None
 
 
 def search_plan(job: Job, config: CompressConfig, pruned: Pruned, images: SearchImages) -> Searched:
@@ -424,6 +426,27 @@ def search_plan(job: Job, config: CompressConfig, pruned: Pruned, images: Search
             histories = {"b1": history, "b2": history2}
     hist = {k: v.to_dict() for k, v in histories.items()} if isinstance(histories, dict) else histories.to_dict()
     return Searched(plan, hist, stages, branch_reports, sconf)
+
+
+def check_plan(job: Job, config: CompressConfig, pruned: Pruned, images: SearchImages, searched: Searched) -> Searched:
+    """The search's plan beside the spectrum allocation's (the summed spectrum-read output errors
+    minimised within the budget, see :mod:`svdnas.search.allocation`), both scored on the proxy
+    images; the better kept. Only where both are defined: an output-aware derivation, a
+    ``--reduction`` on FLOPs or params, one branch, proxy images, and not ``--no-spectrum-plan``."""
+    if (not config.spectrum_plan or pruned.derivation.plain or config.reduction is None or config.objective == "latency"
+            or config.branches != 1 or images.proxy is None or not len(images.proxy)):
+        return searched
+    t0 = time.perf_counter()
+    names = list(pruned.candidates)
+    scores = spectrum_scores(job.model, pruned.candidates, pruned.derivation)
+    choice = choose([scores[n] for n in names], [pruned.costs[n] for n in names], config.reduction, pruned.total, pruned.fixed,
+                    [pruned.candidates[n].next_rank() for n in names])
+    allocated = choices_to_plan(job.targets, pruned.candidates, dict(zip(names, choice)))
+    kept, summary = better_plan(job.model, {"search": searched.plan, "spectrum": allocated}, images.proxy, job.device, pruned.derivation)
+    job.seconds["plan_check"] = summary["seconds"] = time.perf_counter() - t0
+    log.info("plan check on %d proxy images: mean KL %.4g (search) and %.4g (spectrum allocation); kept the %s's plan",
+             summary["images"], summary["kl"]["search"], summary["kl"]["spectrum"], "search" if kept == "search" else "allocation")
+    return dataclasses.replace(searched, plan=searched.plan if kept == "search" else allocated, plan_check=summary)
 
 
 def meet_latency_budget(job: Job, config: CompressConfig, pruned: Pruned, searched: Searched) -> Searched:
@@ -590,6 +613,8 @@ def search_summary(job: Job, config: CompressConfig, pruned: Pruned, searched: S
         "candidates": sum(len(c) - 1 for c in pruned.candidates.values()), "branches": config.branches,
         "stopped": _stopped(searched.history, searched.config.epochs),
     }
+    if searched.plan_check is not None:
+        out["plan_check"] = searched.plan_check
     if job.calibration is not None:
         out["calibration"] = job.calibration
     if pruned.latency is not None:
