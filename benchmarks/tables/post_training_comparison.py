@@ -78,6 +78,9 @@ def main() -> None:
         if "peak_memory_mib" in rep:  # svdnas: the search's cost by stage
             rows[-1]["seconds_by_stage"] = rep["seconds"]
             rows[-1]["peak_rss_mib_by_stage"] = {k: v["rss"] for k, v in rep["peak_memory_mib"].items()}
+        for key in ("plan_check", "slower_candidates"):  # svdnas: which plan the check kept, candidates not offered
+            if key in rep:
+                rows[-1][key] = rep[key]
         print(f"R={r:.2f} {method:14s} FLOPs -{100 * rep['flops']['reduction']:6.2f}%  top-1 {rep['top1']['compressed']:6.2f}  "
               f"drop {rep['top1']['drop_pp']:6.2f}pp  ({seconds:.0f}s)", flush=True)
         save()

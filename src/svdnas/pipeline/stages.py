@@ -24,7 +24,7 @@ import copy
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from svdnas.recovery.recover import recover as distil
 from svdnas.recovery.synthetic import require_batchnorm
 from svdnas.report.build import build_report
 from svdnas.runs.directory import PYTHON_BASE, RunDir, write_run
-from svdnas.search import SearchConfig, grid_candidates, window_dtype
+from svdnas.search import SearchConfig, fraction_grid, grid_candidates, window_dtype
 from svdnas.search.allocation import better_plan, choices_to_plan, spectrum_scores
 from svdnas.search.branch import choose, search_branch
 from svdnas.search.budget import cheapest_total, check_budget, rank_one_reach
@@ -199,25 +199,32 @@ def latency_table(job: Job, config: CompressConfig) -> LatencyTable:
     return LatencyTable(job.device, config.latency, engine=engine)
 
 
+def layer_grid(job: Job, config: CompressConfig, name: str, fractions: Sequence[float]) -> LayerCandidates:
+    """One target layer's candidates at the kept-cost ``fractions``, ranks in the layer's multiple
+    (by default, where no candidate keeps whole blocks, any rank: the default never leaves a layer out)."""
+    layer = job.model.get_submodule(name)
+
+    def grid(multiple: int) -> LayerCandidates:
+        return limit_groups(grid_candidates(name, layer, job.infos[name].input_hw, fractions, config.objective, rank_multiple=multiple),
+                            config.max_groups)
+
+    multiple = layer_rank_multiple(job, config, name)
+    cands = grid(multiple)
+    if not cands.specs and multiple > 1:
+        if config.rank_multiple is None:
+            cands = grid(1)
+        else:
+            log.warning("%s: no candidate on the grid keeps whole blocks of %d channels; the layer is left as it is", name, multiple)
+    return cands
+
+
 def make_candidates(job: Job, config: CompressConfig) -> dict[str, LayerCandidates]:
     """Each target layer's candidates on the FLOPs grid, checked against the budget (latency: later)."""
     t0 = time.perf_counter()
     fractions = config.fractions()
     candidates = {}
     for name in job.targets:
-        layer = job.model.get_submodule(name)
-
-        def grid(multiple: int, name: str = name, layer: nn.Module = layer) -> LayerCandidates:
-            return limit_groups(grid_candidates(name, layer, job.infos[name].input_hw, fractions, config.objective, rank_multiple=multiple),
-                                config.max_groups)
-
-        multiple = layer_rank_multiple(job, config, name)
-        cands = grid(multiple)
-        if not cands.specs and multiple > 1:
-            if config.rank_multiple is None:  # the default never leaves a layer out
-                cands = grid(1)
-            else:
-                log.warning("%s: no candidate on the grid keeps whole blocks of %d channels; the layer is left as it is", name, multiple)
+        cands = layer_grid(job, config, name, fractions)
         if cands.specs:
             candidates[name] = cands
     if not candidates:
@@ -428,6 +435,24 @@ def search_plan(job: Job, config: CompressConfig, pruned: Pruned, images: Search
     return Searched(plan, hist, stages, branch_reports, sconf)
 
 
+def allocation_candidates(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidates]) -> dict[str, LayerCandidates]:
+    """The spectrum allocation's options: per layer, the families the search kept at every rank of
+    the whole grid (kept-cost fractions 0.05-0.95, the layer's rank multiple) up to the largest rank
+    the search offers in that family (larger ones may have been measured slower than the layer).
+    The search's grid is a window around the target; the allocation may spend a layer's cost far
+    outside it, as BALF's does."""
+    wide = fraction_grid(0.05, 0.95)
+    options = {}
+    for name, cands in candidates.items():
+        top: dict[tuple, int] = {}
+        for spec in cands.specs:
+            top[spec.family()] = max(top.get(spec.family(), 0), spec.rank)
+        grid = layer_grid(job, config, name, wide)
+        extra = grid.subset(lambda s, top=top: s.family() in top and s.rank <= top[s.family()])
+        options[name] = extra if extra.specs else cands
+    return options
+
+
 def check_plan(job: Job, config: CompressConfig, pruned: Pruned, images: SearchImages, searched: Searched) -> Searched:
     """The search's plan beside the spectrum allocation's (the summed spectrum-read output errors
     minimised within the budget, see :mod:`svdnas.search.allocation`), both scored on the proxy
@@ -437,11 +462,12 @@ def check_plan(job: Job, config: CompressConfig, pruned: Pruned, images: SearchI
             or config.branches != 1 or images.proxy is None or not len(images.proxy)):
         return searched
     t0 = time.perf_counter()
-    names = list(pruned.candidates)
-    scores = spectrum_scores(job.model, pruned.candidates, pruned.derivation)
-    choice = choose([scores[n] for n in names], [pruned.costs[n] for n in names], config.reduction, pruned.total, pruned.fixed,
-                    [pruned.candidates[n].next_rank() for n in names])
-    allocated = choices_to_plan(job.targets, pruned.candidates, dict(zip(names, choice)))
+    options = allocation_candidates(job, config, pruned.candidates)
+    names = list(options)
+    scores = spectrum_scores(job.model, options, pruned.derivation)
+    choice = choose([scores[n] for n in names], [options[n].cost(config.objective) for n in names], config.reduction, pruned.total,
+                    pruned.fixed, [options[n].next_rank() for n in names])
+    allocated = choices_to_plan(job.targets, options, dict(zip(names, choice)))
     kept, summary = better_plan(job.model, {"search": searched.plan, "spectrum": allocated}, images.proxy, job.device, pruned.derivation)
     job.seconds["plan_check"] = summary["seconds"] = time.perf_counter() - t0
     log.info("plan check on %d proxy images: mean KL %.4g (search) and %.4g (spectrum allocation); kept the %s's plan",

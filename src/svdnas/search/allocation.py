@@ -2,9 +2,11 @@
 
 With an output-aware derivation every candidate's relative output error is read from its family's
 whitened spectrum, with no image. Minimising the summed errors within the budget (the same
-multiple-choice knapsack as the search's selection) is BALF's allocation, but over the whole
-LR-space. At small reductions, where the search's loss barely separates its options, this plan
-can be the better one; elsewhere the search's. Both are scored on the held-out proxy images by
+multiple-choice knapsack as the search's selection) is BALF's allocation, but over the families
+the search kept, at every rank of the whole grid: where the search's candidates are a window
+around the target, the allocation may compress a few layers far and leave the rest, as BALF does.
+At small reductions, where the search's loss barely separates its options, this plan can be the
+better one; elsewhere the search's. Both are scored on the held-out proxy images by
 the mean KL divergence of the compressed model's softmax from the original's (no label needed,
 so it works on synthetic images too), and the lower is kept.
 """
