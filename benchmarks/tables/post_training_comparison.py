@@ -42,6 +42,8 @@ def main() -> None:
     p.add_argument("--proxy-drop", type=float, default=5.0)
     p.add_argument("--branches", type=int, default=1, choices=(1, 2))
     p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    p.add_argument("--offer-slower", action="store_true", help="svdnas: offer candidates measured slower than their layer too")
+    p.add_argument("--rank-multiple", type=int, default=None, help="svdnas: --rank-multiple (default: this CPU's channel block)")
     args = p.parse_args()
     setup(args)
     model, info, data = model_and_data(args, args.test_images)
@@ -52,13 +54,16 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": info.spec, "data": args.data, "epochs": args.epochs, "families": args.families, "proxy_drop": args.proxy_drop,
             "branches": args.branches, "seed": args.seed, "test_images": len(data.test), "threads": args.threads,
-            "original_top1": reference["top1"], **stamp(args.threads)}
+            "original_top1": reference["top1"], "offer_slower": args.offer_slower, "rank_multiple": args.rank_multiple,
+            **stamp(args.threads)}
     # the original's top-1 stands for its weights: rows of other weights are not resumed
-    keys = ("model", "data", "epochs", "families", "proxy_drop", "branches", "seed", "test_images", "original_top1")
+    keys = ("model", "data", "epochs", "families", "proxy_drop", "branches", "seed", "test_images", "original_top1", "offer_slower",
+            "rank_multiple")
+    unset = {"offer_slower": False, "rank_multiple": None}  # files written before these settings existed
     rows: list[dict] = []
     if out.is_file():
         old = json.loads(out.read_text())
-        if all(old.get("meta", {}).get(k) == meta[k] for k in keys):
+        if all(old.get("meta", {}).get(k, unset.get(k)) == meta[k] for k in keys):
             rows = old["rows"]
             print(f"# resuming: {len(rows)} rows from {out}", flush=True)
 
@@ -94,6 +99,7 @@ def main() -> None:
             if base == "svdnas":
                 kind = {"derivation": derivation} if derivation else {}
                 config = CompressConfig(reduction=r, families=args.families, proxy_drop=args.proxy_drop, branches=args.branches,
+                                        offer_slower=args.offer_slower, rank_multiple=args.rank_multiple,
                                         search=SearchConfig(epochs=args.epochs, target=1 - r), **kind)
                 rep = compress(model, data, config, input_shape=info.input_shape, filter_fn=info.default_filter, seed=args.seed,
                                reference=reference).report
