@@ -88,7 +88,8 @@ def any_rank(monkeypatch):
 def untimed_candidates(monkeypatch):
     """By default ``compress`` times every candidate and offers only those faster than their layer;
     the suite turns that off, so that its plans do not depend on this machine's timings (and its
-    runs stay quick). Tests of it patch :func:`svdnas.search.latency_costs.offer_only_faster` back."""
+    runs stay quick). Tests of it set ``svdnas.pipeline.stages.offer_only_faster`` back to
+    :func:`svdnas.search.latency_costs.offer_only_faster`."""
     monkeypatch.setattr("svdnas.pipeline.stages.offer_only_faster", lambda *args, **kwargs: None)
 
 

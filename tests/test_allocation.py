@@ -8,11 +8,10 @@ from torch.utils.data import TensorDataset
 
 from svdnas.data.datasets import load_data
 from svdnas.lowrank.plan import Plan
-from svdnas.pipeline import stages
 from svdnas.pipeline.compress import compress
 from svdnas.pipeline.config import CompressConfig
-from svdnas.search import SearchConfig, allocation
-from svdnas.search.allocation import better_plan, choices_to_plan, mean_kl, spectrum_scores
+from svdnas.search import SearchConfig, allocation, fraction_grid, grid_candidates
+from svdnas.search.allocation import better_plan, log_probs, mean_kl, spectrum_scores
 from svdnas.search.output_proxy import _nearest, spectrum_errors
 from tests.conftest import tiny_net
 from tests.test_output_proxy import _setup
@@ -24,8 +23,9 @@ def test_spectrum_scores_are_the_proxys_errors_and_grow_with_rank():
     for name, c in cands.items():
         row = scores[name]
         assert len(row) == len(c) and row[0] == 0.0 and all(s <= 0 for s in row)
-        read = spectrum_errors(model.get_submodule(name), c, _nearest(c, 0.5, "flops"), derivation)
-        for fam, i in _nearest(c, 0.5, "flops").items():
+        best = _nearest(c, 0.5, "flops")
+        read = spectrum_errors(model.get_submodule(name), c, best, derivation)
+        for fam, i in best.items():
             assert -row[i] == pytest.approx(read[fam])
         for i, a in enumerate(c.specs, start=1):  # a larger rank of the same family never errs more
             for j, b in enumerate(c.specs, start=1):
@@ -33,17 +33,41 @@ def test_spectrum_scores_are_the_proxys_errors_and_grow_with_rank():
                     assert row[i] <= row[j] + 1e-12
 
 
+def test_the_options_reach_below_the_search_but_not_back_above_it():
+    model, _, _, _ = _setup()
+    layer = model.get_submodule("2")
+    window = grid_candidates("2", layer, (10, 10), [0.6, 0.7, 0.8], "flops")
+    gap = sorted({s.rank for s in window.specs if s.family() == window.specs[0].family()})[1]  # a rank the search left out
+    search = {"2": window.subset(lambda s: not (s.family() == window.specs[0].family() and s.rank == gap))}
+    whole = grid_candidates("2", layer, (10, 10), fraction_grid(0.05, 0.95), "flops")
+    opts = allocation.options(search, lambda name: whole, lambda name: True)["2"]
+    kept_families = {s.family() for s in search["2"].specs}
+    low = {f: min(s.rank for s in search["2"].specs if s.family() == f) for f in kept_families}
+    assert set(search["2"].specs) <= set(opts.specs)
+    added = [s for s in opts.specs if s not in search["2"].specs]
+    assert added and all(s.family() in kept_families and s.rank < low[s.family()] for s in added)
+    assert not any(s.family() == window.specs[0].family() and s.rank == gap for s in opts.specs)  # left out stays out
+    for s, macs in zip(opts.specs, opts.macs[1:]):  # costs travel with their specs
+        assert macs == whole.macs[1 + whole.specs.index(s)] if s in whole.specs else True
+    assert allocation.options(search, lambda name: whole, lambda name: False)["2"] is search["2"]
+
+
 def test_better_plan_keeps_the_one_nearer_the_original():
     model, x, cands, derivation = _setup()
     images = TensorDataset(x.float(), torch.zeros(len(x), dtype=torch.long))
     model = model.float()
     cheapest = {n: min(range(1, len(c)), key=lambda i, c=c: c.macs[i]) for n, c in cands.items()}
-    plans = {"rough": choices_to_plan(["0", "2"], cands, cheapest), "none": Plan({"0": [], "2": []}),
+    plans = {"rough": Plan({n: cands[n].branches(cheapest[n]) for n in ("0", "2")}), "none": Plan({"0": [], "2": []}),
              "none again": Plan({"0": [], "2": []})}
     kept, summary = better_plan(model, plans, images, "cpu", derivation)
     assert kept == "none" and summary["kl"]["none"] == pytest.approx(0.0, abs=1e-9) == summary["kl"]["none again"]
     assert summary["kl"]["rough"] > 1e-6 and summary["images"] == len(x)
-    assert mean_kl(model, model, images, "cpu") == pytest.approx(0.0, abs=1e-9)
+    assert mean_kl(log_probs(model, images, "cpu"), model, images, "cpu") == pytest.approx(0.0, abs=1e-9)
+
+
+def _config(**kw) -> CompressConfig:
+    settings = {"reduction": 0.4, "search_images": 200, "proxy_images": 64, "derivation": "whitened"} | kw
+    return CompressConfig(search=SearchConfig(epochs=1, batch_size=64, target=0.5), **settings)
 
 
 @pytest.mark.parametrize("winner", ["search", "spectrum", None])
@@ -54,26 +78,26 @@ def test_compress_keeps_the_plan_the_check_prefers(tiny_fmnist, tmp_path, monkey
         seen.update(plans)
         return winner, {"kl": {k: 0.0 for k in plans}, "kept": winner, "images": len(images)}
 
-    monkeypatch.setattr(stages, "better_plan", rigged if winner else allocation.better_plan)
-    config = CompressConfig(reduction=0.4, search_images=200, proxy_images=64, derivation="whitened",
-                            search=SearchConfig(epochs=1, batch_size=64, target=0.5))
-    result = compress(tiny_net().eval(), load_data(f"fmnist:{tiny_fmnist}"), config, filter_fn="convs+linear", out=tmp_path / "run")
+    if winner:
+        monkeypatch.setattr(allocation, "better_plan", rigged)
+    result = compress(tiny_net().eval(), load_data(f"fmnist:{tiny_fmnist}"), _config(), filter_fn="convs+linear", out=tmp_path / "run")
     check = json.loads((tmp_path / "run" / "report.json").read_text())["plan_check"]
     assert result.report["flops"]["reduction"] >= 0.4 - 0.01  # either plan meets the budget
     assert check["seconds"] > 0 and set(check["kl"]) == {"search", "spectrum"}
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
     if winner:
+        assert seen["search"].to_json() != seen["spectrum"].to_json()  # the check had two plans to choose from
         assert result.plan.to_json() == seen[winner].to_json()
+        assert history["plan_from"] == ("search" if winner == "search" else "spectrum allocation")
     else:
         assert check["kept"] in ("search", "spectrum") and check["kl"][check["kept"]] == min(check["kl"].values())
 
 
-def test_the_check_is_skipped_where_it_is_not_defined(tiny_fmnist, monkeypatch):
+@pytest.mark.parametrize("kw", [{"derivation": "weight"}, {"keep_search_plan": True}, {"branches": 2}, {"reduction": None, "beta": 0.5}])
+def test_the_check_is_skipped_where_it_is_not_defined(tiny_fmnist, monkeypatch, kw):
     def boom(*a, **k):
         raise AssertionError("the plan check ran")
 
-    monkeypatch.setattr(stages, "better_plan", boom)
-    data = load_data(f"fmnist:{tiny_fmnist}")
-    for kw in ({"derivation": "weight"}, {"derivation": "whitened", "spectrum_plan": False}):
-        config = CompressConfig(reduction=0.4, search_images=200, proxy_images=64, search=SearchConfig(epochs=1, batch_size=64, target=0.5), **kw)
-        result = compress(tiny_net().eval(), data, config, filter_fn="convs+linear")
-        assert "plan_check" not in result.report
+    monkeypatch.setattr(allocation, "better_plan", boom)
+    result = compress(tiny_net().eval(), load_data(f"fmnist:{tiny_fmnist}"), _config(**kw), filter_fn="convs+linear")
+    assert "plan_check" not in result.report

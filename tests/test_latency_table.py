@@ -189,7 +189,7 @@ class OddRanksSlower(FakeTimer):
 @pytest.mark.parametrize("offer_slower", [False, True])
 def test_under_the_flops_objective_no_candidate_slower_than_its_layer_is_offered(tiny_fmnist, tmp_path, monkeypatch, offer_slower):
     from svdnas.pipeline import stages
-    from svdnas.search import latency_costs
+    from svdnas.search import allocation, latency_costs
 
     def joined(spec):  # the channels between the block's two layers
         return max(spec.groups) * spec.rank
@@ -205,9 +205,14 @@ def test_under_the_flops_objective_no_candidate_slower_than_its_layer_is_offered
         return summary
 
     monkeypatch.setattr(stages, "offer_only_faster", watched)
+    def spectrum_wins(model, plans, images, device, derivation):  # the allocation's plan is held to the rule too
+        return "spectrum", {"kl": {k: 0.0 for k in plans}, "kept": "spectrum", "images": len(images)}
+
+    monkeypatch.setattr(allocation, "better_plan", spectrum_wins)
     config = CompressConfig(
-        reduction=0.4, latency=LatencyConfig(cache=str(tmp_path / "lut.json")), offer_slower=offer_slower, grid=(0.1, 0.9, 0.05),
-        search_images=200, proxy_images=64, search=SearchConfig(epochs=1, batch_size=64, target=0.5), derivation="whitened",
+        reduction=0.4, latency=LatencyConfig(cache=str(tmp_path / "lut.json"), anchors=0), offer_slower=offer_slower,
+        grid=(0.1, 0.9, 0.05), search_images=200, proxy_images=64, search=SearchConfig(epochs=1, batch_size=64, target=0.5),
+        derivation="whitened",
     )
     result = compress(tiny_net().eval(), load_data(f"fmnist:{tiny_fmnist}"), config, filter_fn="convs+linear")
     if offer_slower:
@@ -220,6 +225,7 @@ def test_under_the_flops_objective_no_candidate_slower_than_its_layer_is_offered
         assert all(t < latency[0] for t in latency[1:])  # every candidate offered is faster than the layer
     chosen = [s for specs in result.plan.layers.values() for s in specs]
     assert chosen and all(joined(s) % 2 == 0 for s in chosen)
+    assert result.report["plan_check"]["kept"] == "spectrum"
     assert result.report["objective"] == "flops" and result.report["flops"]["reduction"] >= 0.4 - 0.01
 
 

@@ -4,10 +4,10 @@
 
 Takes the plan a ``compress`` run wrote (the ``plan`` of an ``imagenet_compress`` JSON, or a run's
 ``plan.json``), applies it to the model (random weights: factors from the weight; timing only) and
-times the original and the compressed model, at batch 1 and ``--batch``, in interleaved rounds, in
-every way PyTorch offers to run them here: eager in the default memory format, eager channels-last,
-TorchScript (traced, frozen, ``optimize_for_inference``), ``torch.compile`` (inductor, where it
-compiles) and, beside them, ONNX Runtime. Then the PyTorch profiler's view of one eager inference of
+times the original and the compressed model in interleaved rounds, at batch 1 in every way PyTorch
+offers to run them here: eager in the default memory format, eager channels-last, TorchScript
+(traced, frozen, ``optimize_for_inference``), ``torch.compile`` (inductor, where it compiles) and,
+beside them, ONNX Runtime; at ``--batch`` eager, channels-last and ONNX Runtime. Then the PyTorch profiler's view of one eager inference of
 each model: time by operator, so that the table says where eager's time goes. Writes
 benchmarks/results/pytorch_paths/<model>.json.
 """
@@ -117,11 +117,13 @@ def main() -> None:
     p.add_argument("--paths", nargs="+", default=["eager", "channels_last", "torchscript", "compile", "onnxruntime"])
     args = p.parse_args()
     setup(args, manual_seed=0)
-    original, info = build_model(args.model)
+    if "eager" not in args.paths:
+        p.error("--paths must include eager: every figure is also given against the eager original")
+    original, info = build_model(args.model, pretrained=False)
     shape = tuple(info.input_shape)
     doc = json.loads(Path(args.plan_from).read_text())
     plan = Plan.from_dict(doc.get("plan", doc))
-    compressed = apply_plan(build_model(args.model)[0].eval(), plan)
+    compressed = apply_plan(build_model(args.model, pretrained=False)[0].eval(), plan)
     models = {"original": original.eval(), "compressed": compressed.eval()}
     paths = [x for x in args.paths if x != "onnxruntime" or onnxruntime_available()]
     out = {"model": f"{args.model} (random weights)", "plan_from": args.plan_from, "paths": {}, **stamp(args.threads)}

@@ -55,11 +55,12 @@ def main() -> None:
     meta = {"model": info.spec, "data": args.data, "epochs": args.epochs, "families": args.families, "proxy_drop": args.proxy_drop,
             "branches": args.branches, "seed": args.seed, "test_images": len(data.test), "threads": args.threads,
             "original_top1": reference["top1"], "offer_slower": args.offer_slower, "rank_multiple": args.rank_multiple,
-            **stamp(args.threads)}
+            "plan_check": True, **stamp(args.threads)}
     # the original's top-1 stands for its weights: rows of other weights are not resumed
     keys = ("model", "data", "epochs", "families", "proxy_drop", "branches", "seed", "test_images", "original_top1", "offer_slower",
-            "rank_multiple")
-    unset = {"offer_slower": False, "rank_multiple": None}  # files written before these settings existed
+            "rank_multiple", "plan_check")
+    # files written before these settings existed: every candidate offered, no plan check
+    unset = {"offer_slower": True, "rank_multiple": None, "plan_check": False}
     rows: list[dict] = []
     if out.is_file():
         old = json.loads(out.read_text())

@@ -71,7 +71,9 @@ class LatencyConfig(Config):
             so that timer resolution and call overhead do not dominate.
     """
 
-    batch: int = option(1, flag="--latency-batch", help="images per pass of the latency objective's timings (default 1: one request)")
+    batch: int = option(1, flag="--latency-batch",
+                        help="images per pass of the latency table's timings (the latency objective's, or the one timing "
+                             "candidates; default 1: one request)")
     warmup: int = 3
     repeats: int = 15
     anchors: int = 8

@@ -59,9 +59,9 @@ class CompressConfig(Config):
             whole channel blocks (None, the default: :func:`svdnas.cost.timer.channel_block` of the
             device, where ONNX Runtime's CPU kernels compute; 1: the paper's grid, any rank).
         offer_slower: also offer candidates that the latency table measures no faster than their
-            original layer. By default they are not offered under any objective: under ``flops``
-            and ``params`` each candidate left by the output-error proxy is timed (in the table of
-            ``runtime``, cached like the latency objective's) for this alone.
+            original layer. By default they are not offered under any objective (first branch):
+            under ``flops`` and ``params`` each candidate left by the output-error proxy is timed
+            (in the table of ``runtime``, with ``latency``'s settings and cache) for this alone.
         families: families (split and grouping) kept per layer by the output-error proxy (0: all).
         proxy_drop: the one-layer accuracy proxy's threshold: a candidate whose layer, compressed
             alone, loses more than this many points of top-1 on the proxy images is removed (0: off).
@@ -84,11 +84,11 @@ class CompressConfig(Config):
             calibration images), or ``prefix`` (whitened in the search; the plan's layers then fitted
             in order on the compressed prefix's inputs, biases corrected); see
             :mod:`svdnas.lowrank.derivation` and :mod:`svdnas.surgery.prefix`.
-        spectrum_plan: check the search's plan against the spectrum allocation's (each candidate's
-            output error read from its family's whitened spectrum, the sum minimised within the
-            budget) on the proxy images, and keep the one nearer the original model (output-aware
-            derivations, a reduction on FLOPs or params, one branch; see
-            :mod:`svdnas.search.allocation`).
+        keep_search_plan: keep the search's plan as it is. By default (output-aware derivations, a
+            reduction on FLOPs or params, one branch) it is checked against the spectrum
+            allocation's (each candidate's output error read from its family's whitened spectrum,
+            the sum minimised within the budget) on the proxy images, and the one nearer the
+            original model kept; see :mod:`svdnas.search.allocation`.
         calibration_images: search images (synthetic ones in ``data-free``) whose layer inputs make
             the output-aware derivations' statistics.
     """
@@ -136,9 +136,9 @@ class CompressConfig(Config):
                              help="how each candidate's factors are derived: weight (the paper's SVD of the weight), "
                                   "whitened or refit (fitted to the layer's output on calibration images), "
                                   "prefix (whitened, then each layer refitted on the compressed layers before it)")
-    spectrum_plan: bool = option(True, flag="--no-spectrum-plan",
-                                 help="keep the search's plan as it is (default: it is checked on the proxy images against the plan "
-                                      "that minimises the spectrum-read output errors within the budget, and the better kept)")
+    keep_search_plan: bool = option(False, flag="--keep-search-plan",
+                                    help="keep the search's plan as it is (default: it is checked on the proxy images against the plan "
+                                         "that minimises the spectrum-read output errors within the budget, and the better kept)")
     calibration_images: int = option(512, flag="--calibration-images",
                                      help="search images (synthetic in data-free) whose layer inputs make the output-aware statistics")
 

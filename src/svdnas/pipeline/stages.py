@@ -8,10 +8,12 @@ the next stage needs. In order, for ``compress``:
 2. :func:`make_candidates`: the FLOPs grid of each target layer's LR-space, checked against the budget.
 3. :func:`search_images`: the labelled (or synthetic) search images and, apart from them, the proxy's.
 4. :func:`calibrate`: for the output-aware derivations, each target layer's input moments.
-5. :func:`prune`: families by output error, latencies measured where that is the objective, candidates
-   by the one-layer accuracy proxy; what is left is checked against the budget again.
+5. :func:`prune`: families by output error; candidates timed in the latency table (the latency
+   objective's costs, and under every objective only candidates faster than their layer offered);
+   candidates by the one-layer accuracy proxy; what is left is checked against the budget again.
 6. :func:`search_plan`: a super model, its logits learned, one candidate per layer within the budget;
-   with two branches, a second search over the first branch's residual. :func:`meet_latency_budget`
+   with two branches, a second search over the first branch's residual. :func:`check_plan`: the
+   plan beside the spectrum allocation's, the one nearer the original kept. :func:`meet_latency_budget`
    (latency objective): the plan selected again until the whole model, measured, meets the budget.
 7. :func:`derive_model`: the plan's factors (``prefix``: fitted layer by layer on the compressed
    prefix), then :func:`recover`: distillation, in the modes that fine-tune.
@@ -38,7 +40,7 @@ from svdnas.cost.table import LatencyTable
 from svdnas.cost.timer import channel_block, compare_latency, default_runtime
 from svdnas.data.datasets import DataBundle
 from svdnas.data.evaluate import batches, evaluate
-from svdnas.errors import DataError, SpecError, WriteError
+from svdnas.errors import BudgetError, DataError, SpecError, WriteError
 from svdnas.lowrank.derivation import Derivation, statistics_bytes
 from svdnas.lowrank.derivation import calibrate as calibrate_layers
 from svdnas.lowrank.geometry import layer_geometry
@@ -53,9 +55,8 @@ from svdnas.recovery.recover import recover as distil
 from svdnas.recovery.synthetic import require_batchnorm
 from svdnas.report.build import build_report
 from svdnas.runs.directory import PYTHON_BASE, RunDir, write_run
-from svdnas.search import SearchConfig, fraction_grid, grid_candidates, window_dtype
-from svdnas.search.allocation import better_plan, choices_to_plan, spectrum_scores
-from svdnas.search.branch import choose, search_branch
+from svdnas.search import SearchConfig, allocation, fraction_grid, grid_candidates, window_dtype
+from svdnas.search.branch import search_branch
 from svdnas.search.budget import cheapest_total, check_budget, rank_one_reach
 from svdnas.search.candidates import LayerCandidates, limit_groups
 from svdnas.search.latency_costs import (
@@ -320,7 +321,8 @@ def _standard_memory(model: nn.Module) -> nn.Module:
 
 
 def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidates], proxy_set, derivation: Derivation | None = None) -> Pruned:
-    """Families kept by output error, latency measured (latency objective), candidates kept by the accuracy proxy."""
+    """Families kept by output error; candidates timed (the latency objective's costs; only those faster than their
+    layer kept, unless ``--offer-slower``); candidates kept by the accuracy proxy."""
     model, total = job.model, job.total(config.objective)
     derivation = derivation or Derivation()
 
@@ -339,8 +341,8 @@ def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidate
     if config.objective == "latency":
         t0 = time.perf_counter()
         latency_costs = attach_latency(model, job.shape, candidates, latency_table(job, config))
-        timed = latency_costs.table
         if not config.offer_slower:
+            timed = latency_costs.table
             timed["slower_dropped"] = drop_slower(candidates)
         total = latency_costs.total
         job.seconds["latency_table"] = time.perf_counter() - t0
@@ -353,6 +355,12 @@ def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidate
         t0 = time.perf_counter()
         timed = offer_only_faster(model, candidates, latency_table(job, config))
         job.seconds["latency_table"] = time.perf_counter() - t0
+        if timed is not None:
+            try:
+                check_budget(candidates, config.objective, config.reduction, total, reach)
+            except BudgetError as e:
+                raise BudgetError(f"{e}; {timed['slower_dropped']} candidates measured slower than their layer were not "
+                                  "offered: --offer-slower offers them") from e
     summary = None
     if config.proxy_drop > 0:
         t0 = time.perf_counter()
@@ -381,7 +389,8 @@ def search_config(config: CompressConfig) -> SearchConfig:
 @dataclass
 class Searched:
     """The plan, the search's history (per branch with two), the candidate sets the latency
-    prediction needs, and the first branch's own figures when there are two."""
+    prediction needs, the first branch's own figures when there are two, and what the measured
+    latency budget and the plan check did (None where they did not run)."""
 
     plan: Plan
     history: dict[str, Any]
@@ -435,44 +444,33 @@ def search_plan(job: Job, config: CompressConfig, pruned: Pruned, images: Search
     return Searched(plan, hist, stages, branch_reports, sconf)
 
 
-def allocation_candidates(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidates]) -> dict[str, LayerCandidates]:
-    """The spectrum allocation's options: per layer, the families the search kept at every rank of
-    the whole grid (kept-cost fractions 0.05-0.95, the layer's rank multiple) up to the largest rank
-    the search offers in that family (larger ones may have been measured slower than the layer).
-    The search's grid is a window around the target; the allocation may spend a layer's cost far
-    outside it, as BALF's does."""
-    wide = fraction_grid(0.05, 0.95)
-    options = {}
-    for name, cands in candidates.items():
-        top: dict[tuple, int] = {}
-        for spec in cands.specs:
-            top[spec.family()] = max(top.get(spec.family(), 0), spec.rank)
-        grid = layer_grid(job, config, name, wide)
-        extra = grid.subset(lambda s, top=top: s.family() in top and s.rank <= top[s.family()])
-        options[name] = extra if extra.specs else cands
-    return options
-
-
 def check_plan(job: Job, config: CompressConfig, pruned: Pruned, images: SearchImages, searched: Searched) -> Searched:
-    """The search's plan beside the spectrum allocation's (the summed spectrum-read output errors
-    minimised within the budget, see :mod:`svdnas.search.allocation`), both scored on the proxy
-    images; the better kept. Only where both are defined: an output-aware derivation, a
-    ``--reduction`` on FLOPs or params, one branch, proxy images, and not ``--no-spectrum-plan``."""
-    if (not config.spectrum_plan or pruned.derivation.plain or config.reduction is None or config.objective == "latency"
+    """The search's plan beside the spectrum allocation's, both scored on the proxy images, the
+    better kept (see :mod:`svdnas.search.allocation`). Only where both are defined: an output-aware
+    derivation, a ``--reduction`` on FLOPs or params, one branch, proxy images, and not
+    ``--keep-search-plan``. The allocation's options reach below the search's window (the whole
+    grid, 0.05-0.95 of each layer's cost) where a lower rank cannot be slower: with
+    ``--offer-slower``, or where the layer's ranks are whole channel blocks, in which ONNX Runtime's
+    latency falls with the rank (``benchmarks/diagnostics/rank_staircase.py``)."""
+    if (config.keep_search_plan or pruned.derivation.plain or config.reduction is None or config.objective == "latency"
             or config.branches != 1 or images.proxy is None or not len(images.proxy)):
         return searched
-    t0 = time.perf_counter()
-    options = allocation_candidates(job, config, pruned.candidates)
-    names = list(options)
-    scores = spectrum_scores(job.model, options, pruned.derivation)
-    choice = choose([scores[n] for n in names], [options[n].cost(config.objective) for n in names], config.reduction, pruned.total,
-                    pruned.fixed, [options[n].next_rank() for n in names])
-    allocated = choices_to_plan(job.targets, options, dict(zip(names, choice)))
-    kept, summary = better_plan(job.model, {"search": searched.plan, "spectrum": allocated}, images.proxy, job.device, pruned.derivation)
-    job.seconds["plan_check"] = summary["seconds"] = time.perf_counter() - t0
-    log.info("plan check on %d proxy images: mean KL %.4g (search) and %.4g (spectrum allocation); kept the %s's plan",
-             summary["images"], summary["kl"]["search"], summary["kl"]["spectrum"], "search" if kept == "search" else "allocation")
-    return dataclasses.replace(searched, plan=searched.plan if kept == "search" else allocated, plan_check=summary)
+    wide = fraction_grid(0.05, 0.95)
+    opts = allocation.options(pruned.candidates, lambda name: layer_grid(job, config, name, wide),
+                              lambda name: config.offer_slower or layer_rank_multiple(job, config, name) > 1)
+    plan, summary = allocation.check_against_allocation(
+        job.model, searched.plan, opts, pruned.derivation, config.objective, config.reduction, pruned.total, pruned.fixed,
+        images.proxy, job.device,
+    )
+    job.seconds["plan_check"] = summary["seconds"]
+    if "skipped" in summary:
+        log.warning("plan check skipped: %s", summary["skipped"])
+    else:
+        log.info("plan check on %d proxy images: mean KL %.4g (search) and %.4g (spectrum allocation); kept the %s's plan",
+                 summary["images"], summary["kl"]["search"], summary["kl"]["spectrum"],
+                 "search" if summary["kept"] == "search" else "allocation")
+    history = searched.history | {"plan_from": "search" if summary["kept"] == "search" else "spectrum allocation"}
+    return dataclasses.replace(searched, plan=plan, history=history, plan_check=summary)
 
 
 def meet_latency_budget(job: Job, config: CompressConfig, pruned: Pruned, searched: Searched) -> Searched:
@@ -649,7 +647,7 @@ def search_summary(job: Job, config: CompressConfig, pruned: Pruned, searched: S
 
 
 __all__ = [
-    "Job", "Pruned", "Recovered", "SearchImages", "Searched", "calibrate", "calibration_set", "check_data", "derive_model",
-    "finish", "make_candidates", "prepare",
+    "Job", "Pruned", "Recovered", "SearchImages", "Searched", "calibrate", "calibration_set", "check_data", "check_plan", "derive_model",
+    "finish", "layer_grid", "make_candidates", "meet_latency_budget", "prepare",
     "prune", "recover", "report", "search_header", "search_images", "search_plan", "search_summary", "write",
 ]

@@ -3,66 +3,106 @@
 With an output-aware derivation every candidate's relative output error is read from its family's
 whitened spectrum, with no image. Minimising the summed errors within the budget (the same
 multiple-choice knapsack as the search's selection) is BALF's allocation, but over the families
-the search kept, at every rank of the whole grid: where the search's candidates are a window
-around the target, the allocation may compress a few layers far and leave the rest, as BALF does.
-At small reductions, where the search's loss barely separates its options, this plan can be the
-better one; elsewhere the search's. Both are scored on the held-out proxy images by
-the mean KL divergence of the compressed model's softmax from the original's (no label needed,
-so it works on synthetic images too), and the lower is kept.
+the search kept: its options are the search's candidates and, below them, every smaller rank of
+the same families on the whole grid. Where the search's candidates are a window around the
+target, the allocation may compress a few layers far and leave the rest, as BALF does. At small
+reductions, where the search's loss barely separates its options, this plan can be the better
+one; elsewhere the search's. Both are scored on the proxy images (the accuracy proxy's, apart
+from the search images) by the mean KL divergence of the compressed model's softmax from the
+original's (no label needed, so it works on synthetic images too), and the lower is kept.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from svdnas import distributed as ddp
 from svdnas.data.evaluate import batches
+from svdnas.errors import BudgetError
 from svdnas.lowrank.derivation import Derivation
 from svdnas.lowrank.geometry import conv_weight
 from svdnas.lowrank.plan import Plan
 from svdnas.lowrank.whiten import rank_errors
+from svdnas.search.branch import choose
 from svdnas.search.candidates import LayerCandidates
+from svdnas.search.output_proxy import relative_error
 from svdnas.surgery.swap import apply_plan
+
+
+def options(candidates: dict[str, LayerCandidates], wide: Callable[[str], LayerCandidates],
+            below: Callable[[str], bool]) -> dict[str, LayerCandidates]:
+    """The allocation's options: per layer, the search's candidates and, where ``below(name)``,
+    the candidates of ``wide(name)`` (the layer on the whole grid) whose family the search kept at
+    a rank below the smallest it offers there. Ranks the search left out above that (measured
+    slower than the layer, or removed by the accuracy proxy) stay out."""
+    out = {}
+    for name, cands in candidates.items():
+        if not below(name):
+            out[name] = cands
+            continue
+        low: dict[tuple, int] = {}
+        for spec in cands.specs:
+            low[spec.family()] = min(low.get(spec.family(), spec.rank), spec.rank)
+        extra = wide(name).subset(lambda s, low=low: s.family() in low and s.rank < low[s.family()])
+        out[name] = LayerCandidates(
+            cands.name, cands.input_hw, cands.specs + extra.specs, cands.macs + extra.macs[1:], cands.params + extra.params[1:],
+            cands.prefix, cands.base,
+        )
+    return out
 
 
 @torch.no_grad()
 def spectrum_scores(model: nn.Module, candidates: dict[str, LayerCandidates], derivation: Derivation) -> dict[str, list[float]]:
     """Per layer, minus each candidate's relative output error read from its family's spectrum
-    (0 for the original layer, index 0); one spectrum per family."""
+    (0 for the original layer, index 0); one spectrum per family. First-branch candidates only."""
     scores = {}
     for name, cands in candidates.items():
+        if cands.prefix:
+            raise ValueError(f"{name}: spectrum scores are for first-branch candidates")
         weight = conv_weight(model.get_submodule(name)).detach()
         tails = {fam: rank_errors(derivation.spectrum(name, weight, fam)) for fam in {s.family() for s in cands.specs}}
-        row = [0.0]
-        for spec in cands.specs:
-            t = tails[spec.family()]
-            row.append(-float(t[min(spec.rank, len(t) - 1)] / t[0].clamp_min(1e-300)))
-        scores[name] = row
+        scores[name] = [0.0] + [-relative_error(tails[s.family()], s.rank) for s in cands.specs]
     return scores
 
 
+def allocate(model: nn.Module, candidates: dict[str, LayerCandidates], derivation: Derivation, objective: str,
+             reduction: float, total: float, fixed: float, targets: Sequence[str]) -> Plan:
+    """The plan minimising the summed spectrum-read output errors within ``(1 - reduction) * total``."""
+    names = list(candidates)
+    scores = spectrum_scores(model, candidates, derivation)
+    choice = choose([scores[n] for n in names], [candidates[n].cost(objective) for n in names], reduction, total, fixed,
+                    [candidates[n].next_rank() for n in names])
+    picked = dict(zip(names, choice))
+    return Plan({n: candidates[n].branches(picked[n]) if n in picked else [] for n in targets})
+
+
 @torch.no_grad()
-def mean_kl(original: nn.Module, compressed: nn.Module, images: Dataset, device, batch_size: int = 128) -> float:
-    """Mean KL divergence of ``compressed``'s softmax from ``original``'s over ``images``."""
+def log_probs(model: nn.Module, images: Dataset, device: torch.device | str, batch_size: int = 128) -> list[Tensor]:
+    """``model``'s log-softmax on ``images``, batch by batch."""
+    return [F.log_softmax(model(x.to(device)).float(), -1) for x, _ in batches(images, batch_size)]
+
+
+@torch.no_grad()
+def mean_kl(reference: list[Tensor], model: nn.Module, images: Dataset, device: torch.device | str, batch_size: int = 128) -> float:
+    """Mean KL divergence of ``model``'s softmax from the reference's (:func:`log_probs` of the
+    same ``images`` and batch size)."""
     total, count = 0.0, 0
-    for x, _ in batches(images, batch_size):
-        x = x.to(device)
-        p = F.log_softmax(original(x).float(), -1)
-        q = F.log_softmax(compressed(x).float(), -1)
+    for p, q in zip(reference, log_probs(model, images, device, batch_size)):
         total += F.kl_div(q, p, log_target=True, reduction="sum").item()
-        count += len(x)
+        count += len(p)
     return total / max(count, 1)
 
 
-def better_plan(
-    model: nn.Module, plans: dict[str, Plan], images: Dataset, device, derivation: Derivation,
-) -> tuple[str, dict[str, Any]]:
+def better_plan(model: nn.Module, plans: dict[str, Plan], images: Dataset, device: torch.device | str,
+                derivation: Derivation) -> tuple[str, dict[str, Any]]:
     """The name of the plan in ``plans`` whose compressed model (factors from ``derivation``) is
     nearest the original on ``images`` by :func:`mean_kl`, and each plan's score. Plans that are
     equal are scored once; ties keep the first."""
@@ -70,23 +110,41 @@ def better_plan(
     model.eval()
     scores: dict[str, float] = {}
     try:
+        reference = log_probs(model, images, device)
         seen: dict[str, str] = {}
         for key, plan in plans.items():
             text = plan.to_json()
-            if text in seen:
+            if text not in seen:
+                seen[text] = key
+                scores[key] = mean_kl(reference, apply_plan(copy.deepcopy(model), plan, derivation=derivation).eval(), images, device)
+            else:
                 scores[key] = scores[seen[text]]
-                continue
-            seen[text] = key
-            compressed = apply_plan(copy.deepcopy(model), plan, derivation=derivation).eval()
-            scores[key] = mean_kl(model, compressed, images, device)
     finally:
         model.train(was_training)
     best = min(scores, key=lambda k: (scores[k], list(plans).index(k)))
     return best, {"kl": scores, "kept": best, "images": len(images)}
 
 
-def choices_to_plan(targets: Sequence[str], candidates: dict[str, LayerCandidates], choice: dict[str, int]) -> Plan:
-    return Plan({n: candidates[n].branches(choice[n]) if n in choice else [] for n in targets})
+def check_against_allocation(
+    model: nn.Module, searched: Plan, options_: dict[str, LayerCandidates], derivation: Derivation, objective: str,
+    reduction: float, total: float, fixed: float, images: Dataset, device: torch.device | str,
+) -> tuple[Plan, dict[str, Any]]:
+    """The plan kept (the search's or the allocation's over ``options_``) and the check's summary.
+    Under torchrun rank 0 decides and the others receive its plan. If the allocation cannot meet
+    the budget with these options, the search's plan is kept and the summary says why."""
+    t0 = time.perf_counter()
+    result = None
+    if ddp.is_main():
+        try:
+            allocated = allocate(model, options_, derivation, objective, reduction, total, fixed, list(searched.layers))
+        except BudgetError as e:
+            result = (searched.to_dict(), {"kept": "search", "skipped": str(e)})
+        else:
+            kept, summary = better_plan(model, {"search": searched, "spectrum": allocated}, images, device, derivation)
+            result = ((searched if kept == "search" else allocated).to_dict(), summary)
+    plan, summary = ddp.broadcast_object(result)
+    summary["seconds"] = time.perf_counter() - t0
+    return Plan.from_dict(plan), summary
 
 
-__all__ = ["better_plan", "choices_to_plan", "mean_kl", "spectrum_scores"]
+__all__ = ["allocate", "better_plan", "check_against_allocation", "log_probs", "mean_kl", "options", "spectrum_scores"]

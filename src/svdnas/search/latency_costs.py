@@ -110,14 +110,18 @@ def offer_only_faster(model: nn.Module, candidates: dict[str, LayerCandidates], 
 
 def drop_slower(candidates: dict[str, LayerCandidates]) -> int:
     """Remove, in place, every candidate the table measures no faster than its original layer (the
-    original itself is always offered); the number removed."""
+    original itself is always offered; a layer left with none is removed, and so kept as it is);
+    the number of candidates removed."""
     removed = 0
     for name, cands in list(candidates.items()):
         if cands.latency is None:
             continue
         faster = {s for s, t in zip(cands.specs, cands.latency[1:]) if t < cands.latency[0]}
         removed += len(cands.specs) - len(faster)
-        candidates[name] = cands.subset(lambda spec, keep=faster: spec in keep)
+        if faster:
+            candidates[name] = cands.subset(lambda spec, keep=faster: spec in keep)
+        else:  # nothing left to choose: the layer stays as it is, its cost outside the search
+            del candidates[name]
     if removed:
         log.info("latency table: %d candidates measured no faster than their original layer are not offered", removed)
     return removed

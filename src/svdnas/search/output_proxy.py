@@ -84,9 +84,13 @@ def spectrum_errors(layer: nn.Module, cands: LayerCandidates, best: dict[tuple, 
         weight = weight - derivation.dense(cands.name, layer, cands.prefix).to(weight)
     errors = {}
     for fam, i in best.items():
-        tails = rank_errors(derivation.spectrum(cands.name, weight, fam))
-        errors[fam] = float(tails[min(cands.specs[i - 1].rank, len(tails) - 1)] / tails[0].clamp_min(1e-300))
+        errors[fam] = relative_error(rank_errors(derivation.spectrum(cands.name, weight, fam)), cands.specs[i - 1].rank)
     return errors
+
+
+def relative_error(tails: Tensor, rank: int) -> float:
+    """The relative output error of ``rank`` given :func:`svdnas.lowrank.whiten.rank_errors` of its family."""
+    return float(tails[min(rank, len(tails) - 1)] / tails[0].clamp_min(1e-300))
 
 
 def keep_families(cands: LayerCandidates, errors: dict[tuple, float], k: int) -> LayerCandidates:
