@@ -229,6 +229,31 @@ def test_under_the_flops_objective_no_candidate_slower_than_its_layer_is_offered
     assert result.report["objective"] == "flops" and result.report["flops"]["reduction"] >= 0.4 - 0.01
 
 
+class EveryBlockSlower(FakeTimer):
+    """The fake timer, but every low-rank block takes 1 ms more than any original layer."""
+
+    @staticmethod
+    def ms(module: nn.Module) -> float:
+        layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())
+        return FakeTimer.ms(module) + (1.0 if layers > 1 else 0.0)
+
+
+def test_a_flops_budget_is_met_even_when_every_candidate_is_slower(tiny_fmnist, monkeypatch, caplog):
+    from svdnas.pipeline import stages
+    from svdnas.search import latency_costs
+
+    monkeypatch.setattr(lt, "time_modules", EveryBlockSlower())
+    monkeypatch.setattr(stages, "offer_only_faster", latency_costs.offer_only_faster)
+    config = CompressConfig(reduction=0.4, latency=LatencyConfig(cache="", anchors=0), search_images=200, proxy_images=64,
+                            search=SearchConfig(epochs=1, batch_size=64, target=0.5), derivation="whitened")
+    with caplog.at_level("WARNING"):
+        result = compress(tiny_net().eval(), load_data(f"fmnist:{tiny_fmnist}"), config, filter_fn="convs+linear")
+    timed = result.report["slower_candidates"]
+    assert timed["slower_offered_for_the_budget"] > 0 and timed["slower_dropped"] == 0
+    assert result.report["flops"]["reduction"] >= 0.4 - 0.01
+    assert "offered too, so the plan may run slower" in caplog.text
+
+
 def test_an_unreachable_latency_budget_fails_before_the_accuracy_proxy(fake_timer, tiny_fmnist, tmp_path, monkeypatch):
     from svdnas.search import pruning
 

@@ -353,14 +353,19 @@ def prune(job: Job, config: CompressConfig, candidates: dict[str, LayerCandidate
         check_budget(candidates, config.objective, config.reduction, total, reach)  # before the accuracy proxy spends its time
     elif not config.offer_slower:
         t0 = time.perf_counter()
+        every = dict(candidates)
         timed = offer_only_faster(model, candidates, latency_table(job, config))
         job.seconds["latency_table"] = time.perf_counter() - t0
-        if timed is not None:
+        if timed is not None and timed["slower_dropped"]:
             try:
                 check_budget(candidates, config.objective, config.reduction, total, reach)
-            except BudgetError as e:
-                raise BudgetError(f"{e}; {timed['slower_dropped']} candidates measured slower than their layer were not "
-                                  "offered: --offer-slower offers them") from e
+            except BudgetError:  # the budget comes first: a FLOPs budget is met, at some latency
+                log.warning("the budget cannot be met with only the candidates faster than their layer; the %d measured slower "
+                            "are offered too, so the plan may run slower than the original (the report says)", timed["slower_dropped"])
+                candidates.clear()
+                candidates.update(every)
+                timed["slower_offered_for_the_budget"] = timed["slower_dropped"]
+                timed["slower_dropped"] = 0
     summary = None
     if config.proxy_drop > 0:
         t0 = time.perf_counter()
