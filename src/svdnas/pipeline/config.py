@@ -49,7 +49,9 @@ class CompressConfig(Config):
         beta: the paper's fixed trade-off instead of a reduction target.
         objective: ``flops``, ``params`` or ``latency`` (measured on the run's device, see
             :mod:`svdnas.latency_table`).
-        latency: how the latency table measures (batch, repeats, cache file); None for the defaults.
+        latency: how the latency table measures (batch, repeats, cache file): the latency
+            objective's table, and the one that times the candidates under every objective; None
+            for the defaults.
         filter: layer preset or None for the model's default.
         grid: (start, stop, step) of the candidate grid, as fractions of each layer's cost kept;
             None centres a window on the target (for latency, reaching down to 5%).
@@ -97,7 +99,7 @@ class CompressConfig(Config):
     beta: float | None = option(None, flag="--beta", help="the paper's fixed trade-off instead of --reduction")
     objective: str = option("flops", flag="--objective", choices=OBJECTIVES,
                             help="the cost to reduce (latency: measured on this machine's --device)")
-    latency: LatencyConfig | None = None
+    latency: LatencyConfig | None = field(default_factory=LatencyConfig)
     runtime: str | None = option(None, flag="--runtime", choices=RUNTIMES,
                                  help="where latency is measured and the report's leads from: onnxruntime (default when "
                                       "installed) or torch; with --objective latency the budget is met on the whole model "
