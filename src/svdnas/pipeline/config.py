@@ -101,8 +101,8 @@ class CompressConfig(Config):
                             help="the cost to reduce (latency: measured on this machine's --device)")
     latency: LatencyConfig | None = field(default_factory=LatencyConfig)
     runtime: str | None = option(None, flag="--runtime", choices=RUNTIMES,
-                                 help="where latency is measured and the report's leads from: onnxruntime (default when "
-                                      "installed) or torch; with --objective latency the budget is met on the whole model "
+                                 help="where latency is measured (the candidates' table too) and the report's leads from: "
+                                      "onnxruntime (default when installed) or torch; with --objective latency the budget is met on the whole model "
                                       "measured there")
     filter: str | None = option(None, flag="--filter", help="target layers: all-but-first, convs, pointwise, linear, "
                                 "convs+linear (default: the paper's for the model)")

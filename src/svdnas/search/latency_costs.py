@@ -102,7 +102,7 @@ def offer_only_faster(model: nn.Module, candidates: dict[str, LayerCandidates], 
     """Under a FLOPs or params objective: time every candidate and its original layer in ``table``
     and remove, in place, the candidates no faster than their layer (a plan of fewer FLOPs can be
     slower where it runs); the table's summary with ``slower_dropped``. The latencies stay on the
-    candidates for the report; the search's costs remain the objective's."""
+    candidates; the search's costs remain the objective's."""
     _, summary = _measure(model, None, candidates, table)
     summary["slower_dropped"] = drop_slower(candidates)
     return summary
