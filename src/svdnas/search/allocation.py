@@ -42,7 +42,8 @@ def options(candidates: dict[str, LayerCandidates], wide: Callable[[str], LayerC
     """The allocation's options: per layer, the search's candidates and, where ``below(name)``,
     the candidates of ``wide(name)`` (the layer on the whole grid) whose family the search kept at
     a rank below the smallest it offers there. Ranks the search left out above that (measured
-    slower than the layer, or removed by the accuracy proxy) stay out."""
+    slower than the layer) stay out; ranks below it come back even where the accuracy proxy removed
+    them, the check on the whole model standing in for it."""
     out = {}
     for name, cands in candidates.items():
         if not below(name):
