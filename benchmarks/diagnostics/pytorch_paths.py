@@ -55,7 +55,7 @@ def compiled(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 PATHS = {"eager": eager, "channels_last": channels_last, "torchscript": torchscript, "compile": compiled}
 
 
-def build_runs(models: dict[str, nn.Module], shape, batch: int, paths: list[str], threads: int) -> tuple[dict, dict]:
+def build_runs(models: dict[str, nn.Module], shape, batch: int, paths: list[str], threads: int) -> tuple[dict, dict, dict]:
     """One callable per (path, model); the seconds each took to prepare (compilation); errors by path."""
     runs, prep, errors = {}, {}, {}
     for path in paths:

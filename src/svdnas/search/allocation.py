@@ -127,17 +127,17 @@ def better_plan(model: nn.Module, plans: dict[str, Plan], images: Dataset, devic
 
 
 def check_against_allocation(
-    model: nn.Module, searched: Plan, options_: dict[str, LayerCandidates], derivation: Derivation, objective: str,
+    model: nn.Module, searched: Plan, allowed: dict[str, LayerCandidates], derivation: Derivation, objective: str,
     reduction: float, total: float, fixed: float, images: Dataset, device: torch.device | str,
 ) -> tuple[Plan, dict[str, Any]]:
-    """The plan kept (the search's or the allocation's over ``options_``) and the check's summary.
+    """The plan kept (the search's, or the allocation's over the options ``allowed``) and the check's summary.
     Under torchrun rank 0 decides and the others receive its plan. If the allocation cannot meet
     the budget with these options, the search's plan is kept and the summary says why."""
     t0 = time.perf_counter()
     result = None
     if ddp.is_main():
         try:
-            allocated = allocate(model, options_, derivation, objective, reduction, total, fixed, list(searched.layers))
+            allocated = allocate(model, allowed, derivation, objective, reduction, total, fixed, list(searched.layers))
         except BudgetError as e:
             result = (searched.to_dict(), {"kept": "search", "skipped": str(e)})
         else:
