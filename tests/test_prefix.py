@@ -89,6 +89,55 @@ def test_prefix_fit_lowers_every_layers_error_and_the_models():
     assert isinstance(model[0], nn.Conv2d) and model[0].bias is None  # the original is untouched
 
 
+def wide_pointwise() -> nn.Module:
+    """1x1 layers on a 1x1 map, 24 channels in: a few images are fewer samples than the input's dimension."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(24, 24, 1), nn.ReLU(), nn.Conv2d(24, 24, 1), nn.ReLU(), nn.Conv2d(24, 8, 1)).double().eval()
+
+
+def pointwise_images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(24, 24, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return (torch.randn(n, 24, generator=g, dtype=torch.float64) @ mix).reshape(n, 24, 1, 1)
+
+
+def test_held_out_images_keep_the_derivations_factors_where_the_fit_follows_its_few_samples():
+    """12 calibration samples for 24 input channels: the least-squares target fits them and not the
+    data. Measured on held-out images, such a layer keeps the whitened factors; every layer's module
+    is the one its ``kept`` names, and its reported errors are those of the held-out images."""
+    model = wide_pointwise()
+    names = ["0", "2", "4"]
+    plan = Plan({n: [LowRankSpec((1, 1), (1, 1), 6)] for n in names})
+    calibration, held_out = [pointwise_images(12, 1)], [pointwise_images(400, 2)]
+    whitened = calibrate(model, "whitened", plan.layers, calibration, "cpu")
+    plain = fit_on_prefix(model, plan, names, calibration, "cpu", whitened)
+    gated = fit_on_prefix(model, plan, names, calibration, "cpu", whitened, held_out=held_out)
+    assert plain.held_out == 0 and gated.held_out == 400 and gated.images == plain.images == 12
+    assert all(e["kept"] == "fitted" for e in plain.errors.values())  # no held-out images: the fit, as before
+    kept = {n: e["kept"] for n, e in gated.errors.items()}
+    assert "derived" in kept.values()  # the case this guards against happens here
+    x = held_out[0]
+    with torch.no_grad():
+        inputs = {n: [] for n in names}
+        hooks = [gated.model[int(n)].register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0])) for n in names]
+        gated.model(x)
+        for h in hooks:
+            h.remove()
+        for name in names:
+            reference = model[int(name)](model[: int(name)](x))
+            err = lambda m, name=name, r=reference: float((m(inputs[name][0]) - r).pow(2).sum() / r.pow(2).sum())
+            own = whitened.block(name, model[int(name)], plan.layers[name])
+            e = gated.errors[name]
+            assert e["derived"] == pytest.approx(err(own)) and e["kept"] == ("derived" if e["derived"] < e["fitted"] else "fitted")
+            assert err(gated.model[int(name)]) == pytest.approx(min(e["derived"], e["fitted"]))
+            if e["kept"] == "derived":
+                for a, b in zip(gated.model[int(name)].parameters(), own.parameters()):
+                    torch.testing.assert_close(a, b)
+        y = model(x)
+        final = lambda m: float((m(x) - y).pow(2).sum() / y.pow(2).sum())
+        assert final(gated.model) < final(plain.model)  # and the model is nearer the original on them
+
+
 def test_a_layer_the_forward_pass_never_calls_is_named():
     class WithSpare(nn.Module):
         def __init__(self):
@@ -116,6 +165,7 @@ def test_compress_with_the_prefix_derivation_writes_a_run_that_loads(trained_tin
     fit = result.report["calibration"]["prefix_fit"]
     compressed = [n for n, s in result.plan.layers.items() if s]
     assert fit["images"] == 64 and sorted(fit["relative_output_error"]) == sorted(compressed)
+    assert fit["held_out_images"] == 32 and set(fit["kept_derived"]) <= set(compressed)  # the proxy's images, apart
     assert result.report["derivation"] == "prefix" and "prefix_fit" in result.report["seconds"]
     loaded = svdnas.load(str(tmp_path / "run"), base_model=TinyNet()).eval()
     x = data.test.tensors[0][:16]
@@ -161,12 +211,13 @@ def test_one_pass_per_batch_fits_as_a_pass_per_layer_does(monkeypatch):
     monkeypatch.setattr(prefix, "layer_inputs", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     fast = fit_on_prefix(model, PLAN, NAMES, batches, "cpu", damping=1e-12, refit_iters=2)
     assert calls == []  # no pass per layer
-    slow = prefix._fit(model, PLAN, NAMES, batches, "cpu", lockstep=False, derivation=prefix.Derivation(), bias_correction=True,
-                       refit_iters=2, damping=1e-12, progress=None)
+    slow = prefix._fit(model, PLAN, NAMES, batches, "cpu", lockstep=False, derivation=prefix.Derivation(), held_out=0,
+                       bias_correction=True, refit_iters=2, damping=1e-12, progress=None)
     for a, b in zip(fast.model.parameters(), slow[0].parameters()):
         torch.testing.assert_close(a, b)
     for name in NAMES:
-        assert fast.errors[name] == pytest.approx(slow[1][name])
+        assert fast.errors[name]["kept"] == slow[1][name]["kept"] == "fitted"
+        assert [fast.errors[name][k] for k in ("derived", "fitted")] == pytest.approx([slow[1][name][k] for k in ("derived", "fitted")])
     assert not any(isinstance(m, prefix._Gate) for m in fast.model.modules()) and not any(isinstance(m, prefix._Gate) for m in model.modules())
     # the plan's order against the forward pass's: the lockstep notices and the fit falls back
     backwards = fit_on_prefix(model, PLAN, NAMES[::-1], batches, "cpu", damping=1e-12)

@@ -11,6 +11,11 @@ which meets the budget on its own) and B2. Prints one table, writes
 benchmarks/results/post_training_comparison/<model>.json after every row (a rerun with the same settings skips
 the rows already there, so a stopped run resumes) and a plot of top-1 drop against FLOPs reduction.
 --test-images N evaluates every method on the same first N test images (default: all).
+
+Each row also keeps how near the compressed model stays to the original on the test images (``agreement``:
+the share whose top-1 class is the original's; ``mean_kl``: the mean KL divergence of its softmax from the
+original's) and the report's latency reduction at batch 1 in each runtime (``latency``), and a second
+table prints them beside the drop.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import json
 import time
 from pathlib import Path
 
-from benchmarks.common import model_and_data, parser, result_path, setup, stamp
+import torch
+
+from benchmarks.common import markdown_table, model_and_data, parser, result_path, setup, stamp
 from benchmarks.common import post_training_table as table
 from svdnas.baselines.methods import SPLITS
 from svdnas.lowrank.derivation import KINDS
@@ -30,6 +37,35 @@ from svdnas.search import SearchConfig
 
 ALL_METHODS = ["svdnas"] + [f"uniform-{s}" for s in SPLITS] + [f"energy-{s}" for s in SPLITS] + ["lrs2", "alds", "fgroup", "balf"]
 CHOICES = ALL_METHODS + [f"{m}@{k}" for m in ALL_METHODS for k in KINDS]
+
+
+@torch.no_grad()
+def log_softmax(model: torch.nn.Module, dataset) -> torch.Tensor:
+    """``model``'s log-softmax on every image of ``dataset``, in order."""
+    from svdnas.data.evaluate import batches
+
+    model.eval()
+    return torch.cat([torch.log_softmax(model(x).float(), -1) for x, _ in batches(dataset, 256)])
+
+
+def nearness(reference: torch.Tensor, model: torch.nn.Module, dataset) -> dict[str, float]:
+    """How near ``model`` is to the original on ``dataset``: top-1 agreement (%) and mean KL from its log-softmax ``reference``."""
+    mine = log_softmax(model, dataset)
+    agreement = 100 * float((mine.argmax(-1) == reference.argmax(-1)).double().mean())
+    kl = float(torch.nn.functional.kl_div(mine, reference, log_target=True, reduction="batchmean"))
+    return {"agreement": agreement, "mean_kl": kl}
+
+
+def nearness_table(path: Path) -> str:
+    """Drop, agreement with the original, mean KL and ONNX Runtime's latency reduction, per method and budget."""
+    rows = [r for r in json.loads(Path(path).read_text())["rows"] if "agreement" in r]
+    body = []
+    for r in sorted(rows, key=lambda r: (r["reduction_target"], r["method"])):
+        lat = r.get("latency", {})
+        cells = [f"{100 * lat[k]:.1f}%" if k in lat else "-" for k in ("onnxruntime", "torch")]
+        body.append([f"{r['reduction_target']:g}", r["method"], f"{r['drop_pp']:.2f}", f"{r['agreement']:.2f}", f"{r['mean_kl']:.2e}", *cells])
+    return markdown_table(["R", "method", "top-1 drop (pp)", "agreement with the original (%)", "mean KL",
+                           "latency reduction, ONNX Runtime b1", "PyTorch b1"], body, ["r", "l", "r", "r", "r", "r", "r"])
 
 
 def main() -> None:
@@ -50,6 +86,7 @@ def main() -> None:
     from svdnas.data.evaluate import evaluate
 
     reference = evaluate(model, data.test)  # the original's accuracy, measured once for every row
+    original_log_softmax = log_softmax(model, data.test)
     out = Path(args.out or result_path("post_training_comparison", f"{info.spec.replace(':', '_')}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": info.spec, "data": args.data, "epochs": args.epochs, "families": args.families, "proxy_drop": args.proxy_drop,
@@ -75,12 +112,16 @@ def main() -> None:
     names = [(f"{m}-B1", f"{m}-B2") if m.startswith("svdnas") and args.branches == 2 else (m,) for m in methods]
     labels = [n for group in names for n in group]
 
-    def row(r: float, method: str, rep: dict, seconds: float) -> None:
+    def row(r: float, method: str, rep: dict, seconds: float, compressed: torch.nn.Module | None = None) -> None:
         rows.append({
             "reduction_target": r, "method": method, "flops_reduction": rep["flops"]["reduction"],
             "params_reduction": rep["params"]["reduction"], "top1": rep["top1"]["compressed"],
             "drop_pp": rep["top1"]["drop_pp"], "original_top1": rep["top1"]["original"], "seconds": seconds,
         })
+        if compressed is not None:
+            rows[-1] |= nearness(original_log_softmax, compressed, data.test)
+        if "runtimes" in rep.get("latency", {}):
+            rows[-1]["latency"] = {k: v["reduction"] for k, v in rep["latency"]["runtimes"].items()}
         if "peak_memory_mib" in rep:  # svdnas: the search's cost by stage
             rows[-1]["seconds_by_stage"] = rep["seconds"]
             rows[-1]["peak_rss_mib_by_stage"] = {k: v["rss"] for k, v in rep["peak_memory_mib"].items()}
@@ -102,21 +143,25 @@ def main() -> None:
                 config = CompressConfig(reduction=r, families=args.families, proxy_drop=args.proxy_drop, branches=args.branches,
                                         offer_slower=args.offer_slower, rank_multiple=args.rank_multiple,
                                         search=SearchConfig(epochs=args.epochs, target=1 - r), **kind)
-                rep = compress(model, data, config, input_shape=info.input_shape, filter_fn=info.default_filter, seed=args.seed,
-                               reference=reference).report
+                result = compress(model, data, config, input_shape=info.input_shape, filter_fn=info.default_filter, seed=args.seed,
+                                  reference=reference)
+                rep, compressed = result.report, result.model
                 if args.branches == 2:
                     row(r, group[0], rep["branches"]["b1"], time.perf_counter() - t0)
-                    row(r, group[1], rep, time.perf_counter() - t0)
+                    row(r, group[1], rep, time.perf_counter() - t0, compressed)
                     continue
             else:
                 name, _, split = base.partition("-")
-                _, _, rep = run_baseline(name, model, data, r, info.input_shape, info.default_filter, split or "kx1", seed=args.seed,
-                                         reference=reference, derivation=derivation or None)
-            row(r, method, rep, time.perf_counter() - t0)
+                compressed, _, rep = run_baseline(name, model, data, r, info.input_shape, info.default_filter, split or "kx1",
+                                                  seed=args.seed, reference=reference, derivation=derivation or None)
+            row(r, method, rep, time.perf_counter() - t0, compressed)
     rows.sort(key=lambda x: (x["reduction_target"], labels.index(x["method"]) if x["method"] in labels else len(labels)))
     save()
     print()
     print(table(out))  # the markdown table and verdicts of benchmarks/tools/summarize.py
+    if any("agreement" in x for x in rows):
+        print()
+        print(nearness_table(out))
     try:
         import matplotlib
 

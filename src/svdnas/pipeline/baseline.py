@@ -20,6 +20,7 @@ from svdnas.runs.directory import PYTHON_BASE, RunDir
 from svdnas.surgery.targets import FilterFn
 
 OWN_DERIVATION = {"balf": "whitened"}  # the others' papers derive from the weight
+HELD_OUT_IMAGES = 256  # as many as compress's proxy images: where the prefix fit checks each layer's factors
 
 
 def run_baseline(
@@ -48,7 +49,8 @@ def run_baseline(
             methods (energy, lrs2, balf) also read their ranks from its spectra. None: the method's
             own (whitened for balf, the weight for the others).
         calibration_images: training images (drawn with ``seed``) whose layer inputs make the
-            output-aware derivations' statistics.
+            output-aware derivations' statistics; ``prefix`` also draws 256 images apart from them,
+            on which each layer keeps the fitted factors or the whitened ones, whichever errs less.
 
     Returns:
         (compressed model, plan, report).
@@ -65,7 +67,11 @@ def run_baseline(
     job = stages.prepare(model, data, input_shape, filter_fn, device, seed, out, reference=reference)
     total = job.total(objective)
     splits = [FIXED_SPLITS[method]] if method in FIXED_SPLITS else list(SPLITS) if split == "best" else [split]
-    calibration = search_subset(data.train, calibration_images, seed)[0] if kind != "weight" else None
+    calibration = held_out = None
+    if kind != "weight":
+        calibration, drawn = search_subset(data.train, calibration_images, seed)
+        if kind == "prefix":
+            held_out = search_subset(data.train, min(HELD_OUT_IMAGES, len(data.train) - len(drawn)), seed + 1, exclude=drawn)[0]
     spectra = Derivation()
     if kind != "weight" and method in SPECTRAL:  # the ranks follow the derivation's spectra: statistics first
         per_split = [split_specs(job.targets, job.model, sp) for sp in splits]
@@ -78,7 +84,7 @@ def run_baseline(
     for sp in splits:
         plan, notes[sp] = plan_and_notes(method, job.model, job.infos, job.targets, reduction, total, sp, objective, spectra)
         derived = spectra if kind == "weight" or method in SPECTRAL else stages.calibrate(job, kind, plan.compressed(), calibration)
-        compressed = stages.derive_model(job, plan, derived, calibration)
+        compressed = stages.derive_model(job, plan, derived, calibration, held_out)
         calibrations[sp] = job.calibration
         if len(splits) > 1:
             subset, _ = search_subset(data.train, search_images, seed)

@@ -79,7 +79,7 @@ def _compress(model, data, config, input_shape, filter_fn, device, seed, out, re
     pruned = stages.prune(job, config, candidates, images.proxy, derivation)
     searched = stages.check_plan(job, config, pruned, images, stages.search_plan(job, config, pruned, images))
     searched = stages.meet_latency_budget(job, config, pruned, searched)
-    compressed = stages.derive_model(job, searched.plan, derivation, calibration)
+    compressed = stages.derive_model(job, searched.plan, derivation, calibration, images.proxy)
     recovered = stages.recover(
         job, config.mode, compressed, searched.plan, config.finetune, images.synthetic,
         lambda: synthetic_splits(job.model, job.shape, config, seed, job.device, job.run.path if job.run else None, progress, job.seconds),

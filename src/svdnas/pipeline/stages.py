@@ -296,20 +296,27 @@ def calibrate(job: Job, kind: str, layer_specs: dict[str, Any], calibration: tor
     return derivation
 
 
-def derive_model(job: Job, plan: Plan, derivation: Derivation, calibration: torch.utils.data.Dataset | None) -> nn.Module:
+def derive_model(job: Job, plan: Plan, derivation: Derivation, calibration: torch.utils.data.Dataset | None,
+                 held_out: torch.utils.data.Dataset | None = None) -> nn.Module:
     """The compressed model: the plan's factors as the derivation derives them, or (``prefix``) each
     layer fitted in forward order on the inputs the compressed layers before it give it, biases
-    corrected; the per-layer output errors before and after go to the report's ``calibration``."""
+    corrected; with ``held_out`` images (apart from the calibration images) each layer keeps the
+    fitted factors or the derivation's, whichever errs less on them. The per-layer output errors
+    before and after go to the report's ``calibration``."""
     if not derivation.fits_prefix:
         return _standard_memory(apply_plan(copy.deepcopy(job.model), plan, derivation=derivation))
     if calibration is None:
         raise SpecError("the prefix derivation needs calibration images")
     t0 = time.perf_counter()
     images = [x for x, _ in batches(calibration, 128)]
-    fit = fit_on_prefix(job.model, plan, job.targets, images, job.device, derivation, refit_iters=derivation.refit_iters,
-                        damping=derivation.damping, progress=job.ticker("prefix_fit"))
+    spare = [x for x, _ in batches(held_out, 128)] if held_out is not None else []
+    fit = fit_on_prefix(job.model, plan, job.targets, images, job.device, derivation, held_out=spare,
+                        refit_iters=derivation.refit_iters, damping=derivation.damping, progress=job.ticker("prefix_fit"))
     job.seconds["prefix_fit"] = time.perf_counter() - t0
-    block = {"images": fit.images, "seconds": job.seconds["prefix_fit"], "relative_output_error": fit.errors}
+    block = {"images": fit.images, "held_out_images": fit.held_out, "seconds": job.seconds["prefix_fit"],
+             "relative_output_error": fit.errors}
+    if fit.held_out:
+        block["kept_derived"] = sorted(n for n, e in fit.errors.items() if e["kept"] == "derived")
     job.calibration = (job.calibration or {}) | {"prefix_fit": block}
     return _standard_memory(fit.model)
 

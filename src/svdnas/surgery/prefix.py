@@ -160,12 +160,14 @@ def _relative_error(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> f
 @dataclass
 class PrefixFit:
     """The fitted model and, per layer, the relative output error (against the original layer on the
-    original inputs) of the job's own factors and of the prefix-fitted ones, both on the compressed
-    prefix's inputs."""
+    original inputs) of the job's own factors (``derived``) and of the prefix-fitted ones (``fitted``),
+    both on the compressed prefix's inputs: the held-out images' where there are any, and then which
+    factors the layer ``kept``."""
 
     model: nn.Module
-    errors: dict[str, dict[str, float]]
+    errors: dict[str, dict[str, float | str]]
     images: int
+    held_out: int = 0
 
 
 @torch.no_grad()
@@ -177,6 +179,7 @@ def fit_on_prefix(
     device: torch.device | str,
     derivation: Derivation | None = None,
     *,
+    held_out: Sequence[Tensor] = (),
     bias_correction: bool = True,
     refit_iters: int = 0,
     damping: float = 1e-6,
@@ -188,6 +191,10 @@ def fit_on_prefix(
         order: the plan's layers in forward order (a layer is fitted once those before it are in place).
         batches: calibration images, the same for both models.
         derivation: the factors the errors are compared against (the search's); None: the weight's SVD.
+        held_out: images apart from ``batches``. With them each layer's two errors are measured on
+            these instead, and the layer keeps whichever factors, fitted or the derivation's, err less:
+            where a layer sees few samples for its input's dimension (a small feature map, many
+            channels) the fit can follow its calibration images more than the data.
         bias_correction: shift each block's bias by the change of its output's mean (a layer with no
             bias gets one).
         refit_iters: alternating least-squares steps on the exact error for the families whose
@@ -197,7 +204,9 @@ def fit_on_prefix(
     was_training = original.training
     original.eval()
     layers = [n for n in order if plan.layers.get(n)]
-    fit = {"derivation": derivation, "bias_correction": bias_correction, "refit_iters": refit_iters, "damping": damping, "progress": progress}
+    fit = {"derivation": derivation, "held_out": len(held_out), "bias_correction": bias_correction, "refit_iters": refit_iters,
+           "damping": damping, "progress": progress}
+    batches = list(batches) + list(held_out)
     try:
         try:
             compressed, errors = _fit(original, plan, layers, batches, device, lockstep=True, **fit)
@@ -206,11 +215,13 @@ def fit_on_prefix(
             compressed, errors = _fit(original, plan, layers, batches, device, lockstep=False, **fit)
     finally:
         original.train(was_training)
-    return PrefixFit(compressed, errors, sum(len(x) for x in batches))
+    return PrefixFit(compressed, errors, sum(len(x) for x in batches[:len(batches) - len(held_out)]),
+                     sum(len(x) for x in held_out))
 
 
 @torch.no_grad()
-def _fit(original, plan, layers, batches, device, *, lockstep, derivation, bias_correction, refit_iters, damping, progress):
+def _fit(original, plan, layers, batches, device, *, lockstep, derivation, held_out, bias_correction, refit_iters, damping, progress):
+    n_fit = len(batches) - held_out
     compressed = copy.deepcopy(original)
     if lockstep:
         streams = [Lockstep(copy.deepcopy(original), layers, batches, device), Lockstep(compressed, layers, batches, device)]
@@ -237,8 +248,10 @@ def _fit(original, plan, layers, batches, device, *, lockstep, derivation, bias_
             x_orig, x_comp = inputs(name)
             reference = [layer(x) for x in x_orig]
             stats = CrossMoments(layer, needed_families(specs))
-            for xo, xc, yo in zip(x_orig, x_comp, reference):
+            for xo, xc, yo in zip(x_orig[:n_fit], x_comp[:n_fit], reference[:n_fit]):
                 stats.update(xo, xc, yo)
+            if held_out:  # errors measured on the held-out images alone
+                reference, x_comp = reference[n_fit:], x_comp[n_fit:]
             try:
                 fitted = derive_prefix(layer, specs, stats, damping=damping, bias_correction=bias_correction, refit_iters=refit_iters)
             except SpecError as e:
@@ -249,8 +262,11 @@ def _fit(original, plan, layers, batches, device, *, lockstep, derivation, bias_
                 "derived": _relative_error(reference, [own(x) for x in x_comp]),
                 "fitted": _relative_error(reference, [fitted(x) for x in x_comp]),
             }
-            log.debug("%s: relative output error %.4g -> %.4g", name, errors[name]["derived"], errors[name]["fitted"])
-            place(name, fitted)
+            keep_own = held_out and errors[name]["derived"] < errors[name]["fitted"]
+            errors[name]["kept"] = "derived" if keep_own else "fitted"
+            log.debug("%s: relative output error %.4g -> %.4g, kept %s", name, errors[name]["derived"], errors[name]["fitted"],
+                      errors[name]["kept"])
+            place(name, own if keep_own else fitted)
             del x_orig, x_comp, reference
             if progress is not None:
                 progress(i + 1, len(layers))
