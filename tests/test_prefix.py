@@ -13,6 +13,7 @@ from svdnas.lowrank.plan import Plan
 from svdnas.lowrank.spec import LowRankSpec
 from svdnas.lowrank.whiten import derive, derive_prefix
 from svdnas.surgery.prefix import fit_on_prefix, layer_inputs
+from svdnas.surgery.swap import apply_plan
 
 NAMES = ["0", "3", "5"]
 
@@ -166,11 +167,49 @@ def test_compress_with_the_prefix_derivation_writes_a_run_that_loads(trained_tin
     compressed = [n for n, s in result.plan.layers.items() if s]
     assert fit["images"] == 64 and sorted(fit["relative_output_error"]) == sorted(compressed)
     assert fit["held_out_images"] == 32 and set(fit["kept_derived"]) <= set(compressed)  # the proxy's images, apart
+    check = fit["model_check"]
+    assert check["kept"] == min(check["mean_kl"], key=check["mean_kl"].get)
     assert result.report["derivation"] == "prefix" and "prefix_fit" in result.report["seconds"]
     loaded = svdnas.load(str(tmp_path / "run"), base_model=TinyNet()).eval()
     x = data.test.tensors[0][:16]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), result.model.eval()(x))
+
+
+def test_a_fit_farther_from_the_original_than_the_searchs_factors_is_not_kept(trained_tiny, monkeypatch):
+    """The whole fitted model is checked on the held-out (proxy) images against the search's own
+    factors: a fit that went wrong (here every fitted weight scaled by 3) gives way to them."""
+    from svdnas.lowrank.derivation import Derivation
+    from svdnas.pipeline import stages
+    from svdnas.pipeline.compress import compress
+    from svdnas.pipeline.config import CompressConfig
+    from svdnas.search import SearchConfig
+    from svdnas.surgery import prefix
+
+    model, data = trained_tiny
+    searched: list[Derivation] = []
+    real = prefix.fit_on_prefix
+
+    def spoiled(original, plan, order, batches, device, derivation=None, **kw):
+        searched.append(derivation)
+        fit = real(original, plan, order, batches, device, derivation, **kw)
+        with torch.no_grad():
+            for name, specs in plan.layers.items():
+                if specs:
+                    for p in fit.model.get_submodule(name).parameters():
+                        p.mul_(3)
+        return fit
+
+    monkeypatch.setattr(stages, "fit_on_prefix", spoiled)
+    config = CompressConfig(reduction=0.3, search_images=100, proxy_images=32, families=2, proxy_drop=0,
+                            derivation="prefix", calibration_images=64, search=SearchConfig(epochs=1, target=0.5))
+    result = compress(model, data, config, filter_fn="convs", seed=0)
+    check = result.report["calibration"]["prefix_fit"]["model_check"]
+    assert check["kept"] == "derived" and check["mean_kl"]["derived"] < check["mean_kl"]["fitted"]
+    expected = apply_plan(copy.deepcopy(model), result.plan, derivation=searched[0]).eval()
+    x = data.test.tensors[0][:16]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model.eval()(x), expected(x))
 
 
 def test_a_bias_added_by_the_correction_survives_the_run_directory(tmp_path):

@@ -300,11 +300,14 @@ def derive_model(job: Job, plan: Plan, derivation: Derivation, calibration: torc
                  held_out: torch.utils.data.Dataset | None = None) -> nn.Module:
     """The compressed model: the plan's factors as the derivation derives them, or (``prefix``) each
     layer fitted in forward order on the inputs the compressed layers before it give it, biases
-    corrected; with ``held_out`` images (apart from the calibration images) each layer keeps the
-    fitted factors or the derivation's, whichever errs less on them. The per-layer output errors
-    before and after go to the report's ``calibration``."""
+    corrected. With ``held_out`` images (apart from the calibration images) each layer keeps the
+    fitted factors or the derivation's, whichever errs less on them, and then the whole model is
+    kept or replaced by the derivation's own (the search's whitened factors), whichever is nearer the
+    original there by mean KL. The per-layer output errors before and after, and what each check
+    kept, go to the report's ``calibration``."""
+    derived = lambda: _standard_memory(apply_plan(copy.deepcopy(job.model), plan, derivation=derivation))
     if not derivation.fits_prefix:
-        return _standard_memory(apply_plan(copy.deepcopy(job.model), plan, derivation=derivation))
+        return derived()
     if calibration is None:
         raise SpecError("the prefix derivation needs calibration images")
     t0 = time.perf_counter()
@@ -312,13 +315,28 @@ def derive_model(job: Job, plan: Plan, derivation: Derivation, calibration: torc
     spare = [x for x, _ in batches(held_out, 128)] if held_out is not None else []
     fit = fit_on_prefix(job.model, plan, job.targets, images, job.device, derivation, held_out=spare,
                         refit_iters=derivation.refit_iters, damping=derivation.damping, progress=job.ticker("prefix_fit"))
-    job.seconds["prefix_fit"] = time.perf_counter() - t0
-    block = {"images": fit.images, "held_out_images": fit.held_out, "seconds": job.seconds["prefix_fit"],
-             "relative_output_error": fit.errors}
+    model = _standard_memory(fit.model)
+    block = {"images": fit.images, "held_out_images": fit.held_out, "relative_output_error": fit.errors}
     if fit.held_out:
         block["kept_derived"] = sorted(n for n, e in fit.errors.items() if e["kept"] == "derived")
+        was_training = job.model.training
+        job.model.eval()
+        try:
+            reference = allocation.log_probs(job.model, held_out, job.device)
+            plain = derived().eval()
+            kl = {"fitted": allocation.mean_kl(reference, model.eval(), held_out, job.device),
+                  "derived": allocation.mean_kl(reference, plain, held_out, job.device)}
+        finally:
+            job.model.train(was_training)
+        kept = "derived" if kl["derived"] < kl["fitted"] else "fitted"
+        block["model_check"] = {"mean_kl": kl, "kept": kept}
+        if kept == "derived":
+            log.info("prefix fit: the search's own factors are nearer the original on the %d held-out images (mean KL %.3g "
+                     "against %.3g); kept them", fit.held_out, kl["derived"], kl["fitted"])
+            model = plain
+    job.seconds["prefix_fit"] = block["seconds"] = time.perf_counter() - t0
     job.calibration = (job.calibration or {}) | {"prefix_fit": block}
-    return _standard_memory(fit.model)
+    return model
 
 
 def _standard_memory(model: nn.Module) -> nn.Module:
