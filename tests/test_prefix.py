@@ -54,7 +54,7 @@ def test_layer_inputs_stop_at_the_layer_and_match_a_hook():
 def test_each_layer_is_the_asymmetric_fit_on_the_prefix_before_it():
     model, x = net(), images()
     batches = [x[:12], x[12:]]
-    fit = fit_on_prefix(model, PLAN, NAMES, batches, "cpu", damping=1e-12)
+    fit = fit_on_prefix(model, PLAN, NAMES, batches, "cpu", damping=1e-12, ridge=0)
     # the first layer sees the original inputs: its fit is the whitened one with a bias correction
     first = derive(model[0], PLAN.layers["0"], "whitened", calibrate(model, "whitened", {"0": PLAN.layers["0"]}, batches, "cpu").stats["0"],
                    damping=1e-12, bias_correction=True)
@@ -64,7 +64,7 @@ def test_each_layer_is_the_asymmetric_fit_on_the_prefix_before_it():
     stats = CrossMoments(model[3], [((3, 3), (1, 1))])
     prefix = nn.Sequential(fit.model[0], model[1], model[2])
     stats.update(model[:3](x), prefix(x))
-    second = derive_prefix(model[3], PLAN.layers["3"], stats, damping=1e-12, bias_correction=True)
+    second = derive_prefix(model[3], PLAN.layers["3"], stats, damping=1e-12, bias_correction=True, ridge=0)
     for a, b in zip(fit.model[3].parameters(), second.parameters()):
         torch.testing.assert_close(a, b)
     assert model[0].bias is None and fit.model[0].branches[0].second.bias is not None  # the shift got a bias

@@ -10,11 +10,13 @@ from svdnas.lowrank.geometry import conv_weight, layer_geometry
 from svdnas.lowrank.space import families
 from svdnas.lowrank.spec import family_max_rank
 from svdnas.lowrank.whiten import (
+    PREFIX_RIDGE,
     bias_shift,
     branch_weight,
     derive,
     derive_prefix,
     output_error,
+    prefix_target,
     rank_errors,
     refit,
     whitened_svd,
@@ -333,11 +335,31 @@ def test_prefix_fit_on_perturbed_inputs():
     same = CrossMoments(conv, [((3, 3), (1, 1))])
     same.update(x, x)
     spec = LowRankSpec((3, 3), (1, 1), 3)
-    a = derive_prefix(conv, spec, same, bias_correction=False, damping=1e-12)
+    a = derive_prefix(conv, spec, same, bias_correction=False, damping=1e-12, ridge=0)
     b = derive(conv, spec, "whitened", fed(conv, x), damping=1e-12)
     wa = branch_weight(a.branches[0].first.weight, a.branches[0].second.weight, spec, conv.weight.shape)
     wb = branch_weight(b.branches[0].first.weight, b.branches[0].second.weight, spec, conv.weight.shape)
     torch.testing.assert_close(wa, wb, rtol=1e-6, atol=1e-8)
+
+
+def test_the_prefix_targets_pull_towards_the_weight_keeps_unvisited_directions():
+    """Inputs that never visit some directions (here 3 of 8 channels are always 0 in calibration):
+    plain least squares gives those directions whatever weight (0 here), the pull keeps the original's;
+    on the visited ones the two agree, and with the inputs unchanged the pulled target is W itself."""
+    lin = nn.Linear(8, 4, bias=False).double()
+    torch.manual_seed(2)
+    x = torch.randn(300, 8, dtype=D)
+    x[:, 5:] = 0
+    cross = CrossMoments(lin, [((1, 1), (1, 1))])
+    cross.update(x, x)
+    w = lin.weight.detach().reshape(4, 8, 1, 1)
+    plain, _ = prefix_target(w, cross, damping=1e-12, ridge=0)
+    pulled, c = prefix_target(w, cross, damping=1e-12)
+    torch.testing.assert_close(pulled, w)  # the inputs are unchanged: nothing to fit but W
+    assert plain[:, 5:].abs().max() < 1e-9 < w[:, 5:].abs().max()  # least squares drops the unvisited weights
+    torch.testing.assert_close(plain[:, :5], w[:, :5])
+    trace = float(torch.diagonal(cross.comp((1, 1))[0]).sum())
+    assert float(c[5, 5]) == pytest.approx((1e-12 + PREFIX_RIDGE) * trace / 8)  # the metric holds the pull
 
 
 def test_prefix_residual_branch_completes_the_fit():
@@ -348,7 +370,7 @@ def test_prefix_residual_branch_completes_the_fit():
     x_comp = x @ (torch.eye(5, dtype=D) + 0.2 * torch.randn(5, 5, dtype=D))
     cross = CrossMoments(lin, [((1, 1), (1, 1))])
     cross.update(x, x_comp)
-    block = derive_prefix(lin, [LowRankSpec((1, 1), (1, 1), 1), LowRankSpec((1, 1), (1, 1), 4)], cross, damping=1e-12)
+    block = derive_prefix(lin, [LowRankSpec((1, 1), (1, 1), 1), LowRankSpec((1, 1), (1, 1), 4)], cross, damping=1e-12, ridge=0)
     # least squares of the original outputs on [x_comp, 1]
     design = torch.cat([x_comp, torch.ones(200, 1, dtype=D)], 1)
     solution = torch.linalg.lstsq(design, lin(x)).solution

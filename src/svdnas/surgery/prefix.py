@@ -29,7 +29,7 @@ from svdnas.hooks import forward_hooks
 from svdnas.lowrank.calibration import CrossMoments, needed_families
 from svdnas.lowrank.derivation import Derivation
 from svdnas.lowrank.plan import Plan
-from svdnas.lowrank.whiten import derive_prefix
+from svdnas.lowrank.whiten import PREFIX_RIDGE, derive_prefix
 from svdnas.surgery.swap import set_submodule
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ def fit_on_prefix(
     bias_correction: bool = True,
     refit_iters: int = 0,
     damping: float = 1e-6,
+    ridge: float = PREFIX_RIDGE,
     progress: Callable[[int, int], None] | None = None,
 ) -> PrefixFit:
     """``original`` (untouched) compressed by ``plan``, each layer fitted on the compressed prefix.
@@ -199,13 +200,14 @@ def fit_on_prefix(
             bias gets one).
         refit_iters: alternating least-squares steps on the exact error for the families whose
             second layer holds kernel dimensions or whose first is grouped (0: the pooled fit only).
+        ridge: each fit's pull towards the original weight (:func:`~svdnas.lowrank.whiten.prefix_target`).
     """
     derivation = derivation or Derivation()
     was_training = original.training
     original.eval()
     layers = [n for n in order if plan.layers.get(n)]
     fit = {"derivation": derivation, "held_out": len(held_out), "bias_correction": bias_correction, "refit_iters": refit_iters,
-           "damping": damping, "progress": progress}
+           "damping": damping, "ridge": ridge, "progress": progress}
     batches = list(batches) + list(held_out)
     try:
         try:
@@ -220,7 +222,8 @@ def fit_on_prefix(
 
 
 @torch.no_grad()
-def _fit(original, plan, layers, batches, device, *, lockstep, derivation, held_out, bias_correction, refit_iters, damping, progress):
+def _fit(original, plan, layers, batches, device, *, lockstep, derivation, held_out, bias_correction, refit_iters, damping, progress,
+         ridge=PREFIX_RIDGE):
     n_fit = len(batches) - held_out
     compressed = copy.deepcopy(original)
     if lockstep:
@@ -253,7 +256,8 @@ def _fit(original, plan, layers, batches, device, *, lockstep, derivation, held_
             if held_out:  # errors measured on the held-out images alone
                 reference, x_comp = reference[n_fit:], x_comp[n_fit:]
             try:
-                fitted = derive_prefix(layer, specs, stats, damping=damping, bias_correction=bias_correction, refit_iters=refit_iters)
+                fitted = derive_prefix(layer, specs, stats, damping=damping, bias_correction=bias_correction, refit_iters=refit_iters,
+                                       ridge=ridge)
             except SpecError as e:
                 raise SpecError(f"layer {name}: {e}") from e
             fitted = fitted.to(dtype=layer.weight.dtype).eval()
