@@ -30,6 +30,7 @@ from svdnas.data.datasets import search_subset
 from svdnas.data.evaluate import batches, evaluate
 from svdnas.lowrank.derivation import calibrate
 from svdnas.lowrank.plan import Plan
+from svdnas.lowrank.whiten import PREFIX_RIDGE
 from svdnas.search.allocation import log_probs, mean_kl
 from svdnas.surgery.prefix import fit_on_prefix
 from svdnas.surgery.swap import apply_plan
@@ -44,6 +45,8 @@ def main() -> None:
     p.add_argument("--search-images", type=int, default=1000)
     p.add_argument("--calibration-images", type=int, default=512)
     p.add_argument("--held-out-images", type=int, default=256)
+    p.add_argument("--ridge", type=float, default=PREFIX_RIDGE,
+                   help=f"the prefix fit's pull towards the original weight (default {PREFIX_RIDGE:g}, compress's; 0: plain least squares)")
     args = p.parse_args()
     setup(args)
     model, info, data = model_and_data(args)
@@ -72,7 +75,7 @@ def main() -> None:
         top1 = evaluate(compressed.eval(), data.test)["top1"]
         rows.append({"derivation": label, "top1": top1, "drop_pp": original - top1, "seconds": seconds,
                      **nearness(reference, compressed, data.test)})
-        print(f"{label:40s} drop {original - top1:6.2f} pp, agreement {rows[-1]['agreement']:.2f}%, mean KL {rows[-1]['mean_kl']:.2e} "
+        print(f"{label:40s} drop {original - top1:6.2f} pp, agreement {rows[-1]['agreement']:.2f}%, mean KL {rows[-1]['mean_kl']:.2e}, largest {rows[-1]['max_kl']:.3g} "
               f"({seconds:.0f} s)", flush=True)
 
     models = {}
@@ -87,7 +90,7 @@ def main() -> None:
     fits = {}
 
     def fitted(key: str, spare: list) -> torch.nn.Module:
-        fits[key] = fit_on_prefix(model, plan, order, calibration, "cpu", whitened, held_out=spare, refit_iters=4)
+        fits[key] = fit_on_prefix(model, plan, order, calibration, "cpu", whitened, held_out=spare, refit_iters=4, ridge=args.ridge)
         return fits[key].model
 
     row("prefix fit, no check", lambda: fitted("calibration", []))
@@ -101,13 +104,15 @@ def main() -> None:
                         "held_out": fits["held_out"].errors[name]}
     kept = sorted(n for n, e in fits["held_out"].errors.items() if e["kept"] == "derived")
     print(f"\n{len(kept)} of {len(layers)} layers kept the whitened factors: {', '.join(kept)}\n")
-    print(markdown_table(["derivation", "top-1 drop (pp)", "agreement with the original (%)", "mean KL"],
-                         [[r["derivation"], f"{r['drop_pp']:.2f}", f"{r['agreement']:.2f}", f"{r['mean_kl']:.2e}"] for r in rows]))
-    label = Path(args.plan).parent.name if args.plan else f"balf_{args.reduction:g}"
+    print(markdown_table(["derivation", "top-1 drop (pp)", "agreement with the original (%)", "mean KL", "largest KL"],
+                         [[r["derivation"], f"{r['drop_pp']:.2f}", f"{r['agreement']:.2f}", f"{r['mean_kl']:.2e}", f"{r['max_kl']:.3g}"]
+                          for r in rows]))
+    label = (Path(args.plan).name.removesuffix(".json").removesuffix(".plan") if args.plan else f"balf_{args.reduction:g}") + (
+        f"_ridge{args.ridge:g}" if args.ridge != PREFIX_RIDGE else "")
     out = args.out or result_path("prefix_held_out", f"{short_name(args.model)}_{label}.json")
     write_json(out, {"meta": {"model": args.model, "plan": args.plan or f"balf at {args.reduction}", "original_top1": original,
                               "test_images": len(data.test), "calibration_images": args.calibration_images,
-                              "held_out_images": args.held_out_images, "seed": args.seed, **stamp(args.threads)},
+                              "held_out_images": args.held_out_images, "ridge": args.ridge, "seed": args.seed, **stamp(args.threads)},
                      "rows": rows, "kept_whitened": kept, "held_out_mean_kl": on_held_out, "layers": layers})
     print(f"wrote {out}")
 

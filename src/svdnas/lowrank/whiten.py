@@ -495,7 +495,7 @@ def prefix_target(weight: Tensor, stats: CrossMoments, *, damping: float = 1e-6,
     (W* - W_hat)^T): the exact refit of W* under C is the exact prefix fit. Without the pull
     (``ridge=0``) a direction the calibration patches barely visit gets whatever weight fits their
     noise, and an input that does visit it can blow the layer's output up (on EfficientNet-B0 at
-    28x28 a few test images in a thousand, with a KL divergence over 100 from the original)."""
+    28x28, test images with a KL divergence from the original over 100)."""
     kernel = (weight.shape[2], weight.shape[3])
     raw = stats.comp(kernel)
     c = _damped(raw, damping + ridge)[0]
