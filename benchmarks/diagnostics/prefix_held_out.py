@@ -96,7 +96,8 @@ def main() -> None:
     row("prefix fit, no check", lambda: fitted("calibration", []))
     row("prefix fit, checked on held-out images", keep("gated", lambda: fitted("held_out", held_out)))
     spare = torch.utils.data.TensorDataset(torch.cat(held_out), torch.zeros(sum(len(x) for x in held_out), dtype=torch.long))
-    on_held_out = {k: mean_kl(log_probs(model, spare, "cpu"), m.eval(), spare, "cpu") for k, m in models.items()}
+    held_out_reference = log_probs(model, spare, "cpu")
+    on_held_out = {k: mean_kl(held_out_reference, m.eval(), spare, "cpu") for k, m in models.items()}
     chosen = min(("gated", "whitened"), key=lambda k: (on_held_out[k], k != "gated"))
     row(f"both checks: kept the {'prefix fit' if chosen == 'gated' else 'whitened factors'}", lambda: models[chosen])
     for name in fits["held_out"].errors:

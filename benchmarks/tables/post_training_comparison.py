@@ -34,18 +34,15 @@ from svdnas.pipeline.baseline import run_baseline
 from svdnas.pipeline.compress import compress
 from svdnas.pipeline.config import CompressConfig
 from svdnas.search import SearchConfig
+from svdnas.search.allocation import log_probs
 
 ALL_METHODS = ["svdnas"] + [f"uniform-{s}" for s in SPLITS] + [f"energy-{s}" for s in SPLITS] + ["lrs2", "alds", "fgroup", "balf"]
 CHOICES = ALL_METHODS + [f"{m}@{k}" for m in ALL_METHODS for k in KINDS]
 
 
-@torch.no_grad()
 def log_softmax(model: torch.nn.Module, dataset) -> torch.Tensor:
-    """``model``'s log-softmax on every image of ``dataset``, in order."""
-    from svdnas.data.evaluate import batches
-
-    model.eval()
-    return torch.cat([torch.log_softmax(model(x).float(), -1) for x, _ in batches(dataset, 256)])
+    """``model``'s log-softmax on every image of ``dataset``, in order (in eval mode)."""
+    return torch.cat(log_probs(model.eval(), dataset, "cpu", 256))
 
 
 def nearness(reference: torch.Tensor, model: torch.nn.Module, dataset) -> dict[str, float]:

@@ -208,6 +208,7 @@ def fit_on_prefix(
     layers = [n for n in order if plan.layers.get(n)]
     fit = {"derivation": derivation, "held_out": len(held_out), "bias_correction": bias_correction, "refit_iters": refit_iters,
            "damping": damping, "ridge": ridge, "progress": progress}
+    images, spare = sum(len(x) for x in batches), sum(len(x) for x in held_out)
     batches = list(batches) + list(held_out)
     try:
         try:
@@ -217,13 +218,12 @@ def fit_on_prefix(
             compressed, errors = _fit(original, plan, layers, batches, device, lockstep=False, **fit)
     finally:
         original.train(was_training)
-    return PrefixFit(compressed, errors, sum(len(x) for x in batches[:len(batches) - len(held_out)]),
-                     sum(len(x) for x in held_out))
+    return PrefixFit(compressed, errors, images, spare)
 
 
 @torch.no_grad()
-def _fit(original, plan, layers, batches, device, *, lockstep, derivation, held_out, bias_correction, refit_iters, damping, progress,
-         ridge=PREFIX_RIDGE):
+def _fit(original, plan, layers, batches, device, *, lockstep, derivation, held_out, bias_correction, refit_iters, damping, ridge,
+         progress):
     n_fit = len(batches) - held_out
     compressed = copy.deepcopy(original)
     if lockstep:
