@@ -250,3 +250,13 @@ def test_the_accuracy_proxy_checkpoint_lets_a_resumed_run_skip_measuring(trained
     kept2, summary2 = accuracy_prune(model, cands, proxy, config.proxy_drop, config.objective, config.reduction, 1e9, "cpu", ckpt, None)
     assert summary2["evaluated"] == summary["evaluated"]
     assert {n: [s for s in c.specs] for n, c in kept2.items()} == {n: [s for s in c.specs] for n, c in kept.items()}
+    # as many candidates per layer, other ones (as a run that timed them differently would offer): measured
+    # again, not read by index from the checkpoint
+    other = {n: c.subset(lambda s, first=c.specs[0]: s != first) for n, c in cands.items()}
+    shifted = {n: c.subset(lambda s, last=c.specs[-1]: s != last) for n, c in cands.items()}
+    monkeypatch.undo()
+    accuracy_prune(model, other, proxy, config.proxy_drop, config.objective, config.reduction, 1e9, "cpu", ckpt, None)
+    monkeypatch.setattr(ap.OneLayerEvaluator, "__init__", boom)
+    assert {n: len(c) for n, c in shifted.items()} == {n: len(c) for n, c in other.items()}
+    with pytest.raises(AssertionError, match="measured again"):
+        accuracy_prune(model, shifted, proxy, config.proxy_drop, config.objective, config.reduction, 1e9, "cpu", ckpt, None)

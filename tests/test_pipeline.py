@@ -168,7 +168,10 @@ def test_torchrun_two_processes_match_one(tiny_module, tiny_fmnist, tmp_path):
               "--reduction", "0.5", "--epochs", "2", "--search-images", "256", "--filter", "convs", "--device", "cpu", "--quiet",
               # float32 windows: bfloat16 rounds the (slightly different) averaged gradients apart by
               # about 1e-3 in the logits, which would hide what this compares (8e-5 apart; 0.23 without averaging)
-              "--search-dtype", "float32"]
+              "--search-dtype", "float32",
+              # candidates untimed, in the processes as in this one (the suite's default): torchrun's processes
+              # run one thread each and would time, and so offer, other candidates than this process
+              "--offer-slower"]
     launcher = [str(torchrun)] if torchrun.exists() else ["torchrun"]
     r = subprocess.run([*launcher, "--nproc_per_node", "2", "--master_port", "29517", "-m", "svdnas", *common, "--out", str(tmp_path / "ddp")],
                        check=False, capture_output=True, text=True, timeout=600)
@@ -209,7 +212,10 @@ def test_killed_search_resumes_to_the_same_plan(tiny_module, tiny_fmnist, tmp_pa
     spec, weights = tiny_module
     common = ["compress", spec, "--weights", str(weights),
               "--data", f"fmnist:{tiny_fmnist}", "--reduction", "0.5", "--epochs", "40", "--search-images", "500",
-              "--batch-size", "16", "--filter", "convs", "--device", "cpu", "--quiet", "--branches", "2"]
+              "--batch-size", "16", "--filter", "convs", "--device", "cpu", "--quiet", "--branches", "2",
+              # candidates untimed in the killed process too, as in this one's runs (the suite's default), so
+              # that all three offer the same candidates
+              "--offer-slower"]
     whole = run_cli(*common, "--out", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "killed"

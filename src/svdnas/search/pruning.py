@@ -26,6 +26,12 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
+def _offered(candidates: dict[str, LayerCandidates]) -> dict[str, list[str]]:
+    """Each layer's candidates as the strings of their branches: what a checkpoint's indices refer to
+    (two sets of the same sizes, timed or pruned differently, must not share one)."""
+    return {n: ["+".join(map(str, c.branches(i))) for i in range(len(c))] for n, c in candidates.items()}
+
+
 def proxy_errors(
     model: nn.Module, candidates: dict[str, LayerCandidates], proxy_set, kept: float, device, checkpoint: Path | None, progress,
     derivation: Derivation | None = None, objective: str = "flops",
@@ -74,7 +80,7 @@ def accuracy_prune(
     if checkpoint is not None and checkpoint.is_file():
         saved = json.loads(checkpoint.read_text())
         kind = derivation.kind if derivation is not None else "weight"
-        if saved.get("candidates") == {n: len(c) for n, c in candidates.items()} and saved.get("derivation", "weight") == kind:
+        if saved.get("candidates") == _offered(candidates) and saved.get("derivation", "weight") == kind:
             log.info("accuracy proxy: reusing the drops measured in %s", checkpoint)
             measured = {
                 n: ProxyResult(n, r["original_top1"], {int(i): d for i, d in r["drops"].items()}, set(r.get("bounds", [])))
@@ -92,7 +98,7 @@ def accuracy_prune(
                 measured[name] = result
                 if checkpoint is not None and ddp.is_main():
                     atomic_write_json(checkpoint, {
-                        "candidates": {n: len(c) for n, c in candidates.items()},
+                        "candidates": _offered(candidates),
                         "derivation": derivation.kind if derivation is not None else "weight",
                         "layers": {
                             n: {"original_top1": r.original_top1, "drops": {str(i): d for i, d in r.drops.items()}, "bounds": sorted(r.bounds)}
