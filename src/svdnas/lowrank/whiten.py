@@ -304,8 +304,9 @@ def refit(
     start = best[0]
     for _ in range(iters):
         # second layer: per output row a least-squares problem over its allowed (slot, rank) weights
-        a_t = torch.block_diag(*[a] * s_n)
-        h, z = a_t @ c @ a_t.T, wc @ a_t.T
+        # with A_t = blockdiag(A, ..., A): H = A_t C A_t^T and Z = (W C) A_t^T, block by block
+        h = torch.einsum("sctl,ml->sctm", torch.einsum("kc,scte->skte", a, c4), a).reshape(s_n * big_r, s_n * big_r)
+        z = torch.einsum("osc,kc->osk", wc.reshape(o, s_n, n_f), a).reshape(o, s_n * big_r)
         b = torch.zeros_like(b)
         for rows in mask_b.unique(dim=0):
             sel_o = (mask_b == rows).all(1)
@@ -317,12 +318,8 @@ def refit(
         # first layer: the normal equations sum_{s,t} B_s^T B_t A C_ts = sum_s B_s^T (W C)_s on A's support
         rhs = torch.einsum("osk,osc->kc", b, wc.reshape(o, s_n, n_f)) * mask_a
         if mask_a.sum() <= _DENSE_SOLVE_MAX:
-            # on the support: K[(k,c),(l,d)] = sum_{t,s} (B_t^T B_s)[k,l] C_ts[c,d]
             ki, ci = mask_a.nonzero(as_tuple=True)
-            k = torch.zeros(ki.numel(), ki.numel(), dtype=a.dtype, device=dev)
-            for t in range(s_n):
-                for s in range(s_n):
-                    k += (b[:, t, ki].T @ b[:, s, ki]) * c4[t, :, s][ci][:, ci]
+            k = _first_normal_matrix(b, c4, spec.groups[0], spec.rank)
             a = torch.zeros_like(a)
             a[ki, ci] = _psd_solve(k, rhs[ki, ci][:, None])[:, 0]
         else:
@@ -335,14 +332,39 @@ def refit(
     return w1_new, w2_new, best[0]
 
 
+def _first_normal_matrix(b: Tensor, c4: Tensor, g1: int, r: int) -> Tensor:
+    """The first layer's normal matrix on its support (the rows of ``A``'s non-zeros in row-major
+    order, group by group): K[(k,c),(l,d)] = sum_{t,s} (B_t^T B_s)[k,l] C_ts[c,d], a sum of
+    Kronecker products assembled as one product over (t, s) per pair of groups."""
+    s_n, n_f = c4.shape[0], c4.shape[1]
+    big_r = b.shape[2]
+    g = torch.einsum("otk,osl->tskl", b, b).reshape(s_n * s_n, big_r, big_r)
+    cm = c4.permute(0, 2, 1, 3).reshape(s_n * s_n, n_f, n_f)  # C_ts, (t, s) flattened as g's
+    rows = [slice(j * r, (j + 1) * r) for j in range(g1)] if g1 > 1 else [slice(None)]
+    nj = n_f // g1
+    cols = [slice(j * nj, (j + 1) * nj) for j in range(g1)] if g1 > 1 else [slice(None)]
+
+    def block(j: int, m: int) -> Tensor:
+        gk, ck = g[:, rows[j], rows[m]], cm[:, cols[j], cols[m]]
+        kr, lr, kc, lc = gk.shape[1], gk.shape[2], ck.shape[1], ck.shape[2]
+        prod = gk.reshape(s_n * s_n, -1).T @ ck.reshape(s_n * s_n, -1)  # ((k, l), (c, d))
+        return prod.reshape(kr, lr, kc, lc).permute(0, 2, 1, 3).reshape(kr * kc, lr * lc)
+
+    return torch.cat([torch.cat([block(j, m) for m in range(len(rows))], 1) for j in range(len(rows))], 0)
+
+
 def _cg_first(a, b, c, c4, rhs, mask, spec: LowRankSpec, iters: int) -> Tensor:
     """Preconditioned CG on the first layer's normal equations, started at ``a`` (so never worse)."""
-    o, s_n, _ = b.shape
+    s_n, big_r = b.shape[1], b.shape[2]
     n_f = a.shape[1]
+    # the normal operator X -> sum_{t,s} G_ts X C_st with G_ts = B_t^T B_s: products of the rank's
+    # size, not of the output channels' (C_st[c, d] = C[(s, c), (t, d)])
+    g = torch.einsum("otk,osl->ktsl", b, b).reshape(big_r, s_n * s_n * big_r)
+    c_rows = c4.permute(1, 0, 2, 3).reshape(n_f, s_n * s_n * n_f)  # [c, (s, t, d)]
 
     def apply(x: Tensor) -> Tensor:
-        y = (torch.einsum("osk,kc->osc", b, x).reshape(o, -1) @ c).reshape(o, s_n, n_f)
-        return torch.einsum("osk,osc->kc", b, y) * mask
+        xc = (x @ c_rows).reshape(big_r, s_n, s_n, n_f).permute(2, 1, 0, 3).reshape(s_n * s_n * big_r, n_f)  # [(t, s, l), d]
+        return (g @ xc) * mask
 
     g_bar = torch.einsum("osk,osl->kl", b, b)
     c_bar = c4.diagonal(dim1=0, dim2=2).mean(-1)
