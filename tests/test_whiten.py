@@ -285,6 +285,29 @@ def test_conjugate_gradient_step_matches_the_direct_solve(monkeypatch):
         assert cg == pytest.approx(direct, rel=1e-6)
 
 
+def test_first_layer_normal_equations_are_half_the_gradient_of_the_output_error():
+    """The refit's first-layer step, assembled (dense solve) or applied (CG) as Kronecker products,
+    against autograd on tr(B A C A^T B^T) for every layout: ungrouped, grouped first, grouped second."""
+    torch.manual_seed(5)
+    s_n, n_f, o = 3, 8, 6
+    c = torch.randn(s_n * n_f, 2 * s_n * n_f, dtype=D)
+    c = c @ c.T / c.shape[1]
+    c4 = c.reshape(s_n, n_f, s_n, n_f)
+    for g1, r in [(1, 3), (2, 2), (4, 1)]:
+        big_r = g1 * r
+        b = torch.randn(o, s_n, big_r, dtype=D)
+        mask = torch.block_diag(*[torch.ones(r, n_f // g1, dtype=D)] * g1).bool()
+        x = (torch.randn(big_r, n_f, dtype=D) * mask).requires_grad_()
+        w_hat = torch.einsum("osk,kc->osc", b, x).reshape(o, -1)
+        ((w_hat @ c) * w_hat).sum().backward()
+        half_grad = x.grad / 2
+        assert torch.allclose(whiten._normal_operator(b, c4)(x.detach()), half_grad, atol=1e-12)
+        ki, ci = mask.nonzero(as_tuple=True)
+        k = whiten._first_normal_matrix(b, c4, g1, r)
+        assert torch.allclose(k @ x.detach()[ki, ci], half_grad[ki, ci], atol=1e-12)
+        assert torch.allclose(k, k.T, atol=1e-12)
+
+
 def test_bias_correction_zeroes_the_mean_output_error():
     conv = small_conv()
     x = correlated(6, 4, (9, 8)) + 1.0  # inputs with a mean

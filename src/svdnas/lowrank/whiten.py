@@ -323,7 +323,7 @@ def refit(
             a = torch.zeros_like(a)
             a[ki, ci] = _psd_solve(k, rhs[ki, ci][:, None])[:, 0]
         else:
-            a = _cg_first(a * mask_a, b, c, c4, rhs, mask_a, spec, cg_iters)
+            a = _cg_first(a * mask_a, b, c4, rhs, mask_a, spec, cg_iters)
         err = error(a, b)
         if err < best[0]:
             best = (err, a, b)
@@ -353,18 +353,27 @@ def _first_normal_matrix(b: Tensor, c4: Tensor, g1: int, r: int) -> Tensor:
     return torch.cat([torch.cat([block(j, m) for m in range(len(rows))], 1) for j in range(len(rows))], 0)
 
 
-def _cg_first(a, b, c, c4, rhs, mask, spec: LowRankSpec, iters: int) -> Tensor:
-    """Preconditioned CG on the first layer's normal equations, started at ``a`` (so never worse)."""
-    s_n, big_r = b.shape[1], b.shape[2]
-    n_f = a.shape[1]
-    # the normal operator X -> sum_{t,s} G_ts X C_st with G_ts = B_t^T B_s: products of the rank's
-    # size, not of the output channels' (C_st[c, d] = C[(s, c), (t, d)])
+def _normal_operator(b: Tensor, c4: Tensor) -> Callable[[Tensor], Tensor]:
+    """X -> sum_{t,s} G_ts X C_st with G_ts = B_t^T B_s and C_st[c, d] = C[(s, c), (t, d)]: half the
+    gradient in A of tr(B A C A^T B^T), by products of the rank's size, not the output channels'."""
+    s_n, big_r, n_f = b.shape[1], b.shape[2], c4.shape[1]
     g = torch.einsum("otk,osl->ktsl", b, b).reshape(big_r, s_n * s_n * big_r)
     c_rows = c4.permute(1, 0, 2, 3).reshape(n_f, s_n * s_n * n_f)  # [c, (s, t, d)]
 
     def apply(x: Tensor) -> Tensor:
         xc = (x @ c_rows).reshape(big_r, s_n, s_n, n_f).permute(2, 1, 0, 3).reshape(s_n * s_n * big_r, n_f)  # [(t, s, l), d]
-        return (g @ xc) * mask
+        return g @ xc
+
+    return apply
+
+
+def _cg_first(a, b, c4, rhs, mask, spec: LowRankSpec, iters: int) -> Tensor:
+    """Preconditioned CG on the first layer's normal equations, started at ``a`` (so never worse)."""
+    n_f = a.shape[1]
+    normal = _normal_operator(b, c4)
+
+    def apply(x: Tensor) -> Tensor:
+        return normal(x) * mask
 
     g_bar = torch.einsum("osk,osl->kl", b, b)
     c_bar = c4.diagonal(dim1=0, dim2=2).mean(-1)
