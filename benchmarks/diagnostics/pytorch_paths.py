@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import parser, result_path, setup, short_name, stamp, write_json
-from svdnas.cost.timer import _runner, _threads, measure, onnxruntime_available
+from svdnas.cost.timer import latency_runner, measure, onnxruntime_available, timing_threads
 from svdnas.lowrank.plan import Plan
 from svdnas.models.build import build_model
 from svdnas.surgery.swap import apply_plan
@@ -63,9 +63,9 @@ def build_runs(models: dict[str, nn.Module], shape, batch: int, paths: list[str]
             x = torch.randn(batch, *shape)
             t0 = time.perf_counter()
             try:
-                with _threads(threads):
+                with timing_threads(threads):
                     if path == "onnxruntime":
-                        runs[path, which] = _runner(model, shape, "onnxruntime", batch, torch.device("cpu"), threads, stop_spinning=True)
+                        runs[path, which] = latency_runner(model, shape, "onnxruntime", batch, torch.device("cpu"), threads, stop_spinning=True)
                     else:
                         runs[path, which] = PATHS[path](copy.deepcopy(model).eval(), x)
                     runs[path, which]()
@@ -80,7 +80,7 @@ def build_runs(models: dict[str, nn.Module], shape, batch: int, paths: list[str]
 def time_rounds(runs: dict, threads: int, rounds: int, repeats: int) -> dict[str, dict[str, float]]:
     """Interleaved rounds over every callable; per (path, model) the median of the rounds' medians."""
     per: dict = {k: [] for k in runs}
-    with _threads(threads):
+    with timing_threads(threads):
         for fn in runs.values():
             measure(fn, warmup=2, repeats=2)
         for _ in range(rounds):
@@ -95,7 +95,7 @@ def profile(model: nn.Module, shape, threads: int, top: int = 12) -> list[dict]:
     from torch.profiler import profile as prof
 
     x = torch.randn(1, *shape)
-    with _threads(threads):
+    with timing_threads(threads):
         for _ in range(3):
             model(x)
         with prof(activities=[ProfilerActivity.CPU]) as p:

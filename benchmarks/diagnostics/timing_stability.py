@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import markdown_table, parser, result_path, setup, short_name, stamp, write_json
-from svdnas.cost.timer import _runner, _threads, compare_latency, measure
+from svdnas.cost.timer import compare_latency, latency_runner, measure, timing_threads
 from svdnas.lowrank.plan import Plan
 from svdnas.models.build import build_model
 from svdnas.surgery.swap import apply_plan
@@ -42,8 +42,8 @@ def previous_compare(original, compressed, input_shape, runtime, *, batch, threa
     """The comparison as ``compare_latency`` made it before 2026-12-04: three interleaved rounds of
     ten runs, sessions spinning (ONNX Runtime's default), the ratio of the rounds' middle medians."""
     device = torch.device("cpu")
-    with _threads(threads):
-        runs = [_runner(m, input_shape, runtime, batch, device, threads) for m in (original, compressed)]
+    with timing_threads(threads):
+        runs = [latency_runner(m, input_shape, runtime, batch, device, threads) for m in (original, compressed)]
         medians: list[list[float]] = [[], []]
         for _ in range(3):
             for k, fn in enumerate(runs):

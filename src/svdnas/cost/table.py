@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdnas.cost.timer import _runner
+from svdnas.cost.timer import latency_runner
 from svdnas.errors import SpecError
 from svdnas.fileio import atomic_write_json, cache_root
 from svdnas.lowrank.decompose import empty_block
@@ -177,7 +177,7 @@ def time_modules(
     """
     cuda = x.device.type == "cuda"
     if engine == "onnxruntime":  # sessions built as the whole-model comparisons' are
-        calls = [_runner(m, tuple(x.shape[1:]), "onnxruntime", x.shape[0], torch.device("cpu"), threads, stop_spinning=True)
+        calls = [latency_runner(m, tuple(x.shape[1:]), "onnxruntime", x.shape[0], torch.device("cpu"), threads, stop_spinning=True)
                  for m in modules]
     else:
         calls = [(lambda m=m: m(x)) for m in modules]

@@ -30,7 +30,7 @@ def measure(fn: Callable[[], object], warmup: int = 5, repeats: int = 30) -> dic
 
 
 @contextmanager
-def _threads(threads: int | None) -> Iterator[None]:
+def timing_threads(threads: int | None) -> Iterator[None]:
     """torch's intra-op threads set to ``threads`` (None: left as they are) for the block, then restored;
     inference mode inside it."""
     old = torch.get_num_threads()
@@ -48,13 +48,13 @@ def torch_latency(
     device: torch.device | str = "cpu", **kw: Any,
 ) -> dict[str, float]:
     """Latency of ``model`` on ``device`` (a copy runs there: ``model`` is not moved); on CUDA each run waits for the GPU."""
-    with _threads(threads):
-        return measure(_runner(model, input_shape, "torch", batch, torch.device(device), threads), **kw)
+    with timing_threads(threads):
+        return measure(latency_runner(model, input_shape, "torch", batch, torch.device(device), threads), **kw)
 
 
 def onnx_latency(model: nn.Module, input_shape: tuple[int, ...], batch: int = 1, threads: int | None = None, **kw: Any) -> dict[str, float]:
     """Latency of ``model`` exported to ONNX and run by ONNX Runtime on the CPU (``model`` itself is not moved)."""
-    return measure(_runner(model, input_shape, "onnxruntime", batch, torch.device("cpu"), threads), **kw)
+    return measure(latency_runner(model, input_shape, "onnxruntime", batch, torch.device("cpu"), threads), **kw)
 
 
 RUNTIMES = ("onnxruntime", "torch")
@@ -74,8 +74,8 @@ def default_runtime() -> str:
     return "onnxruntime" if onnxruntime_available() else "torch"
 
 
-def _runner(model: nn.Module, input_shape: tuple[int, ...], runtime: str, batch: int, device: torch.device,
-            threads: int | None, stop_spinning: bool = False) -> Callable[[], object]:
+def latency_runner(model: nn.Module, input_shape: tuple[int, ...], runtime: str, batch: int, device: torch.device,
+                   threads: int | None, stop_spinning: bool = False) -> Callable[[], object]:
     """One inference of ``model`` (a copy, or its ONNX graph) in ``runtime``, ready to time.
 
     ``stop_spinning``: ONNX Runtime's worker threads stop spinning when a run ends (they still spin
@@ -100,7 +100,7 @@ def _runner(model: nn.Module, input_shape: tuple[int, ...], runtime: str, batch:
     copied = copy.deepcopy(model).eval().to(device).to(memory_format=torch.contiguous_format)
     x = torch.randn(batch, *input_shape, device=device)
 
-    def run() -> None:  # timed inside _threads, in inference mode
+    def run() -> None:  # timed inside timing_threads, in inference mode
         copied(x)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -135,8 +135,8 @@ def compare_latency(
     if runtime not in RUNTIMES:
         raise SvdnasError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     device = torch.device(device)
-    with _threads(threads):
-        runs = [_runner(m, input_shape, runtime, batch, device, threads, stop_spinning=True) for m in (original, compressed)]
+    with timing_threads(threads):
+        runs = [latency_runner(m, input_shape, runtime, batch, device, threads, stop_spinning=True) for m in (original, compressed)]
         first = measure(runs[0], warmup=warmup, repeats=3)["median_ms"]
         if repeats is None:
             repeats = int(min(50, max(5, block_ms // max(first, 1e-3))))
