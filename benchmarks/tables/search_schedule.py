@@ -9,7 +9,9 @@ The release has no budget mode: its user picks ``beta`` and gets whatever reduct
    base (its code is not on this machine): candidates on the 30-70% FLOPs grid, no proxy pruning,
    two sampled candidates per layer run as full-size convolutions, 100 epochs, logit lr 0.01,
    temperature from 5 times 0.965 per epoch, the paper's loss ``CE * (log F / log F0) ** beta``,
-   the largest logit per layer (no repair), the paper's factors (``--derivation weight``).
+   the largest logit per layer (no repair), the paper's factors (``--derivation weight``), any rank
+   on the grid and every candidate offered (``--rank-multiple 1 --offer-slower``: the release neither
+   rounds ranks nor times candidates).
 2. For the reduction each release row reached, svdnas at that ``--reduction``: ``default`` (as
    shipped), ``fast`` (``--fast-epochs`` epochs of the logits, everything else as shipped),
    ``fast-proxy-N`` for each ``--fast-proxy-images`` (the same with N proxy images instead of 256,
@@ -39,8 +41,10 @@ SEARCH_STAGES = ("candidates", "calibration", "proxy", "accuracy_proxy", "build"
 
 def release_config(beta: float, epochs: int) -> CompressConfig:
     return CompressConfig(
-        # groups up to 8, as in every earlier run of this benchmark (the default until 2026-11-26)
+        # groups up to 8, as in every earlier run of this benchmark (the default until 2026-11-26); the
+        # release's LR-space: any rank on the grid, every candidate offered whatever its latency
         beta=beta, grid=(0.3, 0.7, 0.05), families=0, proxy_drop=0.0, max_groups=8, derivation="weight",
+        rank_multiple=1, offer_slower=True,
         search=SearchConfig(epochs=epochs, lr=0.01, sampling="two", final_temperature=5.0 * 0.965**epochs, beta=beta),
     )
 
