@@ -3,6 +3,7 @@ one-layer accuracy proxy. Both can checkpoint what they measured, so that a resu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -26,10 +27,12 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
 
 
-def _offered(candidates: dict[str, LayerCandidates]) -> dict[str, list[str]]:
-    """Each layer's candidates as the strings of their branches: what a checkpoint's indices refer to
-    (two sets of the same sizes, timed or pruned differently, must not share one)."""
-    return {n: ["+".join(map(str, c.branches(i))) for i in range(len(c))] for n, c in candidates.items()}
+def _offered(candidates: dict[str, LayerCandidates]) -> str:
+    """A digest of each layer's candidates (the strings of their branches, in order): what a
+    checkpoint's indices refer to (two sets of the same sizes, timed or pruned differently, must not
+    share one)."""
+    offered = {n: ["+".join(map(str, c.branches(i))) for i in range(len(c))] for n, c in candidates.items()}
+    return hashlib.sha256(json.dumps(offered, sort_keys=True).encode()).hexdigest()
 
 
 def proxy_errors(
