@@ -256,6 +256,7 @@ def test_the_accuracy_proxy_checkpoint_lets_a_resumed_run_skip_measuring(trained
     shifted = {n: c.subset(lambda s, last=c.specs[-1]: s != last) for n, c in cands.items()}
     monkeypatch.undo()
     accuracy_prune(model, other, proxy, config.proxy_drop, config.objective, config.reduction, 1e9, "cpu", ckpt, None)
+    assert json.loads(ckpt.read_text())["candidates"] != saved["candidates"]  # measured for the new set, and saved
     monkeypatch.setattr(ap.OneLayerEvaluator, "__init__", boom)
     assert {n: len(c) for n, c in shifted.items()} == {n: len(c) for n, c in other.items()}
     with pytest.raises(AssertionError, match="measured again"):

@@ -293,17 +293,19 @@ def test_first_layer_normal_equations_are_half_the_gradient_of_the_output_error(
     c = torch.randn(s_n * n_f, 2 * s_n * n_f, dtype=D)
     c = c @ c.T / c.shape[1]
     c4 = c.reshape(s_n, n_f, s_n, n_f)
-    for g1, r in [(1, 3), (2, 2), (4, 1)]:
-        big_r = g1 * r
+    for g1, g2, r in [(1, 1, 3), (2, 1, 2), (4, 1, 1), (8, 1, 1), (1, 3, 2)]:
+        big_r = g1 * g2 * r
         b = torch.randn(o, s_n, big_r, dtype=D)
-        mask = torch.block_diag(*[torch.ones(r, n_f // g1, dtype=D)] * g1).bool()
+        if g2 > 1:  # each group of outputs reads its own r of the first layer's channels
+            b = b * torch.block_diag(*[torch.ones(o // g2, r, dtype=D)] * g2)[:, None, :]
+        mask = torch.block_diag(*[torch.ones(big_r // g1, n_f // g1, dtype=D)] * g1).bool()
         x = (torch.randn(big_r, n_f, dtype=D) * mask).requires_grad_()
         w_hat = torch.einsum("osk,kc->osc", b, x).reshape(o, -1)
         ((w_hat @ c) * w_hat).sum().backward()
         half_grad = x.grad / 2
         assert torch.allclose(whiten._normal_operator(b, c4)(x.detach()), half_grad, atol=1e-12)
         ki, ci = mask.nonzero(as_tuple=True)
-        k = whiten._first_normal_matrix(b, c4, g1, r)
+        k = whiten._first_normal_matrix(b, c4, g1)
         assert torch.allclose(k @ x.detach()[ki, ci], half_grad[ki, ci], atol=1e-12)
         assert torch.allclose(k, k.T, atol=1e-12)
 

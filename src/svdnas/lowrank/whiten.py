@@ -319,7 +319,7 @@ def refit(
         rhs = torch.einsum("osk,osc->kc", b, wc.reshape(o, s_n, n_f)) * mask_a
         if mask_a.sum() <= _DENSE_SOLVE_MAX:
             ki, ci = mask_a.nonzero(as_tuple=True)
-            k = _first_normal_matrix(b, c4, spec.groups[0], spec.rank)
+            k = _first_normal_matrix(b, c4, spec.groups[0])
             a = torch.zeros_like(a)
             a[ki, ci] = _psd_solve(k, rhs[ki, ci][:, None])[:, 0]
         else:
@@ -332,25 +332,16 @@ def refit(
     return w1_new, w2_new, best[0]
 
 
-def _first_normal_matrix(b: Tensor, c4: Tensor, g1: int, r: int) -> Tensor:
+def _first_normal_matrix(b: Tensor, c4: Tensor, g1: int) -> Tensor:
     """The first layer's normal matrix on its support (the rows of ``A``'s non-zeros in row-major
     order, group by group): K[(k,c),(l,d)] = sum_{t,s} (B_t^T B_s)[k,l] C_ts[c,d], a sum of
-    Kronecker products assembled as one product over (t, s) per pair of groups."""
+    Kronecker products taken for every pair of groups (a, b) in one batched product over (t, s)."""
     s_n, n_f = c4.shape[0], c4.shape[1]
-    big_r = b.shape[2]
-    g = torch.einsum("otk,osl->tskl", b, b).reshape(s_n * s_n, big_r, big_r)
-    cm = c4.permute(0, 2, 1, 3).reshape(s_n * s_n, n_f, n_f)  # C_ts, (t, s) flattened as g's
-    rows = [slice(j * r, (j + 1) * r) for j in range(g1)] if g1 > 1 else [slice(None)]
-    nj = n_f // g1
-    cols = [slice(j * nj, (j + 1) * nj) for j in range(g1)] if g1 > 1 else [slice(None)]
-
-    def block(j: int, m: int) -> Tensor:
-        gk, ck = g[:, rows[j], rows[m]], cm[:, cols[j], cols[m]]
-        kr, lr, kc, lc = gk.shape[1], gk.shape[2], ck.shape[1], ck.shape[2]
-        prod = gk.reshape(s_n * s_n, -1).T @ ck.reshape(s_n * s_n, -1)  # ((k, l), (c, d))
-        return prod.reshape(kr, lr, kc, lc).permute(0, 2, 1, 3).reshape(kr * kc, lr * lc)
-
-    return torch.cat([torch.cat([block(j, m) for m in range(len(rows))], 1) for j in range(len(rows))], 0)
+    p, nj, r = s_n * s_n, n_f // g1, b.shape[2] // g1  # r: A's rows per first-layer group
+    g = torch.einsum("otk,osl->tskl", b, b).reshape(p, g1, r, g1, r)
+    cm = c4.permute(0, 2, 1, 3).reshape(p, g1, nj, g1, nj)  # C_ts, (t, s) flattened as g's
+    n = g1 * r * nj
+    return torch.einsum("pakbl,pacbd->akcbld", g, cm).reshape(n, n)
 
 
 def _normal_operator(b: Tensor, c4: Tensor) -> Callable[[Tensor], Tensor]:
