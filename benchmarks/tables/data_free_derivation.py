@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--synth-images", type=int, default=1384, help="synthetic images (default 1384, compress's own)")
     p.add_argument("--synth-iterations", type=int, default=100)
     p.add_argument("--no-real", action="store_true", help="leave out the rows on real images")
+    p.add_argument("--synthetic", default=None, help="a synthetic-image file to reuse where it exists, else to write "
+                                                     "(default: made in a temporary folder)")
     args = p.parse_args()
     setup(args)
     model, info = build_model(args.model)
@@ -41,10 +43,14 @@ def main() -> None:
     reference = evaluate(model, data.test)
     t0 = time.perf_counter()
     synth = SynthConfig(num=args.synth_images, iterations=args.synth_iterations)
-    path = Path(tempfile.mkdtemp()) / "synthetic.safetensors"
-    save_synthetic(path, generate(model, info.input_shape, synth, seed=args.seed))
-    synth_seconds = time.perf_counter() - t0
-    print(f"{args.synth_images} synthetic images of {args.synth_iterations} iterations in {synth_seconds:.0f} s", flush=True)
+    path = Path(args.synthetic) if args.synthetic else Path(tempfile.mkdtemp()) / "synthetic.safetensors"
+    reused = path.is_file()
+    if not reused:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_synthetic(path, generate(model, info.input_shape, synth, seed=args.seed))
+    synth_seconds = None if reused else time.perf_counter() - t0
+    print(f"{args.synth_images} synthetic images of {args.synth_iterations} iterations: "
+          + (f"read from {path}" if reused else f"made in {synth_seconds:.0f} s"), flush=True)
     rows = []
     runs = [("data-free", d) for d in args.derivations] + ([] if args.no_real else [("post-training", d) for d in args.derivations])
     for mode, derivation in runs:
@@ -63,7 +69,7 @@ def main() -> None:
                          [["synthetic" if r["mode"] == "data-free" else "real", r["derivation"], f"{100 * r['flops_reduction']:.2f}%",
                            f"{r['top1']:.2f}", f"{r['drop_pp']:.2f}"] for r in rows]))
     out = write_json(args.out or result_path("data_free_derivation", f"{short_name(args.model)}.json"),
-                     {"model": args.model, "reduction": args.reduction, "original_top1": reference["top1"], "synth_seconds": synth_seconds,
+                     {"model": args.model, "reduction": args.reduction, "original_top1": reference["top1"], "synth_seconds": synth_seconds, "synthetic_file": str(path) if reused else None,
                       "synth_images": args.synth_images, "synth_iterations": args.synth_iterations, "rows": rows, **stamp(args.threads)})
     print(f"wrote {out}")
 
