@@ -34,7 +34,8 @@ def main() -> None:
     p.add_argument("--synth-images", type=int, default=1384, help="synthetic images (default 1384, compress's own)")
     p.add_argument("--synth-iterations", type=int, default=100)
     p.add_argument("--no-real", action="store_true", help="leave out the rows on real images")
-    p.add_argument("--synthetic", default=None, help="a synthetic-image file to reuse where it exists, else to write "
+    p.add_argument("--synthetic", default=None, help="a synthetic-image file to reuse where it exists (made with the same --synth-images and "
+                                                     "--synth-iterations: not checked), else to write "
                                                      "(default: made in a temporary folder)")
     args = p.parse_args()
     setup(args)
