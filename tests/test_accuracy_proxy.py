@@ -261,3 +261,11 @@ def test_the_accuracy_proxy_checkpoint_lets_a_resumed_run_skip_measuring(trained
     assert {n: len(c) for n, c in shifted.items()} == {n: len(c) for n, c in other.items()}
     with pytest.raises(AssertionError, match="measured again"):
         accuracy_prune(model, shifted, proxy, config.proxy_drop, config.objective, config.reduction, 1e9, "cpu", ckpt, None)
+
+
+def test_the_accuracy_proxy_is_on_by_default_only_for_the_weight_derivation():
+    assert CompressConfig(reduction=0.5).proxy_drop == 0.0
+    assert CompressConfig(reduction=0.5, derivation="whitened").proxy_drop == 0.0
+    assert CompressConfig(reduction=0.5, derivation="weight").proxy_drop == 5.0
+    assert CompressConfig(reduction=0.5, proxy_drop=2.5).proxy_drop == 2.5
+    assert CompressConfig(reduction=0.5, derivation="weight", proxy_drop=0).proxy_drop == 0

@@ -335,6 +335,7 @@ def test_write_error_names_the_file_and_keeps_earlier_files(files, tmp_path):
     r = run_cli_process("compress", files["tiny"], "--weights", files["weights"], "--data", files["data"], "--out", out, "--reduction", "0.3",
             "--epochs", "1", "--search-images", "64", "--batch-size", "64", "--families", "0", "--device", "cpu", "--quiet",
             "--offer-slower",  # no latency table, whose cache file would be the first large write
+            "--proxy-drop", "5",  # the accuracy proxy on (its checkpoint is written before the search's)
             preexec_fn=limit_file_size)
     message = one_error(r)
     assert message == f"cannot write {out / 'checkpoint-b1_search.pt'}: {os.strerror(errno.EFBIG)}", message

@@ -73,7 +73,7 @@ def main() -> None:
     epochs = SearchConfig.__dataclass_fields__["epochs"].default
     p.add_argument("--epochs", type=int, default=epochs, help=f"the search's epochs, at most (default {epochs}, compress's)")
     p.add_argument("--families", type=int, default=4)
-    p.add_argument("--proxy-drop", type=float, default=5.0)
+    p.add_argument("--proxy-drop", type=float, default=None, help="compress's --proxy-drop (default: compress's own, by derivation)")
     p.add_argument("--branches", type=int, default=1, choices=(1, 2))
     p.add_argument("--test-images", type=int, default=None, help="evaluate on the first N test images (default: all)")
     p.add_argument("--offer-slower", action="store_true", help="svdnas: offer candidates measured slower than their layer too")

@@ -67,7 +67,10 @@ class CompressConfig(Config):
         families: families (split and grouping) kept per layer by the output-error proxy (0: all).
         proxy_drop: the one-layer accuracy proxy's threshold: a candidate whose layer, compressed
             alone, loses more than this many points of top-1 on the proxy images is removed (0: off).
-            Doubled (with a warning) while what is left cannot meet the budget.
+            Doubled (with a warning) while what is left cannot meet the budget. None: 5 with the
+            ``weight`` derivation, off with the output-aware ones (whose candidates it almost never
+            removed: none on ``zoo:resnet18`` at 40-70%, 1-2 of 600-800 on ``zoo:efficientnet_b0``,
+            the same plans without it; ``benchmarks/RESULTS.md``).
         search_images: labelled training images the logits learn on.
         proxy_images: further training images, apart from the search images, for the proxy.
         branches: 1, or 2 for the residual extension (a second search over the first's residual).
@@ -118,8 +121,9 @@ class CompressConfig(Config):
                                 help="also offer candidates measured slower than their original layer (default: under every "
                                      "objective only candidates faster than the layer in the --runtime's latency table are offered)")
     families: int = option(4, flag="--families", help="families kept per layer by the output-error proxy (0: all)")
-    proxy_drop: float = option(5.0, flag="--proxy-drop", metavar="PP",
-                               help="remove candidates whose layer alone loses more than PP points of top-1 on the proxy images (0: off)")
+    proxy_drop: float | None = option(None, flag="--proxy-drop", metavar="PP",
+                                      help="remove candidates whose layer alone loses more than PP points of top-1 on the proxy "
+                                           "images (0: off; default 5 with --derivation weight, off with the output-aware ones)")
     search_images: int = option(1000, flag="--search-images", help="labelled training images the search learns on")
     proxy_images: int = option(256, flag="--proxy-images",
                                help="training images, apart from the search images, for both proxies (fewer: faster, coarser verdicts)")
@@ -176,6 +180,8 @@ class CompressConfig(Config):
             raise SpecError("--search-images must be positive")
         if self.proxy_images < 1:
             raise SpecError("--proxy-images must be positive")
+        if self.proxy_drop is None:
+            self.proxy_drop = 5.0 if self.derivation == "weight" else 0.0
         if not 0 <= self.proxy_drop <= 100:
             raise SpecError(f"--proxy-drop must be in [0, 100] points of top-1, got {self.proxy_drop}")
         if self.grid is not None:
