@@ -15,8 +15,9 @@ The release has no budget mode: its user picks ``beta`` and gets whatever reduct
 2. For the reduction each release row reached, svdnas at that ``--reduction``: ``default`` (as
    shipped), ``fast`` (``--fast-epochs`` epochs of the logits, everything else as shipped),
    ``fast-proxy-N`` for each ``--fast-proxy-images`` (the same with N proxy images instead of 256,
-   ``--proxy-images N``) and ``fast-no-acc-proxy`` (without the one-layer accuracy proxy,
-   ``--proxy-drop 0``).
+   ``--proxy-images N``) and ``fast-acc-proxy`` (with the one-layer accuracy proxy, ``--proxy-drop 5``,
+   which the output-aware default leaves off; before 2026-12-04 the default had it on and this row,
+   then ``fast-no-acc-proxy``, turned it off).
 
 Every row searches the same 1,000 labelled training images and is evaluated on the same test
 images. Search time = candidates + calibration statistics + proxies + super model build + learning
@@ -59,7 +60,7 @@ def ours_configs(reduction: float, fast_epochs: int, fast_proxy_images: list[int
         "default": CompressConfig(reduction=reduction),
         "fast": fast(),
         **{f"fast-proxy-{n}": fast(proxy_images=n) for n in fast_proxy_images},
-        "fast-no-acc-proxy": fast(proxy_drop=0.0),
+        "fast-acc-proxy": fast(proxy_drop=5.0),
     }
 
 
@@ -71,7 +72,7 @@ def main() -> None:
     p.add_argument("--fast-proxy-images", type=int, nargs="*", default=[128, 64],
                    help="further fast rows with fewer proxy images (--proxy-images) than the default 256")
     p.add_argument("--test-images", type=int, default=None)
-    p.add_argument("--ours", nargs="*", default=None, help="only these rows of ours (default, fast, fast-proxy-N, fast-no-acc-proxy)")
+    p.add_argument("--ours", nargs="*", default=None, help="only these rows of ours (default, fast, fast-proxy-N, fast-acc-proxy)")
     args = p.parse_args()
     setup(args)
     model, info = build_model(args.model)
