@@ -82,6 +82,8 @@ def test_unreachable_budget_and_bad_configs(trained_tiny):
         SearchConfig(target=0.5, window_dtype="float16")
     with pytest.raises(SpecError, match=r"\(0, 1\)"):
         CompressConfig(reduction=1.5)
+    with pytest.raises(SpecError, match="--calibration-patches must be 0"):
+        CompressConfig(reduction=0.5, calibration_patches=-1)
 
 
 def test_same_seed_same_plan(trained_tiny):

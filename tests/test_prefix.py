@@ -251,7 +251,7 @@ def test_one_pass_per_batch_fits_as_a_pass_per_layer_does(monkeypatch):
     fast = fit_on_prefix(model, PLAN, NAMES, batches, "cpu", damping=1e-12, refit_iters=2)
     assert calls == []  # no pass per layer
     slow = prefix._fit(model, PLAN, NAMES, batches, "cpu", lockstep=False, derivation=prefix.Derivation(), held_out=0,
-                       bias_correction=True, refit_iters=2, damping=1e-12, ridge=prefix.PREFIX_RIDGE, progress=None)
+                       bias_correction=True, refit_iters=2, damping=1e-12, ridge=prefix.PREFIX_RIDGE, sampling=None, progress=None)
     for a, b in zip(fast.model.parameters(), slow[0].parameters()):
         torch.testing.assert_close(a, b)
     for name in NAMES:

@@ -5,7 +5,7 @@ from torch import nn
 from svdnas import LowRankSpec, SpecError, decompose
 from svdnas.lowrank import functional as F
 from svdnas.lowrank import whiten
-from svdnas.lowrank.calibration import CrossMoments, PatchMoments, moments_for, patches
+from svdnas.lowrank.calibration import CrossMoments, PatchMoments, Sampling, moments_for, patches
 from svdnas.lowrank.geometry import conv_weight, layer_geometry
 from svdnas.lowrank.space import families
 from svdnas.lowrank.spec import family_max_rank
@@ -303,7 +303,7 @@ def test_first_layer_normal_equations_are_half_the_gradient_of_the_output_error(
         w_hat = torch.einsum("osk,kc->osc", b, x).reshape(o, -1)
         ((w_hat @ c) * w_hat).sum().backward()
         half_grad = x.grad / 2
-        assert torch.allclose(whiten._normal_operator(b, c4)(x.detach()), half_grad, atol=1e-12)
+        assert torch.allclose(whiten._normal_operator(b, whiten._moment_rows(c4))(x.detach()), half_grad, atol=1e-12)
         ki, ci = mask.nonzero(as_tuple=True)
         k = whiten._first_normal_matrix(b, c4, g1)
         assert torch.allclose(k @ x.detach()[ki, ci], half_grad[ki, ci], atol=1e-12)
@@ -463,6 +463,54 @@ def test_moments_taken_from_the_full_one_only_where_the_positions_agree(stride, 
         ref = torch.stack([p[:, j * n : (j + 1) * n].T @ p[:, j * n : (j + 1) * n] for j in range(g[0])]) / p.shape[0]
         torch.testing.assert_close(stats.moment(fk, g[0]), ref)
     assert sorted(stats.sums) == stored
+
+
+def test_sampling_step_leaves_the_patches_per_column_asked_for():
+    s = Sampling(images=512, per_column=256)
+    assert s.step(784, 288) == 5  # 401,408 patches, 288 columns: every 5th leaves 80,282 >= 256 * 288
+    assert 512 * 784 // s.step(784, 288) >= 256 * 288 > 512 * 784 // (s.step(784, 288) + 1)
+    assert s.step(16, 2304) == 1  # fewer than asked for: every patch
+    with pytest.raises(SpecError):
+        Sampling(images=0)
+
+
+@pytest.mark.parametrize("split", [[7], [2, 5], [1, 3, 3]])
+def test_sampled_moments_sum_every_kth_patch_of_the_stream_whatever_the_batches(split):
+    """The moments and means sum exactly the patches 0, k, 2k, ... of the images in order (positions
+    of one image after the other), however the images are batched; the step is per unfolding."""
+    conv = nn.Conv2d(4, 5, 3, stride=(2, 1), padding=1).double()
+    geo = layer_geometry(conv)
+    x = correlated(7, 4, (9, 8))
+    sampling = Sampling(images=7, per_column=3)
+    wanted = [((1, 3), (1, 1)), ((1, 1), (2, 1))]
+    stats = PatchMoments(conv, wanted, full=True, sampling=sampling)
+    for part in x.split(split):
+        stats.update(part)
+    for fk, g in [*wanted, ((3, 3), (1, 1))]:
+        every = patches(x, geo, fk)
+        step = sampling.step(every.shape[0] // 7, every.shape[1])
+        assert step > 1
+        p, n = every[::step], every.shape[1] // g[0]
+        ref = torch.stack([p[:, j * n : (j + 1) * n].T @ p[:, j * n : (j + 1) * n] for j in range(g[0])]) / p.shape[0]
+        torch.testing.assert_close(stats.moment(fk, g[0]), ref)
+    full = patches(x, geo)[:: sampling.step(patches(x, geo).shape[0] // 7, 36)]
+    torch.testing.assert_close(stats.full_mean(), full.mean(0))
+    assert stats.count == full.shape[0]
+
+
+def test_sampled_cross_moments_pair_each_output_with_its_own_patch():
+    """With the same inputs in both streams, E[y p^T] = W E[p p^T] holds only if each kept output row
+    is the one its kept patch makes: sampling takes the same rows of both."""
+    conv = nn.Conv2d(4, 5, 3, padding=1, bias=True).double()
+    x = correlated(6, 4, (8, 8))
+    cross = CrossMoments(conv, [((3, 3), (1, 1))], sampling=Sampling(images=6, per_column=4))
+    cross.update(x[:4], x[:4])
+    cross.update(x[4:], x[4:])
+    assert cross.count < 6 * 64
+    w = conv.weight.detach().reshape(5, -1)
+    torch.testing.assert_close(cross.output_cross(), w @ cross.comp((3, 3))[0])
+    mean_y, mean_p = cross.full_means()
+    torch.testing.assert_close(mean_y, w @ mean_p)
 
 
 def test_whitening_roots_are_kept_across_layers_within_their_budget(monkeypatch):

@@ -26,7 +26,8 @@ from svdnas.pipeline.config import OBJECTIVES
 # run_baseline's own defaults are the command's
 DEFAULTS = {k: p.default for k, p in inspect.signature(run_baseline).parameters.items() if p.default is not inspect.Parameter.empty}
 CLI_OPTIONS = ("method", "model", "weights", "data", "input_shape", "allow_code", "device", "seed", "out",
-               "reduction", "objective", "split", "filter", "search_images", "derivation", "calibration_images")
+               "reduction", "objective", "split", "filter", "search_images", "derivation", "calibration_images",
+               "calibration_patches")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "from its spectra (default: the method's own: whitened for balf, weight for the others)")
     p.add_argument("--calibration-images", type=int, default=DEFAULTS["calibration_images"],
                    help=f"training images whose layer inputs make the output-aware statistics (default: {DEFAULTS['calibration_images']})")
+    p.add_argument("--calibration-patches", type=int, default=DEFAULTS["calibration_patches"],
+                   help="input patches per column each output-aware moment sums at least; where the images give more, every k-th "
+                        f"is summed (0: every patch; default: {DEFAULTS['calibration_patches']})")
     add_common(p)
     p.set_defaults(func=run)
 
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         _, _, r = run_baseline(
             args.method, model, data, args.reduction, shape, args.filter, args.split, args.objective,
             args.search_images, device, args.seed, out=RunDir(Path(args.out), base=info.spec),
-            derivation=args.derivation, calibration_images=args.calibration_images,
+            derivation=args.derivation, calibration_images=args.calibration_images, calibration_patches=args.calibration_patches,
         )
         write_report_quietly(args.out)
     except Exception:

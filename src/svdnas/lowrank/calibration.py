@@ -8,8 +8,11 @@ first-layer group (the diagonal blocks) so that a grouped family holds only what
 moment is that of the original kernel's patches (I*kh*kw, the order of ``weight.reshape(O, -1)``),
 which the exact refit needs.
 
-Statistics are float64 sums over every patch (every output position of every image) streamed batch by
-batch; a moment is the sum divided by the number of patches. The products are taken in the
+Statistics are float64 sums over the patches (output positions of every image) streamed batch by
+batch; a moment is the sum divided by the number of patches. With a :class:`Sampling` a moment sums
+every ``step``-th patch of the stream instead, the step chosen per unfolding so that it still sums
+at least ``per_column`` patches per column: an early layer of a small network sees over a thousand
+patches per column in 512 images, and its products dominate the statistics' cost. The products are taken in the
 activations' own precision (float32 for a float32 model; float64 for a float64 one) over blocks of at
 most ``_GEMM_ROWS`` patches and each block's sum is added in float64, so the rounding error of a
 moment's entry is that of a float32 sum of a few thousand terms (about 1e-7 relative; the whitening's
@@ -20,7 +23,9 @@ one stream (E[p p^T]) is symmetric and only its blocks on and above the diagonal
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from itertools import pairwise
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +39,29 @@ Key = tuple[tuple[int, int], int]  # (first_kernel, first-layer groups)
 _CHUNK_ELEMENTS = 1 << 23  # patches materialised at once (32 MiB in float32)
 _GEMM_ROWS = 4096  # patches per product summed in the activations' precision before the float64 sum
 _BLOCK_COLUMNS = 512  # column blocks of a symmetric product: only those on and above the diagonal are computed
+
+
+PATCHES_PER_COLUMN = 256  # the default Sampling's floor
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Every ``step``-th patch of a layer's input stream, counted over the ``images`` that will be fed
+    (image after image, position after position, across batches), with ``step`` the largest that
+    still leaves at least ``per_column`` patches per column of the moment; 1 (every patch) where
+    there are fewer. The step depends on the unfolding (its positions and columns), not on the batches.
+    """
+
+    images: int
+    per_column: int = PATCHES_PER_COLUMN
+
+    def __post_init__(self) -> None:
+        if self.images < 1 or self.per_column < 1:
+            raise SpecError(f"sampling needs positive images and patches per column, got {self.images} and {self.per_column}")
+
+    def step(self, positions: int, columns: int) -> int:
+        """The step for an unfolding of ``columns`` columns with ``positions`` patches per image."""
+        return max(1, self.images * positions // (self.per_column * columns))
 
 
 def _working(x: Tensor) -> Tensor:
@@ -66,6 +94,38 @@ def gram(left: Tensor, right: Tensor | None = None) -> Tensor:
     return out
 
 
+def unfolded(x: Tensor, geo: ConvGeometry, first_kernel: tuple[int, int] | None = None, *, linear: bool = False) -> Tensor:
+    """Im2col patches seen by a branch's first layer of ``first_kernel`` (the original kernel when
+    None) as (images, positions, I * a_h * a_w), in :func:`~svdnas.lowrank.functional.unfold`'s column
+    order; a view where it can be (:func:`rows` takes patches from it without copying the rest).
+
+    Args:
+        x: a batch (N, I, H, W) for a conv, (N, ..., I) for a linear layer (one image's rows of features
+            are its positions).
+        linear: the layer is an ``nn.Linear``.
+    """
+    if linear:
+        return x.reshape(x.shape[0] if x.dim() > 1 else 1, -1, x.shape[-1])
+    fk = geo.kernel if first_kernel is None else tuple(first_kernel)
+    kw, _ = geo.split(LowRankSpec(fk, (1, 1), 1))  # type: ignore[arg-type]
+    padding = kw["padding"]
+    if kw["padding_mode"] != "zeros" and any(padding):
+        x = TF.pad(x, (padding[1], padding[1], padding[0], padding[0]), mode=kw["padding_mode"])
+        padding = (0, 0)
+    cols = TF.unfold(x, kw["kernel_size"], dilation=kw["dilation"], padding=padding, stride=kw["stride"])
+    return cols.transpose(1, 2)
+
+
+def rows(view: Tensor, start: int = 0, step: int = 1) -> Tensor:
+    """Rows ``start, start + step, ...`` of ``view`` (images, positions, columns) flattened image after
+    image to (images * positions, columns): a copy of those rows only."""
+    n, positions, width = view.shape
+    if step == 1 and start == 0:
+        return view.reshape(n * positions, width)
+    index = torch.arange(start, n * positions, step, device=view.device)
+    return view[index // positions, index % positions]
+
+
 def patches(x: Tensor, geo: ConvGeometry, first_kernel: tuple[int, int] | None = None, *, linear: bool = False) -> Tensor:
     """Im2col patches (positions, I * a_h * a_w) seen by a branch's first layer of ``first_kernel``
     (the original kernel when None), in :func:`~svdnas.lowrank.functional.unfold`'s column order.
@@ -76,14 +136,7 @@ def patches(x: Tensor, geo: ConvGeometry, first_kernel: tuple[int, int] | None =
     """
     if linear:
         return x.reshape(-1, x.shape[-1])
-    fk = geo.kernel if first_kernel is None else tuple(first_kernel)
-    kw, _ = geo.split(LowRankSpec(fk, (1, 1), 1))  # type: ignore[arg-type]
-    padding = kw["padding"]
-    if kw["padding_mode"] != "zeros" and any(padding):
-        x = TF.pad(x, (padding[1], padding[1], padding[0], padding[0]), mode=kw["padding_mode"])
-        padding = (0, 0)
-    cols = TF.unfold(x, kw["kernel_size"], dilation=kw["dilation"], padding=padding, stride=kw["stride"])
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return rows(unfolded(x, geo, first_kernel))
 
 
 def _columns(geo: ConvGeometry, first_kernel: tuple[int, int]) -> int:
@@ -124,10 +177,12 @@ def _sub_patch(geo: ConvGeometry, first_kernel: tuple[int, int]) -> Tensor | Non
 class _Moments:
     """Sums of the products p^T p of one stream's patches for a set of keys, plus means of the full patches."""
 
-    def __init__(self, geo: ConvGeometry, keys: Iterable[Key], device: torch.device | str | None) -> None:
+    def __init__(self, geo: ConvGeometry, keys: Iterable[Key], device: torch.device | str | None, sampling: Sampling | None) -> None:
         self.geo = geo
         self.linear = False
         self.device = device
+        self.sampling = sampling
+        self.streamed: dict[tuple[int, int], int] = {}  # patches streamed past per unfolding, kept or not
         wanted = {(tuple(fk), int(g)) for fk, g in keys}
         for fk, g in wanted:
             if any(a not in (1, k) for a, k in zip(fk, geo.kernel)):
@@ -148,6 +203,18 @@ class _Moments:
         self.sums: dict[Key, Tensor] = {}
         self.count = 0  # patches of the original kernel (output positions) seen
         self.counts: dict[tuple[int, int], int] = {}  # patches seen per unfolding (first layer's positions)
+
+    def _take(self, x: Tensor, fk: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+        """The patches of ``x`` under unfolding ``fk`` that the sampling keeps (every one without a
+        sampling), in their working precision, and the (start, step) of the rows taken."""
+        view = unfolded(x, self.geo, fk, linear=self.linear)
+        start, step = 0, 1
+        if self.sampling is not None:
+            step = self.sampling.step(view.shape[1], view.shape[2])
+            before = self.streamed.get(fk, 0)
+            start = -before % step
+            self.streamed[fk] = before + view.shape[0] * view.shape[1]
+        return _working(rows(view, start, step)), (start, step)
 
     def _zeros(self, key: Key, like: Tensor) -> Tensor:
         fk, g = key
@@ -212,6 +279,7 @@ class PatchMoments(_Moments):
             matter (a second-layer grouping uses the whole unfolding's moment).
         full: also keep the moment of the original kernel's patches (for the exact refit).
         device: where the sums live (default: the first batch's device).
+        sampling: which patches are summed (default: every one).
     """
 
     def __init__(
@@ -221,9 +289,10 @@ class PatchMoments(_Moments):
         *,
         full: bool = False,
         device: torch.device | str | None = None,
+        sampling: Sampling | None = None,
     ) -> None:
         geo = layer_geometry(layer)
-        super().__init__(geo, _keys(geo, families, full), device)
+        super().__init__(geo, _keys(geo, families, full), device, sampling)
         self.linear = isinstance(layer, nn.Linear)
         n = _columns(geo, geo.kernel)
         self.mean_sum = torch.zeros(n, dtype=torch.float64, device=device)
@@ -235,7 +304,7 @@ class PatchMoments(_Moments):
         width = max(_columns(self.geo, fk) for fk in unfoldings)
         for chunk in _chunks(x.detach(), width, self.linear):
             for fk in unfoldings:
-                p = _working(patches(chunk, self.geo, fk, linear=self.linear))
+                p, _ = self._take(chunk, fk)
                 self.counts[fk] = self.counts.get(fk, 0) + p.shape[0]
                 if fk == self.geo.kernel:
                     dev = self.device or p.device
@@ -283,20 +352,21 @@ class CrossMoments(_Moments):
         families: Iterable[tuple[tuple[int, int], tuple[int, int]]] = (),
         *,
         device: torch.device | str | None = None,
+        sampling: Sampling | None = None,
     ) -> None:
         geo = layer_geometry(layer)
-        super().__init__(geo, _keys(geo, families, True), device)
+        super().__init__(geo, _keys(geo, families, True), device, sampling)
         self.layer = layer
         self.linear = isinstance(layer, nn.Linear)
         n = _columns(geo, geo.kernel)
         self.output_sum = torch.zeros(geo.out_channels, n, dtype=torch.float64, device=device)
         self.mean_sums = [torch.zeros(geo.out_channels, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.float64, device=device)]
 
-    def _rows(self, y: Tensor) -> Tensor:
-        """The layer's output less its bias, one row per patch position: (positions, O)."""
+    def _rows(self, y: Tensor, start: int, step: int) -> Tensor:
+        """The layer's output less its bias at the patches' rows ``start, start + step, ...``: (patches, O)."""
         if not self.linear:
-            y = y.permute(0, 2, 3, 1)
-        y = y.reshape(-1, self.geo.out_channels)
+            y = y.flatten(2).transpose(1, 2)
+        y = rows(y.reshape(y.shape[0] if y.dim() > 1 else 1, -1, self.geo.out_channels), start, step)
         return y - self.layer.bias.detach() if self.layer.bias is not None else y
 
     @torch.no_grad()
@@ -311,10 +381,10 @@ class CrossMoments(_Moments):
         chunks = list(_chunks(x_comp.detach(), width, self.linear))
         for yo, xc in zip(y_orig.split([len(c) for c in chunks]), chunks):
             for fk in unfoldings:
-                pc = _working(patches(xc, self.geo, fk, linear=self.linear))
+                pc, taken = self._take(xc, fk)
                 self.counts[fk] = self.counts.get(fk, 0) + pc.shape[0]
                 if fk == self.geo.kernel:
-                    y = _working(self._rows(yo)).to(pc.dtype)
+                    y = _working(self._rows(yo, *taken)).to(pc.dtype)
                     dev = self.device or pc.device
                     self.output_sum = self.output_sum.to(dev) + gram(y, pc).to(dev)
                     self.mean_sums = [m.to(dev) + column_sums(t).to(dev) for m, t in zip(self.mean_sums, (y, pc))]
@@ -346,7 +416,7 @@ def needed_families(specs: Iterable[LowRankSpec]) -> list[tuple[tuple[int, int],
     return sorted({s.family() for s in specs})
 
 
-def moments_for(layer: nn.Module, specs: Iterable[LowRankSpec], derivation: str, **kw) -> PatchMoments:
+def moments_for(layer: nn.Module, specs: Iterable[LowRankSpec], derivation: str, **kw: Any) -> PatchMoments:
     """An empty :class:`PatchMoments` holding exactly what ``derive(layer, specs, derivation)`` reads."""
     specs = list(specs)
     if derivation == "weight":

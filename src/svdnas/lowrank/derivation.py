@@ -16,12 +16,20 @@ from torch import Tensor, nn
 from svdnas.errors import SpecError
 from svdnas.hooks import forward_hooks
 from svdnas.lowrank import functional as F
-from svdnas.lowrank.calibration import PatchMoments
+from svdnas.lowrank.calibration import PatchMoments, Sampling
 from svdnas.lowrank.decompose import decompose
 from svdnas.lowrank.geometry import conv_weight
 from svdnas.lowrank.modules import LowRankBlock
 from svdnas.lowrank.spec import LowRankSpec
-from svdnas.lowrank.whiten import Whitening, branch_weight, derive, whitened_spectrum, whitened_svd
+from svdnas.lowrank.whiten import (
+    Whitening,
+    branch_weight,
+    derive,
+    singular_values,
+    whitened_matrices,
+    whitened_spectrum,
+    whitened_svd,
+)
 
 # "prefix": the search compares whitened factors; the chosen plan's layers are then fitted in order on
 # the compressed prefix's inputs, with their biases corrected (svdnas.surgery.prefix)
@@ -42,12 +50,15 @@ class Derivation:
         damping: relative damping of the moments before their square roots are taken.
         refit_iters: alternating least-squares steps of the exact refits (``refit``; ``prefix``'s fit of
             the families whose pooled fit is an approximation).
+        sampling: which of the calibration images' patches the moments summed (None: every one); the
+            prefix fit takes its own at the same patches per column.
     """
 
     kind: str = "weight"
     stats: dict[str, PatchMoments] = field(default_factory=dict)
     damping: float = 1e-6
     refit_iters: int = 4
+    sampling: Sampling | None = None
     # the square roots of the moments, kept (most recently used last) up to ``whitening_bytes``: the
     # proxies, the supernet and the final model each go layer by layer over the same unfoldings, and
     # a square root of a 2304-column moment is not free
@@ -57,6 +68,8 @@ class Derivation:
     factors_bytes: int = 1 << 29
     _whitenings: dict[tuple, Whitening] = field(default_factory=dict, init=False, repr=False, compare=False)
     _factors: dict[tuple, tuple[Tensor, F.SVDFactors]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # the whitened ungrouped matrices of a layer's weight per unfolding (spectra of grouped second layers)
+    _rows: dict[tuple, tuple[Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -145,12 +158,23 @@ class Derivation:
         found = self._found(name, weight, family)
         if found is not None:
             return found.s
-        fk, groups = family
-        return whitened_spectrum(weight, family, self.whitening(name, fk, groups[0]))
+        fk, (g1, g2) = family
+        if g2 == 1:
+            return whitened_spectrum(weight, family, self.whitening(name, fk, g1))
+        # a grouped second layer's matrices are row blocks of the ungrouped family's, and so are
+        # their products with the moment's root: one product serves every g2 of the unfolding
+        key = (name, tuple(fk))
+        kept = self._rows.get(key)
+        if kept is None or kept[0].shape != weight.shape or not torch.equal(kept[0], weight):
+            kept = (weight.clone(), whitened_matrices(weight, (fk, (1, 1)), self.whitening(name, fk, 1)))
+        kept = _kept(self._rows, key, lambda: kept, _entry_bytes, self.factors_bytes, replace=True)
+        x = kept[1]
+        return singular_values(x.reshape(g2, -1, x.shape[-1]))
 
 
-def _entry_bytes(entry: tuple[Tensor, F.SVDFactors]) -> int:
-    return sum(t.numel() * t.element_size() for t in (entry[0], *entry[1]))
+def _entry_bytes(entry: tuple[Tensor, F.SVDFactors | Tensor]) -> int:
+    tensors = (entry[1],) if isinstance(entry[1], Tensor) else tuple(entry[1])
+    return sum(t.numel() * t.element_size() for t in (entry[0], *tensors))
 
 
 def _kept(cache: dict, key, make, nbytes, budget: int, *, replace: bool = False):
@@ -176,18 +200,21 @@ def calibrate(
     images: Iterable[Tensor],
     device: torch.device | str,
     damping: float = 1e-6,
+    *,
+    sampling: Sampling | None = None,
 ) -> Derivation:
     """One forward pass of ``model`` over ``images`` (batches), accumulating each named layer's input
-    moments for the families of its specs (and the full moment for ``refit``).
+    moments for the families of its specs (and the full moment for ``refit``), over the patches
+    ``sampling`` keeps (every one when None; its ``images`` must be those ``images`` hold).
 
     Nothing is measured for ``weight``.
     """
-    derivation = Derivation(kind, {}, damping)
+    derivation = Derivation(kind, {}, damping, sampling=sampling)
     if derivation.plain:
         return derivation
     for name, specs in layer_specs.items():
         families = sorted({s.family() for s in specs})
-        derivation.stats[name] = PatchMoments(model.get_submodule(name), families, full=kind == "refit")
+        derivation.stats[name] = PatchMoments(model.get_submodule(name), families, full=kind == "refit", sampling=sampling)
     feeds = ((model.get_submodule(n), lambda m, a, s=s: s.update(a[0])) for n, s in derivation.stats.items())
     was_training = model.training
     model.eval()

@@ -46,10 +46,12 @@ def _damped(c: Tensor, damping: float) -> Tensor:
     """A batch (b, n, n) of moments symmetrised, plus lambda I with lambda = damping * trace / n (1 for
     an all-zero moment)."""
     n = c.shape[-1]
-    c = (c + c.transpose(-2, -1)) / 2
+    c = c + c.transpose(-2, -1)  # a new tensor: the rest is done in place, no n x n temporaries
+    c.mul_(0.5)
     trace = c.diagonal(dim1=-2, dim2=-1).sum(-1)
     lam = torch.where(trace > 0, damping * trace / n, torch.ones_like(trace))
-    return c + lam[:, None, None] * torch.eye(n, dtype=c.dtype, device=c.device)
+    c.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+    return c
 
 
 def _roots(c: Tensor, damping: float) -> tuple[Tensor, Tensor | None]:
@@ -145,13 +147,23 @@ def whitened_svd(weight: Tensor, family: F.Family, moment: Tensor | Whitening, *
     return F.SVDFactors(u, s, vh @ inverse)
 
 
+def whitened_matrices(weight: Tensor, family: F.Family, whitening: Whitening) -> Tensor:
+    """M L: the weight unfolded for ``family`` (g, rows, n), each group times its moment's root."""
+    mats = F.unfold(weight.detach().double(), *family)
+    return mats @ whitening.root_for(mats)
+
+
+def singular_values(x: Tensor) -> Tensor:
+    """The singular values (g, k), descending, of a batch of matrices, from the eigenvalues of the
+    smaller Gram matrix of each."""
+    gram = x @ x.transpose(-2, -1) if x.shape[-2] <= x.shape[-1] else x.transpose(-2, -1) @ x
+    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
+
+
 def whitened_spectrum(weight: Tensor, family: F.Family, whitening: Whitening) -> Tensor:
     """The singular values (g, k), descending, of :func:`whitened_svd`'s factors without the factors:
     the eigenvalues of the smaller Gram matrix of M L (what :func:`rank_errors` reads)."""
-    mats = F.unfold(weight.detach().double(), *family)
-    x = mats @ whitening.root_for(mats)
-    gram = x @ x.transpose(-2, -1) if x.shape[-2] <= x.shape[-1] else x.transpose(-2, -1) @ x
-    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
+    return singular_values(whitened_matrices(weight, family, whitening))
 
 
 def rank_errors(factors: F.SVDFactors | Tensor) -> Tensor:
@@ -295,6 +307,8 @@ def refit(
     wc = w @ c
     mask_a, mask_b = _masks(spec, a, b)
     c4 = c.reshape(s_n, n_f, s_n, n_f)
+    dense = int(mask_a.sum()) <= _DENSE_SOLVE_MAX
+    first = None if dense else _FirstLayerMoment(c4, spec.groups[0])  # what every CG step shares
 
     def error(a: Tensor, b: Tensor) -> float:
         d = w - torch.einsum("osk,kc->osc", b, a).reshape(o, -1)
@@ -317,13 +331,13 @@ def refit(
             b[sel_o] = part.reshape(-1, s_n, big_r)
         # first layer: the normal equations sum_{s,t} B_s^T B_t A C_ts = sum_s B_s^T (W C)_s on A's support
         rhs = torch.einsum("osk,osc->kc", b, wc.reshape(o, s_n, n_f)) * mask_a
-        if mask_a.sum() <= _DENSE_SOLVE_MAX:
+        if dense:
             ki, ci = mask_a.nonzero(as_tuple=True)
             k = _first_normal_matrix(b, c4, spec.groups[0])
             a = torch.zeros_like(a)
             a[ki, ci] = _psd_solve(k, rhs[ki, ci][:, None])[:, 0]
         else:
-            a = _cg_first(a * mask_a, b, c4, rhs, mask_a, spec, cg_iters)
+            a = _cg_first(a * mask_a, b, first, rhs, mask_a, cg_iters)
         err = error(a, b)
         if err < best[0]:
             best = (err, a, b)
@@ -344,38 +358,59 @@ def _first_normal_matrix(b: Tensor, c4: Tensor, g1: int) -> Tensor:
     return torch.einsum("pakbl,pacbd->akcbld", g, cm).reshape(n, n)
 
 
-def _normal_operator(b: Tensor, c4: Tensor) -> Callable[[Tensor], Tensor]:
+def _moment_rows(c4: Tensor) -> Tensor:
+    """The moment laid out for :func:`_normal_operator`: [c, (s, t, d)] = C[(s, c), (t, d)]."""
+    s_n, n_f = c4.shape[0], c4.shape[1]
+    return c4.permute(1, 0, 2, 3).reshape(n_f, s_n * s_n * n_f)
+
+
+def _normal_operator(b: Tensor, c_rows: Tensor) -> Callable[[Tensor], Tensor]:
     """X -> sum_{t,s} G_ts X C_st with G_ts = B_t^T B_s and C_st[c, d] = C[(s, c), (t, d)]: half the
-    gradient in A of tr(B A C A^T B^T), by products of the rank's size, not the output channels'."""
-    s_n, big_r, n_f = b.shape[1], b.shape[2], c4.shape[1]
-    g = torch.einsum("otk,osl->ktsl", b, b).reshape(big_r, s_n * s_n * big_r)
-    c_rows = c4.permute(1, 0, 2, 3).reshape(n_f, s_n * s_n * n_f)  # [c, (s, t, d)]
+    gradient in A of tr(B A C A^T B^T), by products of the rank's size, not the output channels'.
+    ``c_rows`` is :func:`_moment_rows` of the moment; the products are taken in its precision and
+    returned in ``x``'s."""
+    s_n, big_r, n_f = b.shape[1], b.shape[2], c_rows.shape[0]
+    g = torch.einsum("otk,osl->ktsl", b, b).reshape(big_r, s_n * s_n * big_r).to(c_rows.dtype)
 
     def apply(x: Tensor) -> Tensor:
-        xc = (x @ c_rows).reshape(big_r, s_n, s_n, n_f).permute(2, 1, 0, 3).reshape(s_n * s_n * big_r, n_f)  # [(t, s, l), d]
-        return g @ xc
+        xc = (x.to(c_rows.dtype) @ c_rows).reshape(big_r, s_n, s_n, n_f).permute(2, 1, 0, 3).reshape(s_n * s_n * big_r, n_f)
+        return (g @ xc).to(x.dtype)  # [(t, s, l), d] above
 
     return apply
 
 
-def _cg_first(a, b, c4, rhs, mask, spec: LowRankSpec, iters: int) -> Tensor:
+def _regularised_inverse(m: Tensor) -> Tensor:
+    """The inverse of a PSD block of the Kronecker preconditioner, lifted off zero (1e-9 of its mean eigenvalue)."""
+    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    return _psd_solve(m + 1e-9 * m.trace() * eye / m.shape[0] + 1e-300 * eye, eye)
+
+
+class _FirstLayerMoment:
+    """What the first layer's CG steps share across the alternating steps of one refit: the moment
+    laid out for the normal operator, in float32 (the operator's products are most of a refit's
+    work; a few CG steps solve only approximately anyway, and the refit keeps the best factors by
+    their float64 error), and, per first-layer group, the inverse of its mean diagonal block over the
+    slots (the moment's side of the Kronecker preconditioner)."""
+
+    def __init__(self, c4: Tensor, g1: int) -> None:
+        n_f = c4.shape[1]
+        self.rows = _moment_rows(c4).float()
+        c_bar = c4.diagonal(dim1=0, dim2=2).mean(-1)
+        self.cols = [slice(j * n_f // g1, (j + 1) * n_f // g1) for j in range(g1)] if g1 > 1 else [slice(None)]
+        self.inverses = [_regularised_inverse(c_bar[cols, cols]) for cols in self.cols]
+
+
+def _cg_first(a: Tensor, b: Tensor, first: _FirstLayerMoment, rhs: Tensor, mask: Tensor, iters: int) -> Tensor:
     """Preconditioned CG on the first layer's normal equations, started at ``a`` (so never worse)."""
-    n_f = a.shape[1]
-    normal = _normal_operator(b, c4)
+    normal = _normal_operator(b, first.rows)
 
     def apply(x: Tensor) -> Tensor:
         return normal(x) * mask
 
     g_bar = torch.einsum("osk,osl->kl", b, b)
-    c_bar = c4.diagonal(dim1=0, dim2=2).mean(-1)
-    g1, r = spec.groups[0], spec.rank
-    blocks = [(slice(j * r, (j + 1) * r), slice(j * n_f // g1, (j + 1) * n_f // g1)) for j in range(g1)] if g1 > 1 else [(slice(None), slice(None))]
-    inverses = []
-    for rows, cols in blocks:
-        gi, ci = g_bar[rows, rows], c_bar[cols, cols]
-        eye_g, eye_c = torch.eye(gi.shape[0], dtype=gi.dtype, device=gi.device), torch.eye(ci.shape[0], dtype=ci.dtype, device=ci.device)
-        inverses.append((_psd_solve(gi + 1e-9 * gi.trace() * eye_g / gi.shape[0] + 1e-300 * eye_g, eye_g),
-                         _psd_solve(ci + 1e-9 * ci.trace() * eye_c / ci.shape[0] + 1e-300 * eye_c, eye_c)))
+    r = a.shape[0] // len(first.cols)  # A's rows per first-layer group
+    blocks = [(slice(j * r, (j + 1) * r), cols) for j, cols in enumerate(first.cols)] if len(first.cols) > 1 else [(slice(None), slice(None))]
+    inverses = [(_regularised_inverse(g_bar[rows, rows]), c_inv) for (rows, _), c_inv in zip(blocks, first.inverses)]
 
     def precondition(x: Tensor) -> Tensor:
         out = torch.zeros_like(x)
@@ -585,5 +620,5 @@ def family_ranks_errors(weight: Tensor, family: F.Family, stats: PatchMoments, *
 
 __all__ = [
     "DERIVATIONS", "PREFIX_RIDGE", "Whitening", "bias_shift", "branch_weight", "derive", "derive_prefix", "family_ranks_errors",
-    "output_error", "prefix_target", "rank_errors", "refit", "whitened_spectrum", "whitened_svd",
+    "output_error", "prefix_target", "rank_errors", "refit", "singular_values", "whitened_matrices", "whitened_spectrum", "whitened_svd",
 ]

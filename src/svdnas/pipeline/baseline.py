@@ -13,6 +13,7 @@ from svdnas.baselines.methods import FIXED_SPLITS, METHODS, SPECTRAL, SPLITS, pl
 from svdnas.data.datasets import DataBundle, search_subset
 from svdnas.data.evaluate import evaluate
 from svdnas.errors import SpecError
+from svdnas.lowrank.calibration import PATCHES_PER_COLUMN
 from svdnas.lowrank.derivation import KINDS, Derivation
 from svdnas.lowrank.plan import Plan
 from svdnas.pipeline import stages
@@ -39,6 +40,7 @@ def run_baseline(
     reference: dict[str, float] | None = None,
     derivation: str | None = None,
     calibration_images: int = 512,
+    calibration_patches: int = PATCHES_PER_COLUMN,
 ) -> tuple[nn.Module, Plan, dict[str, Any]]:
     """A baseline end to end: plan, derivation, evaluation, report and run directory; ``model`` is not modified.
 
@@ -51,6 +53,7 @@ def run_baseline(
         calibration_images: training images (drawn with ``seed``) whose layer inputs make the
             output-aware derivations' statistics; ``prefix`` also draws 256 images apart from them,
             on which each layer keeps the fitted factors or the whitened ones, whichever errs less.
+        calibration_patches: input patches per column each moment sums at least (0: every patch).
 
     Returns:
         (compressed model, plan, report).
@@ -64,6 +67,8 @@ def run_baseline(
         raise SpecError(f"--derivation must be one of {', '.join(KINDS)}, got {kind!r}")
     if calibration_images < 1:
         raise SpecError("--calibration-images must be positive")
+    if calibration_patches < 0:
+        raise SpecError(f"--calibration-patches must be 0 (every patch) or positive, got {calibration_patches}")
     job = stages.prepare(model, data, input_shape, filter_fn, device, seed, out, reference=reference)
     total = job.total(objective)
     splits = [FIXED_SPLITS[method]] if method in FIXED_SPLITS else list(SPLITS) if split == "best" else [split]
@@ -76,14 +81,14 @@ def run_baseline(
     if kind != "weight" and method in SPECTRAL:  # the ranks follow the derivation's spectra: statistics first
         per_split = [split_specs(job.targets, job.model, sp) for sp in splits]
         families = {n: [s for specs in per_split for s in specs[n]] for n in job.targets}
-        spectra = stages.calibrate(job, kind, families, calibration)
+        spectra = stages.calibrate(job, kind, families, calibration, calibration_patches)
     chosen = None
     tried: dict[str, float] = {}
     notes: dict[str, dict[str, Any]] = {}
     calibrations: dict[str, Any] = {}  # per split: its statistics and prefix fit, for the report
     for sp in splits:
         plan, notes[sp] = plan_and_notes(method, job.model, job.infos, job.targets, reduction, total, sp, objective, spectra)
-        derived = spectra if kind == "weight" or method in SPECTRAL else stages.calibrate(job, kind, plan.compressed(), calibration)
+        derived = spectra if kind == "weight" or method in SPECTRAL else stages.calibrate(job, kind, plan.compressed(), calibration, calibration_patches)
         compressed = stages.derive_model(job, plan, derived, calibration, held_out)
         calibrations[sp] = job.calibration
         if len(splits) > 1:

@@ -75,7 +75,8 @@ def _compress(model, data, config, input_shape, filter_fn, device, seed, out, re
     candidates = stages.make_candidates(job, config)
     images = stages.search_images(job, config)
     calibration = stages.calibration_set(images.search, config.calibration_images)
-    derivation = stages.calibrate(job, config.derivation, {n: c.specs for n, c in candidates.items()}, calibration)
+    derivation = stages.calibrate(job, config.derivation, {n: c.specs for n, c in candidates.items()}, calibration,
+                                  config.calibration_patches)
     pruned = stages.prune(job, config, candidates, images.proxy, derivation)
     searched = stages.check_plan(job, config, pruned, images, stages.search_plan(job, config, pruned, images))
     searched = stages.meet_latency_budget(job, config, pruned, searched)

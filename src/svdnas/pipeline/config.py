@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from svdnas.cost.table import LatencyConfig
 from svdnas.cost.timer import RUNTIMES
 from svdnas.errors import SpecError
+from svdnas.lowrank.calibration import PATCHES_PER_COLUMN
 from svdnas.lowrank.derivation import KINDS as DERIVATIONS
 from svdnas.options import Config, option
 from svdnas.recovery.distill import FinetuneConfig
@@ -147,6 +148,9 @@ class CompressConfig(Config):
                                          "that minimises the spectrum-read output errors within the budget, and the better kept)")
     calibration_images: int = option(512, flag="--calibration-images",
                                      help="search images (synthetic in data-free) whose layer inputs make the output-aware statistics")
+    calibration_patches: int = option(PATCHES_PER_COLUMN, flag="--calibration-patches",
+                                      help="input patches per column each output-aware moment sums at least: where the calibration "
+                                           "images give more (a large early feature map), only every k-th is summed (0: every patch)")
 
     def __post_init__(self) -> None:
         if self.derivation not in DERIVATIONS:
@@ -155,6 +159,8 @@ class CompressConfig(Config):
             raise SpecError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.calibration_images < 1:
             raise SpecError("--calibration-images must be positive")
+        if self.calibration_patches < 0:
+            raise SpecError(f"--calibration-patches must be 0 (every patch) or positive, got {self.calibration_patches}")
         if self.mode not in MODES:
             raise SpecError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         check_synthetic_splits(self.synth_val, self.synth_test)

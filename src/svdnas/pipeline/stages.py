@@ -41,6 +41,7 @@ from svdnas.cost.timer import channel_block, compare_latency, default_runtime
 from svdnas.data.datasets import DataBundle
 from svdnas.data.evaluate import batches, evaluate
 from svdnas.errors import BudgetError, DataError, SpecError, WriteError
+from svdnas.lowrank.calibration import PATCHES_PER_COLUMN, Sampling
 from svdnas.lowrank.derivation import Derivation, statistics_bytes
 from svdnas.lowrank.derivation import calibrate as calibrate_layers
 from svdnas.lowrank.geometry import layer_geometry
@@ -285,14 +286,18 @@ def calibration_set(images: torch.utils.data.Dataset, count: int) -> torch.utils
     return torch.utils.data.Subset(images, range(min(count, len(images))))
 
 
-def calibrate(job: Job, kind: str, layer_specs: dict[str, Any], calibration: torch.utils.data.Dataset) -> Derivation:
+def calibrate(job: Job, kind: str, layer_specs: dict[str, Any], calibration: torch.utils.data.Dataset,
+              patches_per_column: int = PATCHES_PER_COLUMN) -> Derivation:
     """The job's derivation: for the output-aware kinds, each named layer's input moments on the
-    ``calibration`` images, for every family among its specs."""
+    ``calibration`` images, for every family among its specs, each summing at least
+    ``patches_per_column`` patches per column where the images give more (0: every patch)."""
     t0 = time.perf_counter()
-    derivation = calibrate_layers(job.model, kind, layer_specs, (x for x, _ in batches(calibration, 128)), job.device)
+    sampling = Sampling(len(calibration), patches_per_column) if patches_per_column and len(calibration) else None
+    derivation = calibrate_layers(job.model, kind, layer_specs, (x for x, _ in batches(calibration, 128)), job.device, sampling=sampling)
     if not derivation.plain:
         job.seconds["calibration"] = time.perf_counter() - t0
-        job.calibration = {"images": len(calibration), "bytes": statistics_bytes(derivation), "seconds": job.seconds["calibration"]}
+        job.calibration = {"images": len(calibration), "patches_per_column": patches_per_column or None,
+                           "bytes": statistics_bytes(derivation), "seconds": job.seconds["calibration"]}
     return derivation
 
 
@@ -314,7 +319,8 @@ def derive_model(job: Job, plan: Plan, derivation: Derivation, calibration: torc
     images = [x for x, _ in batches(calibration, 128)]
     spare = [x for x, _ in batches(held_out, 128)] if held_out is not None else []
     fit = fit_on_prefix(job.model, plan, job.targets, images, job.device, derivation, held_out=spare,
-                        refit_iters=derivation.refit_iters, damping=derivation.damping, progress=job.ticker("prefix_fit"))
+                        refit_iters=derivation.refit_iters, damping=derivation.damping,
+                        patches_per_column=derivation.sampling.per_column if derivation.sampling else None, progress=job.ticker("prefix_fit"))
     model = _standard_memory(fit.model)
     block = {"images": fit.images, "held_out_images": fit.held_out, "relative_output_error": fit.errors}
     if fit.held_out:

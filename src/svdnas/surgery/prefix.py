@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from svdnas.errors import SpecError
 from svdnas.hooks import forward_hooks
-from svdnas.lowrank.calibration import CrossMoments, needed_families
+from svdnas.lowrank.calibration import CrossMoments, Sampling, needed_families
 from svdnas.lowrank.derivation import Derivation
 from svdnas.lowrank.plan import Plan
 from svdnas.lowrank.whiten import PREFIX_RIDGE, derive_prefix
@@ -184,6 +184,7 @@ def fit_on_prefix(
     refit_iters: int = 0,
     damping: float = 1e-6,
     ridge: float = PREFIX_RIDGE,
+    patches_per_column: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PrefixFit:
     """``original`` (untouched) compressed by ``plan``, each layer fitted on the compressed prefix.
@@ -201,6 +202,9 @@ def fit_on_prefix(
         refit_iters: alternating least-squares steps on the exact error for the families whose
             second layer holds kernel dimensions or whose first is grouped (0: the pooled fit only).
         ridge: each fit's pull towards the original weight (:func:`~svdnas.lowrank.whiten.prefix_target`).
+        patches_per_column: each layer's statistics sum every step-th patch of ``batches``, the step
+            leaving at least this many per column (:class:`~svdnas.lowrank.calibration.Sampling`);
+            None: every patch.
     """
     derivation = derivation or Derivation()
     was_training = original.training
@@ -209,6 +213,7 @@ def fit_on_prefix(
     fit = {"derivation": derivation, "held_out": len(held_out), "bias_correction": bias_correction, "refit_iters": refit_iters,
            "damping": damping, "ridge": ridge, "progress": progress}
     images, spare = sum(len(x) for x in batches), sum(len(x) for x in held_out)
+    fit["sampling"] = Sampling(images, patches_per_column) if patches_per_column and images else None
     batches = list(batches) + list(held_out)
     try:
         try:
@@ -223,7 +228,7 @@ def fit_on_prefix(
 
 @torch.no_grad()
 def _fit(original, plan, layers, batches, device, *, lockstep, derivation, held_out, bias_correction, refit_iters, damping, ridge,
-         progress):
+         sampling, progress):
     n_fit = len(batches) - held_out
     compressed = copy.deepcopy(original)
     if lockstep:
@@ -250,7 +255,7 @@ def _fit(original, plan, layers, batches, device, *, lockstep, derivation, held_
             layer = original.get_submodule(name)
             x_orig, x_comp = inputs(name)
             reference = [layer(x) for x in x_orig]
-            stats = CrossMoments(layer, needed_families(specs))
+            stats = CrossMoments(layer, needed_families(specs), sampling=sampling)
             for xo, xc, yo in zip(x_orig[:n_fit], x_comp[:n_fit], reference[:n_fit]):
                 stats.update(xo, xc, yo)
             if held_out:  # errors measured on the held-out images alone

@@ -1,0 +1,70 @@
+"""What the output-aware derivation costs: ``compress`` with the paper's weight factors beside the
+default (statistics, whitened candidates, prefix fit) and the default summing every patch, run in
+turns (one of each, then again) so that a slow spell of a shared machine falls on every setting.
+
+    .venv/bin/python -m benchmarks.tables.derivation_cost --model zoo:resnet18 --reduction 0.6 --rounds 3
+
+Each run is the Python API's ``compress`` with every other default (seed 0), in this process, on the
+whole test split; the original's accuracy is measured once. Prints per setting the median seconds of
+each stage over the rounds, the median total, its ratio to the weight derivation's, and the drop of
+each run (the plan can differ between settings; within one it is the same every round unless timing
+changes the candidates offered). Writes benchmarks/results/derivation_cost/<model>_<reduction>.json.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from benchmarks.common import markdown_table, model_and_data, parser, result_path, setup, short_name, stamp, write_json
+from svdnas.data.evaluate import evaluate
+from svdnas.pipeline.compress import compress
+from svdnas.pipeline.config import CompressConfig
+
+SETTINGS = {
+    "weight": {"derivation": "weight"},
+    "default": {},
+    "every patch": {"calibration_patches": 0},
+}
+
+
+def main() -> None:
+    p = parser(__doc__, out="JSON to write (default benchmarks/results/derivation_cost/<model>_<reduction>.json)")
+    p.add_argument("--reduction", type=float, default=0.6)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    args = p.parse_args()
+    setup(args)
+    model, info, data = model_and_data(args)
+    reference = evaluate(model, data.test)
+    runs: dict[str, list[dict]] = {name: [] for name in args.settings}
+    for r in range(args.rounds):
+        for name in args.settings:
+            config = CompressConfig(reduction=args.reduction, **SETTINGS[name])
+            t0 = time.perf_counter()
+            result = compress(model, data, config, input_shape=info.input_shape, filter_fn=info.default_filter, seed=args.seed,
+                              reference=reference)
+            rep = result.report
+            runs[name].append({"seconds": rep["seconds"], "wall_seconds": time.perf_counter() - t0, "drop_pp": rep["top1"]["drop_pp"],
+                               "flops_reduction": rep["flops"]["reduction"], "plan": result.plan.to_dict()})
+            print(f"round {r + 1} {name:12s} compress {rep['seconds']['total']:6.1f}s  drop {rep['top1']['drop_pp']:.2f}pp  "
+                  f"FLOPs -{100 * rep['flops']['reduction']:.2f}%", flush=True)
+    medians = {name: {k: statistics.median(x["seconds"].get(k, 0.0) for x in rs) for k in rs[0]["seconds"]} for name, rs in runs.items()}
+    base = medians.get("weight", {}).get("total")
+    stages = [k for k in dict.fromkeys(k for m in medians.values() for k in m) if k != "total"]
+    rows = [[s] + [f"{m.get(s, 0.0):.1f}" for m in medians.values()] for s in stages]
+    rows.append(["**total (median)**"] + [f"**{m['total']:.1f}**" for m in medians.values()])
+    if base:
+        rows.append(["against weight"] + [f"{m['total'] / base:.2f}x" for m in medians.values()])
+    rows.append(["drops (pp)"] + [" / ".join(f"{x['drop_pp']:.2f}" for x in rs) for rs in runs.values()])
+    meta = {"model": info.spec, "data": args.data, "reduction": args.reduction, "rounds": args.rounds, "original_top1": reference["top1"],
+            **stamp(args.threads)}
+    out = args.out or result_path("derivation_cost", f"{short_name(info.spec)}_{args.reduction:g}.json")
+    write_json(out, {"meta": meta, "runs": runs, "median_seconds": medians})
+    print()
+    print(f"`{info.spec}` at {args.reduction:.0%} FLOPs, {args.rounds} rounds, {meta['date']} ({meta['machine']}); median seconds per stage")
+    print(markdown_table(["seconds", *runs], rows))
+
+
+if __name__ == "__main__":
+    main()
