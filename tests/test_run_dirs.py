@@ -129,6 +129,12 @@ def test_resume_needs_a_matching_run(inputs, finished, tmp_path):
     message = one_error(run_cli(*compress_args(inputs, started, "--resume", "--synth-lr", "0.25")))
     assert "was made with --synth-lr 0.5, not 0.25" in message, message
     assert snapshot(started) == before
+    # a run of an earlier version, whose config.json does not know an option of this one
+    config = json.loads((started / "config.json").read_text())
+    del config["calibration_patches"]
+    (started / "config.json").write_text(json.dumps(config))
+    message = one_error(run_cli(*compress_args(inputs, started, "--resume")))
+    assert "made by a version of svdnas without --calibration-patches" in message, message
     assert "unfinished run; pass --resume" in one_error(run_cli(*compress_args(inputs, started)))
 
 

@@ -470,8 +470,19 @@ def test_sampling_step_leaves_the_patches_per_column_asked_for():
     assert s.step(784, 288) == 5  # 401,408 patches, 288 columns: every 5th leaves 80,282 >= 256 * 288
     assert 512 * 784 // s.step(784, 288) >= 256 * 288 > 512 * 784 // (s.step(784, 288) + 1)
     assert s.step(16, 2304) == 1  # fewer than asked for: every patch
+    assert s.step(784, 32) == 47  # 49 would divide the 784 positions (so would 48): the largest coprime below
     with pytest.raises(SpecError):
         Sampling(images=0)
+
+
+def test_sampling_keeps_every_position_equally_often_across_images():
+    """Over ``step`` images every position of the map is kept once, whatever the step would have been:
+    with a step dividing the positions per image, every image would give the same few positions."""
+    positions, images = 784, 47 * 3
+    step = Sampling(images=images, per_column=1).step(positions, images * positions // 47)
+    assert step == 47
+    kept = torch.arange(0, images * positions, step) % positions
+    assert torch.bincount(kept, minlength=positions).unique().tolist() == [3]
 
 
 @pytest.mark.parametrize("split", [[7], [2, 5], [1, 3, 3]])
@@ -480,7 +491,7 @@ def test_sampled_moments_sum_every_kth_patch_of_the_stream_whatever_the_batches(
     of one image after the other), however the images are batched; the step is per unfolding."""
     conv = nn.Conv2d(4, 5, 3, stride=(2, 1), padding=1).double()
     geo = layer_geometry(conv)
-    x = correlated(7, 4, (9, 8))
+    x = correlated(7, 4, (9, 9))
     sampling = Sampling(images=7, per_column=3)
     wanted = [((1, 3), (1, 1)), ((1, 1), (2, 1))]
     stats = PatchMoments(conv, wanted, full=True, sampling=sampling)
@@ -502,15 +513,42 @@ def test_sampled_cross_moments_pair_each_output_with_its_own_patch():
     """With the same inputs in both streams, E[y p^T] = W E[p p^T] holds only if each kept output row
     is the one its kept patch makes: sampling takes the same rows of both."""
     conv = nn.Conv2d(4, 5, 3, padding=1, bias=True).double()
-    x = correlated(6, 4, (8, 8))
+    x = correlated(6, 4, (7, 7))
     cross = CrossMoments(conv, [((3, 3), (1, 1))], sampling=Sampling(images=6, per_column=4))
-    cross.update(x[:4], x[:4])
-    cross.update(x[4:], x[4:])
-    assert cross.count < 6 * 64
+    cross.update(x[:3], x[:3])  # 147 patches streamed, an odd count: the next batch starts at its second row
+    cross.update(x[3:], x[3:])
+    assert cross.sampling.step(49, 36) == 2 and cross.count == 147
     w = conv.weight.detach().reshape(5, -1)
     torch.testing.assert_close(cross.output_cross(), w @ cross.comp((3, 3))[0])
     mean_y, mean_p = cross.full_means()
     torch.testing.assert_close(mean_y, w @ mean_p)
+
+
+def test_sampled_moments_of_a_linear_layer_take_every_kth_row():
+    lin = nn.Linear(6, 3).double()
+    x = torch.randn(5, 4, 6, dtype=D)  # 4 rows of features per image
+    stats = PatchMoments(lin, [((1, 1), (1, 1))], sampling=Sampling(images=5, per_column=1))
+    stats.update(x[:2])
+    stats.update(x[2:])
+    step = stats.sampling.step(4, 6)
+    assert step == 3
+    p = x.reshape(-1, 6)[::step]
+    torch.testing.assert_close(stats.moment((1, 1))[0], p.T @ p / p.shape[0])
+
+
+def test_spectra_of_grouped_second_layers_share_one_whitened_product():
+    """The spectrum of a family with a grouped second layer equals its own whitened SVD's, read from the
+    ungrouped family's product, and a different weight (a residual) is not served the cached one."""
+    from svdnas.lowrank import derivation as dv
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1).double())
+    fams = [((1, 3), (1, 1)), ((1, 3), (1, 2)), ((1, 3), (1, 4))]
+    derivation = dv.calibrate(model, "whitened", {"0": [LowRankSpec(*f, 1) for f in fams]}, [correlated(4, 4, (6, 6))], "cpu")
+    w = model[0].weight.detach()
+    for weight in (w, 0.5 * w, w):
+        for fam in fams:
+            torch.testing.assert_close(derivation.spectrum("0", weight, fam), whitened_svd(weight, fam, derivation.stats["0"].moment((1, 3))).s)
 
 
 def test_whitening_roots_are_kept_across_layers_within_their_budget(monkeypatch):

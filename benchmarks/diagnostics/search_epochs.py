@@ -62,7 +62,8 @@ def main() -> None:
     candidates = stages.make_candidates(job, config)
     images = stages.search_images(job, config)
     calibration = stages.calibration_set(images.search, config.calibration_images)
-    derivation = stages.calibrate(job, config.derivation, {n: c.specs for n, c in candidates.items()}, calibration)
+    derivation = stages.calibrate(job, config.derivation, {n: c.specs for n, c in candidates.items()}, calibration,
+                                  config.calibration_patches)
     pruned = stages.prune(job, config, candidates, images.proxy, derivation)
     searched = stages.search_plan(job, config, pruned, images)
     history = searched.history

@@ -248,7 +248,7 @@ def claim_out(args: argparse.Namespace, record: dict[str, Any]):
     """Make --out this run's directory and write ``record`` as its config.json; under --resume, first
     check that the run there was made with the same options. Returns the Replacement (see
     :class:`svdnas.runs.directory.Replacement`): call ``finish()`` once the run is whole."""
-    from svdnas.runs.directory import config_difference, read_config, start_run_dir
+    from svdnas.runs.directory import MISSING, config_difference, read_config, start_run_dir
 
     if getattr(args, "resume", False):
         old = read_config(args.out)
@@ -256,7 +256,11 @@ def claim_out(args: argparse.Namespace, record: dict[str, Any]):
         diff = config_difference(old, new, RESUME_IGNORES)
         if diff is not None:
             key, was, now = diff
-            raise SpecError(f"--resume: the run in {args.out} was made with {flag_for_key(args.sections, key)} {_shown(was)}, "
+            flag = flag_for_key(args.sections, key)
+            if was is MISSING or now is MISSING:
+                raise SpecError(f"--resume: the run in {args.out} was made by a version of svdnas "
+                                f"{'without' if was is MISSING else 'with'} {flag}; resume it with that version, or --overwrite to start again")
+            raise SpecError(f"--resume: the run in {args.out} was made with {flag} {_shown(was)}, "
                             f"not {_shown(now)}; give the same options to resume it, or --overwrite to start again")
     return start_run_dir(args.out, record, overwrite=args.overwrite)
 

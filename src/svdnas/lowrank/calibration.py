@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import pairwise
+from math import gcd
 from typing import Any
 
 import torch
@@ -48,8 +49,11 @@ PATCHES_PER_COLUMN = 256  # the default Sampling's floor
 class Sampling:
     """Every ``step``-th patch of a layer's input stream, counted over the ``images`` that will be fed
     (image after image, position after position, across batches), with ``step`` the largest that
-    still leaves at least ``per_column`` patches per column of the moment; 1 (every patch) where
-    there are fewer. The step depends on the unfolding (its positions and columns), not on the batches.
+    still leaves at least ``per_column`` patches per column of the moment and has no common factor
+    with the positions per image; 1 (every patch) where there are fewer. Being coprime, the positions
+    kept move from one image to the next, and every ``step`` images keep each position once: a step
+    dividing the positions (49 of 784) would keep the same few positions of every image. The step
+    depends on the unfolding (its positions and columns), not on the batches.
     """
 
     images: int
@@ -61,7 +65,10 @@ class Sampling:
 
     def step(self, positions: int, columns: int) -> int:
         """The step for an unfolding of ``columns`` columns with ``positions`` patches per image."""
-        return max(1, self.images * positions // (self.per_column * columns))
+        step = max(1, self.images * positions // (self.per_column * columns))
+        while step > 1 and gcd(step, positions) > 1:
+            step -= 1
+        return step
 
 
 def _working(x: Tensor) -> Tensor:
@@ -97,7 +104,7 @@ def gram(left: Tensor, right: Tensor | None = None) -> Tensor:
 def unfolded(x: Tensor, geo: ConvGeometry, first_kernel: tuple[int, int] | None = None, *, linear: bool = False) -> Tensor:
     """Im2col patches seen by a branch's first layer of ``first_kernel`` (the original kernel when
     None) as (images, positions, I * a_h * a_w), in :func:`~svdnas.lowrank.functional.unfold`'s column
-    order; a view where it can be (:func:`rows` takes patches from it without copying the rest).
+    order; a view where it can be (:func:`take_rows` takes patches from it without copying the rest).
 
     Args:
         x: a batch (N, I, H, W) for a conv, (N, ..., I) for a linear layer (one image's rows of features
@@ -116,7 +123,7 @@ def unfolded(x: Tensor, geo: ConvGeometry, first_kernel: tuple[int, int] | None 
     return cols.transpose(1, 2)
 
 
-def rows(view: Tensor, start: int = 0, step: int = 1) -> Tensor:
+def take_rows(view: Tensor, start: int = 0, step: int = 1) -> Tensor:
     """Rows ``start, start + step, ...`` of ``view`` (images, positions, columns) flattened image after
     image to (images * positions, columns): a copy of those rows only."""
     n, positions, width = view.shape
@@ -136,7 +143,7 @@ def patches(x: Tensor, geo: ConvGeometry, first_kernel: tuple[int, int] | None =
     """
     if linear:
         return x.reshape(-1, x.shape[-1])
-    return rows(unfolded(x, geo, first_kernel))
+    return take_rows(unfolded(x, geo, first_kernel))
 
 
 def _columns(geo: ConvGeometry, first_kernel: tuple[int, int]) -> int:
@@ -214,7 +221,7 @@ class _Moments:
             before = self.streamed.get(fk, 0)
             start = -before % step
             self.streamed[fk] = before + view.shape[0] * view.shape[1]
-        return _working(rows(view, start, step)), (start, step)
+        return _working(take_rows(view, start, step)), (start, step)
 
     def _zeros(self, key: Key, like: Tensor) -> Tensor:
         fk, g = key
@@ -366,7 +373,7 @@ class CrossMoments(_Moments):
         """The layer's output less its bias at the patches' rows ``start, start + step, ...``: (patches, O)."""
         if not self.linear:
             y = y.flatten(2).transpose(1, 2)
-        y = rows(y.reshape(y.shape[0] if y.dim() > 1 else 1, -1, self.geo.out_channels), start, step)
+        y = take_rows(y.reshape(y.shape[0] if y.dim() > 1 else 1, -1, self.geo.out_channels), start, step)
         return y - self.layer.bias.detach() if self.layer.bias is not None else y
 
     @torch.no_grad()

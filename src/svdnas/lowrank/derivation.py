@@ -69,7 +69,7 @@ class Derivation:
     _whitenings: dict[tuple, Whitening] = field(default_factory=dict, init=False, repr=False, compare=False)
     _factors: dict[tuple, tuple[Tensor, F.SVDFactors]] = field(default_factory=dict, init=False, repr=False, compare=False)
     # the whitened ungrouped matrices of a layer's weight per unfolding (spectra of grouped second layers)
-    _rows: dict[tuple, tuple[Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _whitened_mats: dict[tuple, tuple[Tensor, Tensor]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -164,10 +164,10 @@ class Derivation:
         # a grouped second layer's matrices are row blocks of the ungrouped family's, and so are
         # their products with the moment's root: one product serves every g2 of the unfolding
         key = (name, tuple(fk))
-        kept = self._rows.get(key)
+        kept = self._whitened_mats.get(key)
         if kept is None or kept[0].shape != weight.shape or not torch.equal(kept[0], weight):
             kept = (weight.clone(), whitened_matrices(weight, (fk, (1, 1)), self.whitening(name, fk, 1)))
-        kept = _kept(self._rows, key, lambda: kept, _entry_bytes, self.factors_bytes, replace=True)
+        kept = _kept(self._whitened_mats, key, lambda: kept, _entry_bytes, self.factors_bytes, replace=True)
         x = kept[1]
         return singular_values(x.reshape(g2, -1, x.shape[-1]))
 

@@ -401,7 +401,8 @@ class _FirstLayerMoment:
 
 
 def _cg_first(a: Tensor, b: Tensor, first: _FirstLayerMoment, rhs: Tensor, mask: Tensor, iters: int) -> Tensor:
-    """Preconditioned CG on the first layer's normal equations, started at ``a`` (so never worse)."""
+    """Preconditioned CG on the first layer's normal equations, started at ``a`` (the refit keeps the best
+    factors by their float64 error, so a step that the float32 operator leaves worse is not kept)."""
     normal = _normal_operator(b, first.rows)
 
     def apply(x: Tensor) -> Tensor:

@@ -293,12 +293,16 @@ def check_out_dir(path: str | Path, *, resume: bool = False, overwrite: bool = F
         raise SpecError(f"{d} holds the checkpoints of an unfinished run; pass --resume to continue it or --overwrite to start again")
 
 
+MISSING = object()  # config_difference's value for a setting one of the configs does not record
+
+
 def config_difference(old: dict[str, Any], new: dict[str, Any], ignore: frozenset[str] = frozenset()) -> tuple[str, Any, Any] | None:
-    """The first setting (a dotted key, ``search.epochs``) whose value differs between two configs, with both values."""
+    """The first setting (a dotted key, ``search.epochs``) whose value differs between two configs,
+    with both values (:data:`MISSING` where a config does not record it: an older version's run)."""
     for key in sorted(set(old) | set(new)):
         if key in ignore:
             continue
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, MISSING), new.get(key, MISSING)
         if isinstance(a, dict) and isinstance(b, dict):
             inner = config_difference(a, b, frozenset(k.split(".", 1)[1] for k in ignore if k.startswith(key + ".")))
             if inner is not None:
