@@ -25,7 +25,7 @@ import torch
 from benchmarks.common import markdown_table, model_and_data, parser, result_path, setup, short_name, stamp
 from svdnas.data.datasets import search_subset
 from svdnas.data.evaluate import batches, evaluate
-from svdnas.lowrank.calibration import Sampling
+from svdnas.lowrank.calibration import sampling
 from svdnas.lowrank.derivation import calibrate
 from svdnas.lowrank.plan import Plan
 from svdnas.lowrank.whiten import derive
@@ -45,8 +45,7 @@ def derived(model, plan: Plan, part: str, images: list[torch.Tensor], order: lis
         return fit_on_prefix(model, plan, order, images, "cpu", bias_correction="+bias" in part,
                              refit_iters=refit_iters if part.endswith("+refit") else 0, patches_per_column=patches_per_column or None).model
     kind = part.removesuffix("+bias")
-    count = sum(len(x) for x in images)
-    derivation = calibrate(model, kind, plan.compressed(), images, "cpu", sampling=Sampling(count, patches_per_column) if patches_per_column else None)
+    derivation = calibrate(model, kind, plan.compressed(), images, "cpu", sampling=sampling(sum(len(x) for x in images), patches_per_column))
     out = copy.deepcopy(model)
     for name, specs in plan.compressed().items():
         layer = model.get_submodule(name)

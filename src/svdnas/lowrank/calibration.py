@@ -71,6 +71,12 @@ class Sampling:
         return step
 
 
+def sampling(images: int, per_column: int | None) -> Sampling | None:
+    """The :class:`Sampling` of ``per_column`` patches per column over ``images`` images; None (every
+    patch) for ``per_column`` 0 or None, or no image."""
+    return Sampling(images, per_column) if per_column and images else None
+
+
 def _working(x: Tensor) -> Tensor:
     """Patches in the precision their products are taken in: float64 stays, anything else is float32."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -112,7 +118,7 @@ def unfolded(x: Tensor, geo: ConvGeometry, first_kernel: tuple[int, int] | None 
         linear: the layer is an ``nn.Linear``.
     """
     if linear:
-        return x.reshape(x.shape[0] if x.dim() > 1 else 1, -1, x.shape[-1])
+        return _per_image(x)
     fk = geo.kernel if first_kernel is None else tuple(first_kernel)
     kw, _ = geo.split(LowRankSpec(fk, (1, 1), 1))  # type: ignore[arg-type]
     padding = kw["padding"]
@@ -121,6 +127,11 @@ def unfolded(x: Tensor, geo: ConvGeometry, first_kernel: tuple[int, int] | None 
         padding = (0, 0)
     cols = TF.unfold(x, kw["kernel_size"], dilation=kw["dilation"], padding=padding, stride=kw["stride"])
     return cols.transpose(1, 2)
+
+
+def _per_image(x: Tensor) -> Tensor:
+    """Rows of features (N, ..., F) as (N, rows per image, F); one image for a single row (F,)."""
+    return x.reshape(x.shape[0] if x.dim() > 1 else 1, -1, x.shape[-1])
 
 
 def take_rows(view: Tensor, start: int = 0, step: int = 1) -> Tensor:
@@ -141,9 +152,7 @@ def patches(x: Tensor, geo: ConvGeometry, first_kernel: tuple[int, int] | None =
         x: a batch (N, I, H, W) for a conv, (..., I) for a linear layer.
         linear: the layer is an ``nn.Linear`` (every row of features is a patch).
     """
-    if linear:
-        return x.reshape(-1, x.shape[-1])
-    return take_rows(unfolded(x, geo, first_kernel))
+    return take_rows(unfolded(x, geo, first_kernel, linear=linear))
 
 
 def _columns(geo: ConvGeometry, first_kernel: tuple[int, int]) -> int:
@@ -373,7 +382,7 @@ class CrossMoments(_Moments):
         """The layer's output less its bias at the patches' rows ``start, start + step, ...``: (patches, O)."""
         if not self.linear:
             y = y.flatten(2).transpose(1, 2)
-        y = take_rows(y.reshape(y.shape[0] if y.dim() > 1 else 1, -1, self.geo.out_channels), start, step)
+        y = take_rows(_per_image(y), start, step)
         return y - self.layer.bias.detach() if self.layer.bias is not None else y
 
     @torch.no_grad()

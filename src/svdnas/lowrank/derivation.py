@@ -114,10 +114,7 @@ class Derivation:
         return _kept(self._factors, (name, family), lambda: entry, _entry_bytes, self.factors_bytes, replace=True)[1]
 
     def _found(self, name: str, weight: Tensor, family: F.Family) -> F.SVDFactors | None:
-        found = self._factors.get((name, family))
-        if found is not None and found[0].shape == weight.shape and torch.equal(found[0], weight):
-            return found[1]
-        return None
+        return _for_weight(self._factors, (name, family), weight)
 
     def block(self, name: str, layer: nn.Module, specs: Sequence[LowRankSpec]) -> LowRankBlock:
         """``layer`` (dotted ``name``) as the low-rank block of ``specs``."""
@@ -164,12 +161,22 @@ class Derivation:
         # a grouped second layer's matrices are row blocks of the ungrouped family's, and so are
         # their products with the moment's root: one product serves every g2 of the unfolding
         key = (name, tuple(fk))
-        kept = self._whitened_mats.get(key)
-        if kept is None or kept[0].shape != weight.shape or not torch.equal(kept[0], weight):
-            kept = (weight.clone(), whitened_matrices(weight, (fk, (1, 1)), self.whitening(name, fk, 1)))
-        kept = _kept(self._whitened_mats, key, lambda: kept, _entry_bytes, self.factors_bytes, replace=True)
-        x = kept[1]
+        x = _for_weight(self._whitened_mats, key, weight)
+        if x is None:
+            entry = (weight.clone(), whitened_matrices(weight, (fk, (1, 1)), self.whitening(name, fk, 1)))
+            x = _kept(self._whitened_mats, key, lambda: entry, _entry_bytes, self.factors_bytes, replace=True)[1]
+        else:
+            self._whitened_mats[key] = self._whitened_mats.pop(key)  # most recently used last
         return singular_values(x.reshape(g2, -1, x.shape[-1]))
+
+
+def _for_weight(cache: dict, key, weight: Tensor):
+    """What ``cache[key]`` holds for ``weight`` (its entries are (weight, value), the weight compared
+    entry by entry), or None."""
+    found = cache.get(key)
+    if found is not None and found[0].shape == weight.shape and torch.equal(found[0], weight):
+        return found[1]
+    return None
 
 
 def _entry_bytes(entry: tuple[Tensor, F.SVDFactors | Tensor]) -> int:

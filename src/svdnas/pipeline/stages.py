@@ -41,7 +41,7 @@ from svdnas.cost.timer import channel_block, compare_latency, default_runtime
 from svdnas.data.datasets import DataBundle
 from svdnas.data.evaluate import batches, evaluate
 from svdnas.errors import BudgetError, DataError, SpecError, WriteError
-from svdnas.lowrank.calibration import PATCHES_PER_COLUMN, Sampling
+from svdnas.lowrank.calibration import PATCHES_PER_COLUMN, sampling
 from svdnas.lowrank.derivation import Derivation, statistics_bytes
 from svdnas.lowrank.derivation import calibrate as calibrate_layers
 from svdnas.lowrank.geometry import layer_geometry
@@ -292,8 +292,8 @@ def calibrate(job: Job, kind: str, layer_specs: dict[str, Any], calibration: tor
     ``calibration`` images, for every family among its specs, each summing at least
     ``patches_per_column`` patches per column where the images give more (0: every patch)."""
     t0 = time.perf_counter()
-    sampling = Sampling(len(calibration), patches_per_column) if patches_per_column and len(calibration) else None
-    derivation = calibrate_layers(job.model, kind, layer_specs, (x for x, _ in batches(calibration, 128)), job.device, sampling=sampling)
+    derivation = calibrate_layers(job.model, kind, layer_specs, (x for x, _ in batches(calibration, 128)), job.device,
+                                  sampling=sampling(len(calibration), patches_per_column))
     if not derivation.plain:
         job.seconds["calibration"] = time.perf_counter() - t0
         job.calibration = {"images": len(calibration), "patches_per_column": patches_per_column or None,

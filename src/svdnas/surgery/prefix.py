@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from svdnas.errors import SpecError
 from svdnas.hooks import forward_hooks
-from svdnas.lowrank.calibration import CrossMoments, Sampling, needed_families
+from svdnas.lowrank.calibration import CrossMoments, needed_families, sampling
 from svdnas.lowrank.derivation import Derivation
 from svdnas.lowrank.plan import Plan
 from svdnas.lowrank.whiten import PREFIX_RIDGE, derive_prefix
@@ -213,7 +213,7 @@ def fit_on_prefix(
     fit = {"derivation": derivation, "held_out": len(held_out), "bias_correction": bias_correction, "refit_iters": refit_iters,
            "damping": damping, "ridge": ridge, "progress": progress}
     images, spare = sum(len(x) for x in batches), sum(len(x) for x in held_out)
-    fit["sampling"] = Sampling(images, patches_per_column) if patches_per_column and images else None
+    fit["sampling"] = sampling(images, patches_per_column)
     batches = list(batches) + list(held_out)
     try:
         try:
