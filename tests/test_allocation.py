@@ -1,5 +1,6 @@
 """The spectrum allocation's plan and the check that keeps the better of it and the search's."""
 
+import copy
 import json
 
 import pytest
@@ -13,6 +14,7 @@ from svdnas.pipeline.config import CompressConfig
 from svdnas.search import SearchConfig, allocation, fraction_grid, grid_candidates
 from svdnas.search.allocation import better_plan, log_probs, mean_kl, spectrum_scores
 from svdnas.search.output_proxy import _nearest, spectrum_errors
+from svdnas.surgery.swap import apply_plan
 from tests.conftest import tiny_net
 from tests.test_output_proxy import _setup
 
@@ -65,6 +67,28 @@ def test_better_plan_keeps_the_one_nearer_the_original():
     assert mean_kl(log_probs(model, images, "cpu"), model, images, "cpu") == pytest.approx(0.0, abs=1e-9)
 
 
+def test_closeness_takes_the_originals_outputs_once_and_scores_a_plan_once(monkeypatch):
+    model, x, cands, derivation = _setup()
+    images = TensorDataset(x.float(), torch.zeros(len(x), dtype=torch.long))
+    model = model.float()
+    passes = []
+    real = allocation.log_probs
+    monkeypatch.setattr(allocation, "log_probs", lambda m, *a, **k: passes.append(m) or real(m, *a, **k))
+    closeness = allocation.Closeness(model, images, "cpu")
+    cheapest = {n: min(range(1, len(c)), key=lambda i, c=c: c.macs[i]) for n, c in cands.items()}
+    rough = Plan({n: cands[n].branches(cheapest[n]) for n in ("0", "2")})
+    first = closeness.of_plan(rough, derivation)
+    assert len(passes) == 2 and passes[0] is model  # the original's, then the compressed model's
+    assert closeness.of_plan(Plan.from_dict(rough.to_dict()), derivation) == first and len(passes) == 2
+    other = allocation.Derivation(derivation.kind, derivation.stats, derivation.damping)  # another derivation: scored anew
+    closeness.of_plan(rough, other)
+    assert len(passes) == 3
+    kept, summary = better_plan(model, {"rough": rough, "none": Plan({"0": [], "2": []})}, images, "cpu", derivation, closeness=closeness)
+    assert kept == "none" and summary["kl"]["rough"] == first and len(passes) == 4  # only the new plan's pass
+    compressed = apply_plan(copy.deepcopy(model), rough, derivation=derivation)
+    assert first == pytest.approx(mean_kl(real(model, images, "cpu"), compressed, images, "cpu"), rel=1e-6) and first > 1e-6
+
+
 def _config(**kw) -> CompressConfig:
     settings = {"reduction": 0.4, "search_images": 200, "proxy_images": 64, "derivation": "whitened"} | kw
     return CompressConfig(search=SearchConfig(epochs=1, batch_size=64, target=0.5), **settings)
@@ -74,7 +98,7 @@ def _config(**kw) -> CompressConfig:
 def test_compress_keeps_the_plan_the_check_prefers(tiny_fmnist, tmp_path, monkeypatch, winner):
     seen = {}
 
-    def rigged(model, plans, images, device, derivation):
+    def rigged(model, plans, images, device, derivation, closeness=None):
         seen.update(plans)
         return winner, {"kl": {k: 0.0 for k in plans}, "kept": winner, "images": len(images)}
 

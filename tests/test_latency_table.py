@@ -205,7 +205,7 @@ def test_under_the_flops_objective_no_candidate_slower_than_its_layer_is_offered
         return summary
 
     monkeypatch.setattr(stages, "offer_only_faster", watched)
-    def spectrum_wins(model, plans, images, device, derivation):  # the allocation's plan is held to the rule too
+    def spectrum_wins(model, plans, images, device, derivation, closeness=None):  # the allocation's plan is held to the rule too
         return "spectrum", {"kl": {k: 0.0 for k in plans}, "kept": "spectrum", "images": len(images)}
 
     monkeypatch.setattr(allocation, "better_plan", spectrum_wins)

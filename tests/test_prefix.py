@@ -169,6 +169,9 @@ def test_compress_with_the_prefix_derivation_writes_a_run_that_loads(trained_tin
     assert fit["held_out_images"] == 32 and set(fit["kept_derived"]) <= set(compressed)  # the proxy's images, apart
     check = fit["model_check"]
     assert check["kept"] == min(check["mean_kl"], key=check["mean_kl"].get)
+    # the plan check scored the same plan with the same factors on the same (proxy) images: its score is reused
+    plan_check = result.report["plan_check"]
+    assert "skipped" not in plan_check and check["mean_kl"]["derived"] == plan_check["kl"][plan_check["kept"]]
     assert result.report["derivation"] == "prefix" and "prefix_fit" in result.report["seconds"]
     loaded = svdnas.load(str(tmp_path / "run"), base_model=TinyNet()).eval()
     x = data.test.tensors[0][:16]

@@ -1,11 +1,12 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as TF
 
 from svdnas import LowRankSpec, SpecError, decompose
 from svdnas.lowrank import functional as F
 from svdnas.lowrank import whiten
-from svdnas.lowrank.calibration import CrossMoments, PatchMoments, Sampling, moments_for, patches
+from svdnas.lowrank.calibration import CrossMoments, PatchMoments, Sampling, moments_for, patches, take_rows, unfolded
 from svdnas.lowrank.geometry import conv_weight, layer_geometry
 from svdnas.lowrank.space import families
 from svdnas.lowrank.spec import family_max_rank
@@ -86,6 +87,22 @@ def test_patch_columns_follow_unfold(mode):
         torch.testing.assert_close(ours, y1, rtol=1e-10, atol=1e-10)
     y = (conv(x) - conv.bias[:, None, None]).permute(0, 2, 3, 1).reshape(-1, 6)
     torch.testing.assert_close(patches(x, geo) @ F.unfold(conv.weight, (3, 3), (1, 1))[0].T, y)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_patches_are_im2col_and_rows_are_taken_from_them(channels_last):
+    """The strided view's patches are torch's im2col columns, whatever the input's memory layout,
+    and a step's rows are those rows of every patch."""
+    conv = nn.Conv2d(3, 5, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(2, 1)).double()
+    geo = layer_geometry(conv)
+    x = torch.randn(3, 3, 11, 9, dtype=D)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    every = TF.unfold(x, (3, 5), dilation=(2, 1), padding=(1, 2), stride=(2, 1)).transpose(1, 2).reshape(-1, 3 * 3 * 5)
+    assert torch.equal(patches(x, geo), every)
+    view = unfolded(x, geo)
+    for start, step in [(0, 1), (0, 4), (3, 7)]:
+        assert torch.equal(take_rows(view, start, step), every[start::step])
 
 
 def test_moments_stream_and_slice():

@@ -39,7 +39,8 @@ from svdnas.lowrank.spec import LowRankSpec
 Key = tuple[tuple[int, int], int]  # (first_kernel, first-layer groups)
 _CHUNK_ELEMENTS = 1 << 23  # patches materialised at once (32 MiB in float32)
 _GEMM_ROWS = 4096  # patches per product summed in the activations' precision before the float64 sum
-_BLOCK_COLUMNS = 512  # column blocks of a symmetric product: only those on and above the diagonal are computed
+_BLOCK_COLUMNS = 128  # least width of the column blocks (a quarter of the columns) of a symmetric product: only
+# those on and above the diagonal are computed
 
 
 PATCHES_PER_COLUMN = 256  # the default Sampling's floor
@@ -96,7 +97,8 @@ def gram(left: Tensor, right: Tensor | None = None) -> Tensor:
         for lo, ro in zip(left.split(_GEMM_ROWS), right.split(_GEMM_ROWS)):
             out += (lo.T @ ro).double()
         return out
-    edges = list(range(0, n, _BLOCK_COLUMNS)) + [n] if n > 2 * _BLOCK_COLUMNS else [0, n]
+    block = max(_BLOCK_COLUMNS, n // 4)
+    edges = list(range(0, n, block)) + [n] if n > 2 * block else [0, n]
     spans = list(pairwise(edges))
     for rows in left.split(_GEMM_ROWS):
         for i0, i1 in spans:
@@ -109,24 +111,30 @@ def gram(left: Tensor, right: Tensor | None = None) -> Tensor:
 
 def unfolded(x: Tensor, geo: ConvGeometry, first_kernel: tuple[int, int] | None = None, *, linear: bool = False) -> Tensor:
     """Im2col patches seen by a branch's first layer of ``first_kernel`` (the original kernel when
-    None) as (images, positions, I * a_h * a_w), in :func:`~svdnas.lowrank.functional.unfold`'s column
-    order; a view where it can be (:func:`take_rows` takes patches from it without copying the rest).
+    None) as a strided view (images, out_h, out_w, I, a_h, a_w) of the padded input in channels-last
+    layout, nothing copied but the padded input: flattened, a position's columns are in
+    :func:`~svdnas.lowrank.functional.unfold`'s order, and :func:`take_rows` copies out only the
+    patches it is asked for, in one pass (``F.unfold`` would write every patch, then a transposed
+    copy of them).
 
     Args:
         x: a batch (N, I, H, W) for a conv, (N, ..., I) for a linear layer (one image's rows of features
-            are its positions).
+            are its positions: the view is (images, rows, 1, features)).
         linear: the layer is an ``nn.Linear``.
     """
     if linear:
-        return _per_image(x)
+        return _per_image(x).unsqueeze(2)
     fk = geo.kernel if first_kernel is None else tuple(first_kernel)
     kw, _ = geo.split(LowRankSpec(fk, (1, 1), 1))  # type: ignore[arg-type]
-    padding = kw["padding"]
-    if kw["padding_mode"] != "zeros" and any(padding):
-        x = TF.pad(x, (padding[1], padding[1], padding[0], padding[0]), mode=kw["padding_mode"])
-        padding = (0, 0)
-    cols = TF.unfold(x, kw["kernel_size"], dilation=kw["dilation"], padding=padding, stride=kw["stride"])
-    return cols.transpose(1, 2)
+    (ph, pw), (sh, sw), (dh, dw) = kw["padding"], kw["stride"], kw["dilation"]
+    if kw["padding_mode"] != "zeros" and (ph or pw):
+        x = TF.pad(x, (pw, pw, ph, ph), mode=kw["padding_mode"])
+        ph = pw = 0
+    padded = TF.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph)).contiguous()
+    n, hp, wp, channels = padded.shape
+    out_h, out_w = (hp - dh * (fk[0] - 1) - 1) // sh + 1, (wp - dw * (fk[1] - 1) - 1) // sw + 1
+    s_n, s_h, s_w, _ = padded.stride()
+    return padded.as_strided((n, out_h, out_w, channels, fk[0], fk[1]), (s_n, sh * s_h, sw * s_w, 1, dh * s_h, dw * s_w))
 
 
 def _per_image(x: Tensor) -> Tensor:
@@ -134,14 +142,22 @@ def _per_image(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0] if x.dim() > 1 else 1, -1, x.shape[-1])
 
 
+def _positions(view: Tensor) -> int:
+    """Patches per image of a view (images, height, width, columns...)."""
+    return view.shape[1] * view.shape[2]
+
+
 def take_rows(view: Tensor, start: int = 0, step: int = 1) -> Tensor:
-    """Rows ``start, start + step, ...`` of ``view`` (images, positions, columns) flattened image after
-    image to (images * positions, columns): a copy of those rows only."""
-    n, positions, width = view.shape
+    """Rows ``start, start + step, ...`` of ``view`` (images, height, width, columns...), positions
+    counted image after image and row-major within an image, as (rows, columns): a copy of those
+    rows only."""
+    n, _, width = view.shape[:3]
+    positions = _positions(view)
     if step == 1 and start == 0:
-        return view.reshape(n * positions, width)
+        return view.reshape(n * positions, -1)
     index = torch.arange(start, n * positions, step, device=view.device)
-    return view[index // positions, index % positions]
+    at = index % positions
+    return view[index // positions, at // width, at % width].reshape(len(index), -1)
 
 
 def patches(x: Tensor, geo: ConvGeometry, first_kernel: tuple[int, int] | None = None, *, linear: bool = False) -> Tensor:
@@ -226,10 +242,11 @@ class _Moments:
         view = unfolded(x, self.geo, fk, linear=self.linear)
         start, step = 0, 1
         if self.sampling is not None:
-            step = self.sampling.step(view.shape[1], view.shape[2])
+            positions = _positions(view)
+            step = self.sampling.step(positions, view[0, 0, 0].numel())
             before = self.streamed.get(fk, 0)
             start = -before % step
-            self.streamed[fk] = before + view.shape[0] * view.shape[1]
+            self.streamed[fk] = before + view.shape[0] * positions
         return _working(take_rows(view, start, step)), (start, step)
 
     def _zeros(self, key: Key, like: Tensor) -> Tensor:
@@ -380,9 +397,8 @@ class CrossMoments(_Moments):
 
     def _rows(self, y: Tensor, start: int, step: int) -> Tensor:
         """The layer's output less its bias at the patches' rows ``start, start + step, ...``: (patches, O)."""
-        if not self.linear:
-            y = y.flatten(2).transpose(1, 2)
-        y = take_rows(_per_image(y), start, step)
+        y = _per_image(y).unsqueeze(2) if self.linear else y.permute(0, 2, 3, 1)
+        y = take_rows(y, start, step)
         return y - self.layer.bias.detach() if self.layer.bias is not None else y
 
     @torch.no_grad()

@@ -257,9 +257,10 @@ def _psd_solve(h: Tensor, rhs: Tensor) -> Tensor:
     the minimum-norm solution from the eigendecomposition, dropping eigenvalues at that level."""
     h = (h + h.T) / 2
     n = h.shape[0]
-    jitter = h.diagonal().amax().clamp_min(0) * n * torch.finfo(h.dtype).eps * 10
-    chol, info = torch.linalg.cholesky_ex(h + jitter * torch.eye(n, dtype=h.dtype, device=h.device))
-    if int(info) == 0 and bool(torch.isfinite(chol).all()):
+    jittered = h.clone()
+    jittered.diagonal().add_(h.diagonal().amax().clamp_min(0) * n * torch.finfo(h.dtype).eps * 10)
+    chol, info = torch.linalg.cholesky_ex(jittered)
+    if int(info) == 0 and bool(torch.isfinite(chol.diagonal()).all()):
         return torch.cholesky_solve(rhs, chol)
     return _eigen_solve(h, rhs)
 

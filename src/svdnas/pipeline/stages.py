@@ -115,6 +115,14 @@ class Job:
     seconds: StageSeconds = field(default_factory=StageSeconds)
     started: float = field(default_factory=time.perf_counter)
     calibration: dict[str, Any] | None = None
+    closeness: dict[int, allocation.Closeness] = field(default_factory=dict)
+
+    def closeness_on(self, images: torch.utils.data.Dataset) -> allocation.Closeness:
+        """Mean KL scores of compressed models on ``images``, kept for the whole job (one per image set)."""
+        found = self.closeness.get(id(images))
+        if found is None or found.images is not images:
+            found = self.closeness[id(images)] = allocation.Closeness(self.model, images, self.device)
+        return found
 
     @property
     def checkpoints(self) -> Path | None:
@@ -325,21 +333,14 @@ def derive_model(job: Job, plan: Plan, derivation: Derivation, calibration: torc
     block = {"images": fit.images, "held_out_images": fit.held_out, "relative_output_error": fit.errors}
     if fit.held_out:
         block["kept_derived"] = sorted(n for n, e in fit.errors.items() if e["kept"] == "derived")
-        was_training = job.model.training
-        job.model.eval()
-        try:
-            reference = allocation.log_probs(job.model, held_out, job.device)
-            plain = derived().eval()
-            kl = {"fitted": allocation.mean_kl(reference, model.eval(), held_out, job.device),
-                  "derived": allocation.mean_kl(reference, plain, held_out, job.device)}
-        finally:
-            job.model.train(was_training)
+        closeness = job.closeness_on(held_out)  # the plan check scored the search's plan on these images already
+        kl = {"fitted": closeness.of_model(model), "derived": closeness.of_plan(plan, derivation)}
         kept = "derived" if kl["derived"] < kl["fitted"] else "fitted"
         block["model_check"] = {"mean_kl": kl, "kept": kept}
         if kept == "derived":
             log.info("prefix fit: the search's own factors are nearer the original on the %d held-out images (mean KL %.3g "
                      "against %.3g); kept them", fit.held_out, kl["derived"], kl["fitted"])
-            model = plain
+            model = derived().eval()
     job.seconds["prefix_fit"] = block["seconds"] = time.perf_counter() - t0
     job.calibration = (job.calibration or {}) | {"prefix_fit": block}
     return model
@@ -496,7 +497,7 @@ def check_plan(job: Job, config: CompressConfig, pruned: Pruned, images: SearchI
                               lambda name: config.offer_slower or layer_rank_multiple(job, config, name) > 1)
     plan, summary = allocation.check_against_allocation(
         job.model, searched.plan, opts, pruned.derivation, config.objective, config.reduction, pruned.total, pruned.fixed,
-        images.proxy, job.device,
+        images.proxy, job.device, job.closeness_on(images.proxy),
     )
     job.seconds["plan_check"] = summary["seconds"]
     if "skipped" in summary:

@@ -102,33 +102,54 @@ def mean_kl(reference: list[Tensor], model: nn.Module, images: Dataset, device: 
     return total / max(count, 1)
 
 
+class Closeness:
+    """How near compressed models come to ``model`` on ``images`` by :func:`mean_kl`, the original's
+    log-probabilities taken once and each plan's score (under a derivation) once: the plan check
+    and the prefix fit's model check score the same plans on the same proxy images."""
+
+    def __init__(self, model: nn.Module, images: Dataset, device: torch.device | str) -> None:
+        self.model, self.images, self.device = model, images, device
+        self._reference: list[Tensor] | None = None
+        self._plans: dict[tuple[str, int], tuple[Derivation, float]] = {}
+
+    def reference(self) -> list[Tensor]:
+        """The original model's log-softmax on the images."""
+        if self._reference is None:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                self._reference = log_probs(self.model, self.images, self.device)
+            finally:
+                self.model.train(was_training)
+        return self._reference
+
+    def of_model(self, compressed: nn.Module) -> float:
+        """The mean KL of ``compressed`` (put in eval mode) from the original."""
+        return mean_kl(self.reference(), compressed.eval(), self.images, self.device)
+
+    def of_plan(self, plan: Plan, derivation: Derivation) -> float:
+        """:meth:`of_model` of the original compressed by ``plan`` with ``derivation``'s factors."""
+        key = (plan.to_json(), id(derivation))
+        if key not in self._plans or self._plans[key][0] is not derivation:
+            compressed = apply_plan(copy.deepcopy(self.model), plan, derivation=derivation)
+            self._plans[key] = (derivation, self.of_model(compressed))
+        return self._plans[key][1]
+
+
 def better_plan(model: nn.Module, plans: dict[str, Plan], images: Dataset, device: torch.device | str,
-                derivation: Derivation) -> tuple[str, dict[str, Any]]:
+                derivation: Derivation, closeness: Closeness | None = None) -> tuple[str, dict[str, Any]]:
     """The name of the plan in ``plans`` whose compressed model (factors from ``derivation``) is
     nearest the original on ``images`` by :func:`mean_kl`, and each plan's score. Plans that are
-    equal are scored once; ties keep the first."""
-    was_training = model.training
-    model.eval()
-    scores: dict[str, float] = {}
-    try:
-        reference = log_probs(model, images, device)
-        seen: dict[str, str] = {}
-        for key, plan in plans.items():
-            text = plan.to_json()
-            if text not in seen:
-                seen[text] = key
-                scores[key] = mean_kl(reference, apply_plan(copy.deepcopy(model), plan, derivation=derivation).eval(), images, device)
-            else:
-                scores[key] = scores[seen[text]]
-    finally:
-        model.train(was_training)
+    equal are scored once; ties keep the first. ``closeness``: scores kept across calls (on ``images``)."""
+    closeness = closeness or Closeness(model, images, device)
+    scores = {key: closeness.of_plan(plan, derivation) for key, plan in plans.items()}
     best = min(scores, key=lambda k: (scores[k], list(plans).index(k)))
     return best, {"kl": scores, "kept": best, "images": len(images)}
 
 
 def check_against_allocation(
     model: nn.Module, searched: Plan, allowed: dict[str, LayerCandidates], derivation: Derivation, objective: str,
-    reduction: float, total: float, fixed: float, images: Dataset, device: torch.device | str,
+    reduction: float, total: float, fixed: float, images: Dataset, device: torch.device | str, closeness: Closeness | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
     """The plan kept (the search's, or the allocation's over the options ``allowed``) and the check's summary.
     Under torchrun rank 0 decides and the others receive its plan. If the allocation cannot meet
@@ -141,11 +162,11 @@ def check_against_allocation(
         except BudgetError as e:
             result = (searched.to_dict(), {"kept": "search", "skipped": str(e)})
         else:
-            kept, summary = better_plan(model, {"search": searched, "spectrum": allocated}, images, device, derivation)
+            kept, summary = better_plan(model, {"search": searched, "spectrum": allocated}, images, device, derivation, closeness=closeness)
             result = ((searched if kept == "search" else allocated).to_dict(), summary)
     plan, summary = ddp.broadcast_object(result)
     summary["seconds"] = time.perf_counter() - t0
     return Plan.from_dict(plan), summary
 
 
-__all__ = ["allocate", "better_plan", "check_against_allocation", "log_probs", "mean_kl", "options", "spectrum_scores"]
+__all__ = ["Closeness", "allocate", "better_plan", "check_against_allocation", "log_probs", "mean_kl", "options", "spectrum_scores"]

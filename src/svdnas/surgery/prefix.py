@@ -84,8 +84,15 @@ class _Gate(nn.Module):
 class Lockstep:
     """Forward passes of ``model`` over ``batches``, each in a thread that pauses at every layer of
     ``names`` (replaced in ``model`` by gates until :meth:`close`); :meth:`inputs` lets each pass on,
-    one at a time, to the next layer and returns what each one brought to it. :meth:`set_layer` replaces
-    the module a gate runs, before the passes are let on past it."""
+    one at a time, to the next layer and returns what each one brought to it (:func:`step_together`
+    moves the passes of several models side by side). :meth:`set_layer` replaces the module a gate
+    runs, before the passes are let on past it.
+
+    Each pass computes with one intra-op thread: a thread's OpenMP team keeps spinning a while after
+    each stretch of work, and with a team per pass those spinning threads took the cores from the
+    fit's own computation (the prefix fit of the demo's plan took 15% longer); a model's pass and
+    another's run side by side instead, each on a core.
+    """
 
     def __init__(self, model: nn.Module, names: Sequence[str], batches: Sequence[Tensor], device: torch.device | str) -> None:
         self.model, self.device, self.batches = model, device, list(batches)
@@ -99,12 +106,14 @@ class Lockstep:
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(len(self.batches))]
         self.local = threading.local()
         self.stopping = False
+        self.threads_before = torch.get_num_threads()
 
     def set_layer(self, name: str, module: nn.Module) -> None:
         self.gates[name].inner = module
 
     def _run(self, i: int) -> None:
         self.local.index = i
+        torch.set_num_threads(1)
         self.go[i].acquire()
         try:
             if self.stopping:
@@ -124,23 +133,28 @@ class Lockstep:
         if self.stopping:
             raise _Stop
 
+    def _release(self, i: int) -> None:
+        """Let pass ``i`` on to the next layer (starting it the first time)."""
+        if self.threads[i].ident is None:
+            self.threads[i].start()
+        self.go[i].release()
+
+    def _collect(self, name: str) -> Tensor:
+        """The input a released pass brought to the next layer, which must be ``name``."""
+        _, what, x = self.messages.get()
+        if isinstance(what, BaseException):
+            raise what
+        if what != name:
+            raise _OutOfOrder(f"the forward pass met {what or 'the end'} where layer {name} was expected")
+        return x
+
     def inputs(self, name: str) -> list[Tensor]:
         """Each pass let on to the next layer of the plan, which must be ``name``; their inputs there."""
-        got = []
-        for i, thread in enumerate(self.threads):
-            if thread.ident is None:  # not started yet
-                thread.start()
-            self.go[i].release()
-            _, what, x = self.messages.get()
-            if isinstance(what, BaseException):
-                raise what
-            if what != name:
-                raise _OutOfOrder(f"the forward pass met {what or 'the end'} where layer {name} was expected")
-            got.append(x)
-        return got
+        return step_together([self], name)[0]
 
     def close(self) -> None:
-        """End the paused passes (they raise inside the model) and put the layers back in place of the gates."""
+        """End the paused passes (they raise inside the model), put the layers back in place of the
+        gates, and the intra-op threads new threads start with back to what they were."""
         self.stopping = True
         waiting = [i for i, t in enumerate(self.threads) if t.is_alive()]
         for i in waiting:
@@ -149,6 +163,19 @@ class Lockstep:
             self.threads[i].join()
         for name, gate in self.gates.items():
             set_submodule(self.model, name, gate.inner)
+        torch.set_num_threads(self.threads_before)
+
+
+def step_together(locksteps: Sequence[Lockstep], name: str) -> list[list[Tensor]]:
+    """:meth:`Lockstep.inputs` of several models over the same number of batches, batch ``i``'s
+    passes of every model let on at once (each computes on a thread of its own)."""
+    got: list[list[Tensor]] = [[] for _ in locksteps]
+    for i in range(len(locksteps[0].batches)):
+        for lockstep in locksteps:
+            lockstep._release(i)
+        for inputs, lockstep in zip(got, locksteps):
+            inputs.append(lockstep._collect(name))
+    return got
 
 
 def _relative_error(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
@@ -235,7 +262,7 @@ def _fit(original, plan, layers, batches, device, *, lockstep, derivation, held_
         streams = [Lockstep(copy.deepcopy(original), layers, batches, device), Lockstep(compressed, layers, batches, device)]
 
         def inputs(name):
-            return streams[0].inputs(name), streams[1].inputs(name)
+            return step_together(streams, name)
 
         def place(name, module):
             streams[1].set_layer(name, module)
