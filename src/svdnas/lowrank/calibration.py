@@ -88,14 +88,16 @@ def column_sums(x: Tensor) -> Tensor:
     return sum((rows.sum(0).double() for rows in x.split(_GEMM_ROWS)), torch.zeros(x.shape[1], dtype=torch.float64, device=x.device))
 
 
-def gram(left: Tensor, right: Tensor | None = None) -> Tensor:
+def gram(left: Tensor, right: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """``left^T @ right`` in float64 (``right`` None: ``left^T @ left``, symmetric), the products in
-    ``left``'s precision over row blocks of at most ``_GEMM_ROWS``, each block's sum added in float64."""
+    ``left``'s precision over row blocks of at most ``_GEMM_ROWS``, each block's sum added in float64:
+    to ``out`` where given (a float64 sum to add to, symmetric for a symmetric product), which is returned."""
     n = left.shape[1]
-    out = torch.zeros(n, right.shape[1] if right is not None else n, dtype=torch.float64, device=left.device)
+    if out is None:
+        out = torch.zeros(n, right.shape[1] if right is not None else n, dtype=torch.float64, device=left.device)
     if right is not None:
         for lo, ro in zip(left.split(_GEMM_ROWS), right.split(_GEMM_ROWS)):
-            out += (lo.T @ ro).double()
+            out.add_(lo.T @ ro)
         return out
     block = max(_BLOCK_COLUMNS, n // 4)
     edges = list(range(0, n, block)) + [n] if n > 2 * block else [0, n]
@@ -103,7 +105,7 @@ def gram(left: Tensor, right: Tensor | None = None) -> Tensor:
     for rows in left.split(_GEMM_ROWS):
         for i0, i1 in spans:
             # the blocks right of the diagonal in one product: columns i0.. of the rows' block
-            out[i0:i1, i0:] += (rows[:, i0:i1].T @ rows[:, i0:]).double()
+            out[i0:i1, i0:].add_(rows[:, i0:i1].T @ rows[:, i0:])
     for i0, i1 in spans[:-1]:  # mirror the blocks above the diagonal
         out[i1:, i0:i1] = out[i0:i1, i1:].T
     return out
@@ -263,7 +265,7 @@ class _Moments:
         p = p.to(acc.device)
         n = p.shape[1] // g
         for j in range(g):
-            acc[j] += gram(p[:, j * n : (j + 1) * n])
+            gram(p[:, j * n : (j + 1) * n], out=acc[j])
 
     def _moment(self, store: dict[Key, Tensor], first_kernel: tuple[int, int], groups: int) -> Tensor:
         if self.count == 0:

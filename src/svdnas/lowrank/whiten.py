@@ -561,7 +561,7 @@ def prefix_target(weight: Tensor, stats: CrossMoments, *, damping: float = 1e-6,
     n = c.shape[-1]
     mu = ridge * float(torch.diagonal(raw[0]).sum()) / n
     rhs = stats.output_cross().to(c.device).T + mu * weight.reshape(weight.shape[0], -1).to(c).T
-    target = torch.linalg.solve(c, rhs).T  # C symmetric
+    target = _psd_solve(c, rhs).T  # C symmetric, positive definite
     return target.reshape(weight.shape), c
 
 

@@ -327,7 +327,7 @@ def derive_model(job: Job, plan: Plan, derivation: Derivation, calibration: torc
     images = [x for x, _ in batches(calibration, 128)]
     spare = [x for x, _ in batches(held_out, 128)] if held_out is not None else []
     fit = fit_on_prefix(job.model, plan, job.targets, images, job.device, derivation, held_out=spare,
-                        refit_iters=derivation.refit_iters, damping=derivation.damping,
+                        refit_iters=derivation.prefix_refit_iters, damping=derivation.damping,
                         patches_per_column=derivation.sampling.per_column if derivation.sampling else None, progress=job.ticker("prefix_fit"))
     model = _standard_memory(fit.model)
     block = {"images": fit.images, "held_out_images": fit.held_out, "relative_output_error": fit.errors}

@@ -179,8 +179,9 @@ def step_together(locksteps: Sequence[Lockstep], name: str) -> list[list[Tensor]
 
 
 def _relative_error(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
-    num = sum(float((o.double() - r.double()).pow(2).sum()) for r, o in zip(reference, outputs))
-    den = sum(float(r.double().pow(2).sum()) for r in reference)
+    """sum ||o - r||^2 / sum ||r||^2, the squares in the outputs' precision, their sums in float64."""
+    num = sum(float((o - r).pow(2).sum(dtype=torch.float64)) for r, o in zip(reference, outputs))
+    den = sum(float(r.pow(2).sum(dtype=torch.float64)) for r in reference)
     return num / den if den > 0 else 0.0
 
 
