@@ -644,3 +644,19 @@ def test_spectrum_alone_and_factors_kept_per_family(monkeypatch):
     other = derivation.factors("0", weight * 2, fam)  # another weight (a residual) is not served the kept ones
     assert len(calls) == 2
     torch.testing.assert_close(other.s, 2 * spectrum)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("at", [(1, 0), (5, 2), (7, 6)])
+def test_a_cholesky_factor_is_accepted_only_where_every_entry_is_finite(bad, at):
+    """The solvers read a factor's finiteness from its diagonal: a non-finite entry anywhere below it
+    reaches the diagonal of its row."""
+    torch.manual_seed(0)
+    x = torch.randn(20, 8, dtype=D)
+    c = x.T @ x
+    chol, info = torch.linalg.cholesky_ex(c)
+    assert int(info) == 0 and whiten._finite_factor(chol)
+    c[at], c[at[::-1]] = bad, bad
+    chol, info = torch.linalg.cholesky_ex(c)
+    assert not (int(info) == 0 and whiten._finite_factor(chol))
+    assert whiten._finite_factor(chol) == bool(torch.isfinite(chol).all()) is False  # whatever the factorisation reported

@@ -65,9 +65,15 @@ def _roots(c: Tensor, damping: float) -> tuple[Tensor, Tensor | None]:
     """
     damped = _damped(c, damping)
     chol, info = torch.linalg.cholesky_ex(damped)
-    if bool((info == 0).all()) and bool(torch.isfinite(chol).all()):
+    if bool((info == 0).all()) and _finite_factor(chol):
         return chol, None
     return _eigen_roots(damped)
+
+
+def _finite_factor(chol: Tensor) -> bool:
+    """Whether Cholesky factors are finite, read from their diagonals: L_ii = sqrt(C_ii - sum_k<i L_ik^2),
+    so a non-finite entry anywhere in row i (or a zero pivot before it) leaves L_ii non-finite."""
+    return bool(torch.isfinite(chol.diagonal(dim1=-2, dim2=-1)).all())
 
 
 def _eigen_roots(damped: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,7 +90,7 @@ def _triangular_inverse(chol: Tensor) -> Tensor | None:
     """L^-1 of a batch of lower-triangular Cholesky factors, or None where it is not finite."""
     eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
     inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-    return inv if bool(torch.isfinite(inv).all()) else None
+    return inv if bool(torch.isfinite(inv.sum())) else None  # a sum is finite only if every entry is (or it overflowed: then None too)
 
 
 def _per_group(moment: Tensor, mats: Tensor) -> Tensor:
@@ -260,7 +266,7 @@ def _psd_solve(h: Tensor, rhs: Tensor) -> Tensor:
     jittered = h.clone()
     jittered.diagonal().add_(h.diagonal().amax().clamp_min(0) * n * torch.finfo(h.dtype).eps * 10)
     chol, info = torch.linalg.cholesky_ex(jittered)
-    if int(info) == 0 and bool(torch.isfinite(chol.diagonal()).all()):
+    if int(info) == 0 and _finite_factor(chol):
         return torch.cholesky_solve(rhs, chol)
     return _eigen_solve(h, rhs)
 
