@@ -152,14 +152,17 @@ def test_a_layer_the_forward_pass_never_calls_is_named():
         fit_on_prefix(WithSpare(), Plan({"unused": [LowRankSpec((1, 1), (1, 1), 2)]}), ["unused"], [images()], "cpu")
 
 
-def test_compress_with_the_prefix_derivation_writes_a_run_that_loads(trained_tiny, tmp_path):
+def test_compress_with_the_prefix_derivation_writes_a_run_that_loads(trained_tiny, tmp_path, monkeypatch):
     import svdnas
     from svdnas.pipeline.compress import compress
     from svdnas.pipeline.config import CompressConfig
-    from svdnas.search import SearchConfig
+    from svdnas.search import SearchConfig, allocation
     from tests.conftest import TinyNet
 
     model, data = trained_tiny
+    scored = []
+    real_log_probs = allocation.log_probs
+    monkeypatch.setattr(allocation, "log_probs", lambda m, *a, **k: scored.append(m) or real_log_probs(m, *a, **k))
     config = CompressConfig(reduction=0.3, search_images=100, proxy_images=32, families=2, proxy_drop=0,
                             derivation="prefix", calibration_images=64, search=SearchConfig(epochs=1, target=0.5))
     result = compress(model, data, config, filter_fn="convs", seed=0, out=tmp_path / "run")
@@ -169,9 +172,11 @@ def test_compress_with_the_prefix_derivation_writes_a_run_that_loads(trained_tin
     assert fit["held_out_images"] == 32 and set(fit["kept_derived"]) <= set(compressed)  # the proxy's images, apart
     check = fit["model_check"]
     assert check["kept"] == min(check["mean_kl"], key=check["mean_kl"].get)
-    # the plan check scored the same plan with the same factors on the same (proxy) images: its score is reused
+    # the plan check scored the same plan with the same factors on the same (proxy) images: its score is
+    # reused, and the original's outputs there were taken once
     plan_check = result.report["plan_check"]
     assert "skipped" not in plan_check and check["mean_kl"]["derived"] == plan_check["kl"][plan_check["kept"]]
+    assert sum(m is scored[0] for m in scored) == 1 and len(scored) == 1 + len(set(plan_check["kl"].values())) + 1
     assert result.report["derivation"] == "prefix" and "prefix_fit" in result.report["seconds"]
     loaded = svdnas.load(str(tmp_path / "run"), base_model=TinyNet()).eval()
     x = data.test.tensors[0][:16]
@@ -264,3 +269,18 @@ def test_one_pass_per_batch_fits_as_a_pass_per_layer_does(monkeypatch):
     # the plan's order against the forward pass's: the lockstep notices and the fit falls back
     backwards = fit_on_prefix(model, PLAN, NAMES[::-1], batches, "cpu", damping=1e-12)
     assert calls and set(backwards.errors) == set(NAMES)
+
+
+def test_the_fit_leaves_torchs_thread_counts_as_they_were():
+    """The passes compute on threads of their own with fewer intra-op threads; neither the caller's
+    count nor the one a thread started later begins with changes."""
+    import threading
+
+    before = torch.get_num_threads()
+    fit_on_prefix(net(), PLAN, NAMES, [images(), images()], "cpu")
+    assert torch.get_num_threads() == before
+    seen = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [before]

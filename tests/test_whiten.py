@@ -659,4 +659,5 @@ def test_a_cholesky_factor_is_accepted_only_where_every_entry_is_finite(bad, at)
     c[at], c[at[::-1]] = bad, bad
     chol, info = torch.linalg.cholesky_ex(c)
     assert not (int(info) == 0 and whiten._finite_factor(chol))
-    assert whiten._finite_factor(chol) == bool(torch.isfinite(chol).all()) is False  # whatever the factorisation reported
+    assert not bool(torch.isfinite(chol).all())  # whatever the factorisation reported,
+    assert not whiten._finite_factor(chol)  # its diagonal shows it

@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import pairwise
-from math import gcd
+from math import gcd, prod
 from typing import Any
 
 import torch
@@ -99,7 +99,7 @@ def gram(left: Tensor, right: Tensor | None = None, out: Tensor | None = None) -
         for lo, ro in zip(left.split(_GEMM_ROWS), right.split(_GEMM_ROWS)):
             out.add_(lo.T @ ro)
         return out
-    block = max(_BLOCK_COLUMNS, n // 4)
+    block = max(_BLOCK_COLUMNS, -(-n // 4))
     edges = list(range(0, n, block)) + [n] if n > 2 * block else [0, n]
     spans = list(pairwise(edges))
     for rows in left.split(_GEMM_ROWS):
@@ -245,7 +245,7 @@ class _Moments:
         start, step = 0, 1
         if self.sampling is not None:
             positions = _positions(view)
-            step = self.sampling.step(positions, view[0, 0, 0].numel())
+            step = self.sampling.step(positions, prod(view.shape[3:]))
             before = self.streamed.get(fk, 0)
             start = -before % step
             self.streamed[fk] = before + view.shape[0] * positions

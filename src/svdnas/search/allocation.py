@@ -128,7 +128,8 @@ class Closeness:
         return mean_kl(self.reference(), compressed.eval(), self.images, self.device)
 
     def of_plan(self, plan: Plan, derivation: Derivation) -> float:
-        """:meth:`of_model` of the original compressed by ``plan`` with ``derivation``'s factors."""
+        """:meth:`of_model` of the original compressed by ``plan`` with ``derivation``'s factors (a
+        derivation is scored as it is the first time: it is not to change once scored)."""
         key = (plan.to_json(), id(derivation))
         if key not in self._plans or self._plans[key][0] is not derivation:
             compressed = apply_plan(copy.deepcopy(self.model), plan, derivation=derivation)
@@ -142,6 +143,8 @@ def better_plan(model: nn.Module, plans: dict[str, Plan], images: Dataset, devic
     nearest the original on ``images`` by :func:`mean_kl`, and each plan's score. Plans that are
     equal are scored once; ties keep the first. ``closeness``: scores kept across calls (on ``images``)."""
     closeness = closeness or Closeness(model, images, device)
+    if closeness.model is not model or closeness.images is not images:
+        raise ValueError("the closeness given scores another model or other images than these")
     scores = {key: closeness.of_plan(plan, derivation) for key, plan in plans.items()}
     best = min(scores, key=lambda k: (scores[k], list(plans).index(k)))
     return best, {"kl": scores, "kept": best, "images": len(images)}

@@ -8,7 +8,7 @@ are compensated instead of compounded.
 
 Each calibration batch makes one forward pass through each model, not one per layer: every batch's
 pass runs in a thread of its own that pauses at the input of each layer of the plan (:class:`Lockstep`)
-until that layer is fitted, one pass moving at a time. A model whose passes do not meet the layers in
+until that layer is fitted, one pass of each model moving at a time, the two side by side. A model whose passes do not meet the layers in
 the plan's order, once each, is fitted with a pass per layer instead (:func:`layer_inputs`).
 """
 
@@ -33,6 +33,9 @@ from svdnas.lowrank.whiten import PREFIX_RIDGE, derive_prefix
 from svdnas.surgery.swap import set_submodule
 
 log = logging.getLogger(__name__)
+
+
+_OPENMP = "OpenMP" in torch.__config__.parallel_info().split("parallel backend:")[-1]
 
 
 class _Reached(Exception):
@@ -88,13 +91,14 @@ class Lockstep:
     moves the passes of several models side by side). :meth:`set_layer` replaces the module a gate
     runs, before the passes are let on past it.
 
-    Each pass computes with one intra-op thread: a thread's OpenMP team keeps spinning a while after
-    each stretch of work, and with a team per pass those spinning threads took the cores from the
-    fit's own computation (the prefix fit of the demo's plan took 15% longer); a model's pass and
-    another's run side by side instead, each on a core.
+    Each pass computes with ``threads`` intra-op threads (OpenMP builds; elsewhere torch's own
+    setting): a thread's OpenMP team keeps spinning a while after each stretch of work, and with a
+    team of every core per pass those spinning threads took the cores from the fit's own products;
+    :func:`step_together` runs two models' passes side by side instead, on half the cores each.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], batches: Sequence[Tensor], device: torch.device | str) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str], batches: Sequence[Tensor], device: torch.device | str,
+                 threads: int = 1) -> None:
         self.model, self.device, self.batches = model, device, list(batches)
         self.gates = {}
         for name in names:
@@ -106,6 +110,7 @@ class Lockstep:
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(len(self.batches))]
         self.local = threading.local()
         self.stopping = False
+        self.pass_threads = max(1, threads)
         self.threads_before = torch.get_num_threads()
 
     def set_layer(self, name: str, module: nn.Module) -> None:
@@ -113,9 +118,10 @@ class Lockstep:
 
     def _run(self, i: int) -> None:
         self.local.index = i
-        torch.set_num_threads(1)
         self.go[i].acquire()
         try:
+            if _OPENMP:  # a thread's own count; the native pool's is the process's, and set once
+                torch.set_num_threads(self.pass_threads)
             if self.stopping:
                 raise _Stop
             with torch.no_grad():
@@ -163,7 +169,8 @@ class Lockstep:
             self.threads[i].join()
         for name, gate in self.gates.items():
             set_submodule(self.model, name, gate.inner)
-        torch.set_num_threads(self.threads_before)
+        if _OPENMP:  # the count that threads started later begin with (this thread's own is unchanged)
+            torch.set_num_threads(self.threads_before)
 
 
 def step_together(locksteps: Sequence[Lockstep], name: str) -> list[list[Tensor]]:
@@ -179,9 +186,14 @@ def step_together(locksteps: Sequence[Lockstep], name: str) -> list[list[Tensor]
 
 
 def _relative_error(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
-    """sum ||o - r||^2 / sum ||r||^2, the squares in the outputs' precision, their sums in float64."""
-    num = sum(float((o - r).pow(2).sum(dtype=torch.float64)) for r, o in zip(reference, outputs))
-    den = sum(float(r.pow(2).sum(dtype=torch.float64)) for r in reference)
+    """sum ||o - r||^2 / sum ||r||^2, the squares in float32 or float64 (a half-precision square
+    overflows), their sums in float64."""
+
+    def wide(x: Tensor) -> Tensor:
+        return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+    num = sum(float((wide(o) - wide(r)).pow(2).sum(dtype=torch.float64)) for r, o in zip(reference, outputs))
+    den = sum(float(wide(r).pow(2).sum(dtype=torch.float64)) for r in reference)
     return num / den if den > 0 else 0.0
 
 
@@ -260,7 +272,8 @@ def _fit(original, plan, layers, batches, device, *, lockstep, derivation, held_
     n_fit = len(batches) - held_out
     compressed = copy.deepcopy(original)
     if lockstep:
-        streams = [Lockstep(copy.deepcopy(original), layers, batches, device), Lockstep(compressed, layers, batches, device)]
+        half = max(1, torch.get_num_threads() // 2)  # the two models' passes run side by side
+        streams = [Lockstep(copy.deepcopy(original), layers, batches, device, half), Lockstep(compressed, layers, batches, device, half)]
 
         def inputs(name):
             return step_together(streams, name)
