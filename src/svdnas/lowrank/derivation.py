@@ -52,7 +52,8 @@ class Derivation:
         prefix_refit_iters: those of ``prefix``'s fit, for the families whose pooled fit is an
             approximation. Two steps gave the same top-1 as four, or up to 6 test images more, on
             ``zoo:resnet18`` at 40-70% FLOPs, ``zoo:efficientnet_b0`` at 10-40% and ``zoo:mobilenetv2`` at
-            20-40% (2026-12-04), in 2-4 s less on the first.
+            20-40%, the fit 0.2-5.5 s shorter on the first (2026-12-04,
+            ``benchmarks/diagnostics/prefix_refit_iters.py``).
         sampling: which of the calibration images' patches the moments summed (None: every one); the
             prefix fit takes its own at the same patches per column.
     """
