@@ -125,7 +125,7 @@ def unfolded(x: Tensor, geo: ConvGeometry, first_kernel: tuple[int, int] | None 
         linear: the layer is an ``nn.Linear``.
     """
     if linear:
-        return _per_image(x).unsqueeze(2)
+        return _per_image(x)
     fk = geo.kernel if first_kernel is None else tuple(first_kernel)
     kw, _ = geo.split(LowRankSpec(fk, (1, 1), 1))  # type: ignore[arg-type]
     (ph, pw), (sh, sw), (dh, dw) = kw["padding"], kw["stride"], kw["dilation"]
@@ -140,8 +140,9 @@ def unfolded(x: Tensor, geo: ConvGeometry, first_kernel: tuple[int, int] | None 
 
 
 def _per_image(x: Tensor) -> Tensor:
-    """Rows of features (N, ..., F) as (N, rows per image, F); one image for a single row (F,)."""
-    return x.reshape(x.shape[0] if x.dim() > 1 else 1, -1, x.shape[-1])
+    """Rows of features (N, ..., F) as a view (N, rows per image, 1, F) with the patches' layout (an
+    image's rows are its positions); one image for a single row (F,)."""
+    return x.reshape(x.shape[0] if x.dim() > 1 else 1, -1, 1, x.shape[-1])
 
 
 def _positions(view: Tensor) -> int:
@@ -399,7 +400,7 @@ class CrossMoments(_Moments):
 
     def _rows(self, y: Tensor, start: int, step: int) -> Tensor:
         """The layer's output less its bias at the patches' rows ``start, start + step, ...``: (patches, O)."""
-        y = _per_image(y).unsqueeze(2) if self.linear else y.permute(0, 2, 3, 1)
+        y = _per_image(y) if self.linear else y.permute(0, 2, 3, 1)
         y = take_rows(y, start, step)
         return y - self.layer.bias.detach() if self.layer.bias is not None else y
 

@@ -119,8 +119,8 @@ class Job:
 
     def closeness_on(self, images: torch.utils.data.Dataset) -> allocation.Closeness:
         """Mean KL scores of compressed models on ``images``, kept for the whole job (one per image set)."""
-        found = self.closeness.get(id(images))
-        if found is None or found.images is not images:
+        found = self.closeness.get(id(images))  # a Closeness holds its images, so their id is not reused
+        if found is None:
             found = self.closeness[id(images)] = allocation.Closeness(self.model, images, self.device)
         return found
 

@@ -130,8 +130,8 @@ class Closeness:
     def of_plan(self, plan: Plan, derivation: Derivation) -> float:
         """:meth:`of_model` of the original compressed by ``plan`` with ``derivation``'s factors (a
         derivation is scored as it is the first time: it is not to change once scored)."""
-        key = (plan.to_json(), id(derivation))
-        if key not in self._plans or self._plans[key][0] is not derivation:
+        key = (plan.to_json(), id(derivation))  # the entry holds the derivation, so its id is not reused
+        if key not in self._plans:
             compressed = apply_plan(copy.deepcopy(self.model), plan, derivation=derivation)
             self._plans[key] = (derivation, self.of_model(compressed))
         return self._plans[key][1]

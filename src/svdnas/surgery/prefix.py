@@ -86,10 +86,10 @@ class _Gate(nn.Module):
 
 class Lockstep:
     """Forward passes of ``model`` over ``batches``, each in a thread that pauses at every layer of
-    ``names`` (replaced in ``model`` by gates until :meth:`close`); :meth:`inputs` lets each pass on,
-    one at a time, to the next layer and returns what each one brought to it (:func:`step_together`
-    moves the passes of several models side by side). :meth:`set_layer` replaces the module a gate
-    runs, before the passes are let on past it.
+    ``names`` (replaced in ``model`` by gates until :meth:`close`); :func:`step_together` lets each
+    pass on, one at a time (that of several models side by side), to the next layer and returns what
+    each one brought to it. :meth:`set_layer` replaces the module a gate runs, before the passes are
+    let on past it.
 
     Each pass computes with ``threads`` intra-op threads (OpenMP builds; elsewhere torch's own
     setting): a thread's OpenMP team keeps spinning a while after each stretch of work, and with a
@@ -154,10 +154,6 @@ class Lockstep:
             raise _OutOfOrder(f"the forward pass met {what or 'the end'} where layer {name} was expected")
         return x
 
-    def inputs(self, name: str) -> list[Tensor]:
-        """Each pass let on to the next layer of the plan, which must be ``name``; their inputs there."""
-        return step_together([self], name)[0]
-
     def close(self) -> None:
         """End the paused passes (they raise inside the model), put the layers back in place of the
         gates, and the intra-op threads new threads start with back to what they were."""
@@ -174,8 +170,9 @@ class Lockstep:
 
 
 def step_together(locksteps: Sequence[Lockstep], name: str) -> list[list[Tensor]]:
-    """:meth:`Lockstep.inputs` of several models over the same number of batches, batch ``i``'s
-    passes of every model let on at once (each computes on a thread of its own)."""
+    """Each pass of each :class:`Lockstep` (over the same number of batches) let on to the next layer
+    of the plan, which must be ``name``, batch ``i``'s passes of every model at once (each computes on
+    a thread of its own); per lockstep, its passes' inputs there."""
     got: list[list[Tensor]] = [[] for _ in locksteps]
     for i in range(len(locksteps[0].batches)):
         for lockstep in locksteps:
