@@ -89,12 +89,58 @@ def test_closeness_takes_the_originals_outputs_once_and_scores_a_plan_once(monke
     assert first == pytest.approx(mean_kl(real(model, images, "cpu"), compressed, images, "cpu"), rel=1e-6) and first > 1e-6
 
 
+def _even_error_kl(model, name, images, reference, r, seed):
+    """The mean KL from ``reference`` when ``name``'s output (less its bias) gets noise of relative energy ``r``, spread evenly."""
+    layer = model.get_submodule(name)
+    g = torch.Generator().manual_seed(seed)
+
+    def hook(m, a, out):
+        y = out if m.bias is None else out - m.bias.view(-1, *([1] * (out.dim() - 2)))
+        scale = (r * y.flatten(1).square().sum(1) / y[0].numel()).sqrt()
+        return out + scale.view(-1, *([1] * (out.dim() - 1))) * torch.randn(out.shape, generator=g)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        return mean_kl(reference, model, images, "cpu")
+    finally:
+        handle.remove()
+
+
+def test_layer_sensitivity_predicts_the_kl_of_a_small_even_error():
+    model = tiny_net().eval()
+    g = torch.Generator().manual_seed(3)
+    images = TensorDataset(3 * torch.randn(512, 1, 12, 12, generator=g), torch.zeros(512, dtype=torch.long))
+    names = ["stem", "body.0", "body.4", "head"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = allocation.layer_sensitivity(model, names, images, "cpu")
+    assert not model.training and all(p.grad is None for p in model.parameters())  # the model is left as it was
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    reference = log_probs(model, images, "cpu")
+    r = 1e-3
+    for name in names:
+        measured = sum(_even_error_kl(model, name, images, reference, r, seed) for seed in range(4)) / 4
+        assert measured == pytest.approx(r * weights[name], rel=0.25), name
+    assert len({round(w, 12) for w in weights.values()}) == len(names)  # the layers differ: the weights carry information
+
+
+def test_weights_steer_the_allocation_and_only_their_ratios_count():
+    model, _, cands, derivation = _setup()
+    total = sum(c.macs[0] for c in cands.values())
+    plan = lambda w: allocation.allocate(model, cands, derivation, "flops", 0.1, total, 0.0, ["0", "2"], w).to_json()
+    plain = plan(None)
+    assert plan({"0": 1.0, "2": 1.0}) == plain == plan({"0": 7.0, "2": 7.0})
+    for heavy, light in (("0", "2"), ("2", "0")):
+        steered = Plan.from_json(plan({heavy: 1e6, light: 1.0}))
+        assert not steered.layers[heavy] and steered.layers[light]  # the weighted layer is left whole, the other pays
+
+
 def _config(**kw) -> CompressConfig:
     settings = {"reduction": 0.4, "search_images": 200, "proxy_images": 64, "derivation": "whitened"} | kw
     return CompressConfig(search=SearchConfig(epochs=1, batch_size=64, target=0.5), **settings)
 
 
-@pytest.mark.parametrize("winner", ["search", "spectrum", None])
+@pytest.mark.parametrize("winner", ["search", "spectrum", "weighted", None])
 def test_compress_keeps_the_plan_the_check_prefers(tiny_fmnist, tmp_path, monkeypatch, winner):
     seen = {}
 
@@ -107,14 +153,14 @@ def test_compress_keeps_the_plan_the_check_prefers(tiny_fmnist, tmp_path, monkey
     result = compress(tiny_net().eval(), load_data(f"fmnist:{tiny_fmnist}"), _config(), filter_fn="convs+linear", out=tmp_path / "run")
     check = json.loads((tmp_path / "run" / "report.json").read_text())["plan_check"]
     assert result.report["flops"]["reduction"] >= 0.4 - 0.01  # either plan meets the budget
-    assert check["seconds"] > 0 and set(check["kl"]) == {"search", "spectrum"}
+    assert check["seconds"] > 0 and set(check["kl"]) == {"search", "spectrum", "weighted"}
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     if winner:
-        assert seen["search"].to_json() != seen["spectrum"].to_json()  # the check had two plans to choose from
+        assert seen["search"].to_json() != seen["spectrum"].to_json()  # the check had plans to choose from
         assert result.plan.to_json() == seen[winner].to_json()
-        assert history["plan_from"] == ("search" if winner == "search" else "spectrum allocation")
+        assert history["plan_from"] == {"search": "search", "spectrum": "spectrum allocation", "weighted": "weighted spectrum allocation"}[winner]
     else:
-        assert check["kept"] in ("search", "spectrum") and check["kl"][check["kept"]] == min(check["kl"].values())
+        assert check["kept"] in ("search", "spectrum", "weighted") and check["kl"][check["kept"]] == min(check["kl"].values())
 
 
 @pytest.mark.parametrize("kw", [{"derivation": "weight"}, {"keep_search_plan": True}, {"branches": 2}, {"reduction": None, "beta": 0.5}])

@@ -1,6 +1,7 @@
 """The benchmark scripts import and parse their arguments; their small helpers are right."""
 
 import importlib
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,24 @@ def test_allocation_reads_kept_share_and_groups(monkeypatch, tmp_path):
     alloc = m.allocation(tmp_path)
     assert alloc["a"] == (0.25, "1x1-first/g24x1/r8", 24)
     assert alloc["b"] == (1.0, "original", 1)
+
+
+def test_bits_round_trip_and_the_sign_test(monkeypatch, tmp_path):
+    import json
+
+    m = _load("tables.post_training_comparison", monkeypatch)
+    for bits in ([], [True], [False, True, True], [True, False] * 7 + [True]):
+        assert m.decode_bits(m.encode_bits(bits), len(bits)) == bits
+    assert m.encode_bits([True, False, False, False, False, False, False, True]) == "81"
+    # by hand: 0 against 5 has p = 2 / 2^5; 1 against 1 is an even split; 10 against 0: 2 / 1024
+    assert m.sign_test(0, 5) == pytest.approx(2 / 32)
+    assert m.sign_test(1, 1) == 1.0 and m.sign_test(0, 0) == 1.0
+    assert m.sign_test(10, 0) == m.sign_test(0, 10) == pytest.approx(2 / 1024)
+    assert m.sign_test(3, 9) == pytest.approx(2 * sum(math.comb(12, i) for i in range(4)) / 4096)
+    ours, theirs = [True, True, False, True, False], [False, True, True, False, False]
+    rows = [{"reduction_target": 0.2, "method": "svdnas@prefix", "correct": m.encode_bits(ours)},
+            {"reduction_target": 0.2, "method": "balf", "correct": m.encode_bits(theirs)},
+            {"reduction_target": 0.4, "method": "balf", "correct": m.encode_bits(theirs)}]
+    (tmp_path / "r.json").write_text(json.dumps({"meta": {"test_images": 5}, "rows": rows}))
+    lines = m.paired_table(tmp_path / "r.json").splitlines()
+    assert len(lines) == 3 and "| 0.2 | svdnas@prefix vs balf | 2 | 1 | 1 |" in lines[2]

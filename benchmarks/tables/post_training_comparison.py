@@ -14,13 +14,17 @@ the rows already there, so a stopped run resumes) and a plot of top-1 drop again
 
 Each row also keeps how near the compressed model stays to the original on the test images (``agreement``:
 the share whose top-1 class is the original's; ``mean_kl``: the mean KL divergence of its softmax from the
-original's) and the report's latency reduction at batch 1 in each runtime (``latency``), and a second
-table prints them beside the drop.
+original's), the report's latency reduction at batch 1 in each runtime (``latency``), and which test images
+it classifies right (``correct``, one bit per image in hexadecimal). A second table prints the first
+three beside the drop; a third compares svdnas with every other row of its budget image by image: the
+images only one of the two gets right, and the exact sign test's p-value of that split, which says
+whether a difference in top-1 is larger than chance gives.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -29,6 +33,7 @@ import torch
 from benchmarks.common import markdown_table, model_and_data, parser, result_path, setup, stamp
 from benchmarks.common import post_training_table as table
 from svdnas.baselines.methods import SPLITS
+from svdnas.data.evaluate import batches
 from svdnas.lowrank.derivation import KINDS
 from svdnas.pipeline.baseline import run_baseline
 from svdnas.pipeline.compress import compress
@@ -45,13 +50,52 @@ def log_softmax(model: torch.nn.Module, dataset) -> torch.Tensor:
     return torch.cat(log_probs(model.eval(), dataset, "cpu", 256))
 
 
-def nearness(reference: torch.Tensor, model: torch.nn.Module, dataset) -> dict[str, float]:
+def nearness(reference: torch.Tensor, model: torch.nn.Module, dataset, labels: torch.Tensor) -> dict[str, float | str]:
     """How near ``model`` is to the original on ``dataset``: top-1 agreement (%), mean and largest KL
-    divergence from its log-softmax ``reference``."""
+    divergence from its log-softmax ``reference``; and which images it classifies right
+    (:func:`encode_bits` of one bit per image, for :func:`paired_table`)."""
     mine = log_softmax(model, dataset)
     agreement = 100 * float((mine.argmax(-1) == reference.argmax(-1)).double().mean())
     kl = torch.nn.functional.kl_div(mine, reference, log_target=True, reduction="none").sum(-1)
-    return {"agreement": agreement, "mean_kl": float(kl.mean()), "max_kl": float(kl.max())}
+    return {"agreement": agreement, "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
+            "correct": encode_bits((mine.argmax(-1) == labels).tolist())}
+
+
+def encode_bits(bits: list[bool]) -> str:
+    """One bit per entry, as a hexadecimal string (4 entries a digit, the first in the highest bit)."""
+    padded = list(bits) + [False] * (-len(bits) % 4)
+    return "".join(f"{8 * a + 4 * b + 2 * c + d:x}" for a, b, c, d in zip(*[iter(padded)] * 4))
+
+
+def decode_bits(text: str, count: int) -> list[bool]:
+    """The first ``count`` entries :func:`encode_bits` wrote to ``text``."""
+    return [bool(int(digit, 16) >> (3 - k) & 1) for digit in text for k in range(4)][:count]
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """The exact two-sided sign test's p-value for ``wins`` against ``losses`` (ties left out): how
+    likely a split at least this uneven is if either side is equally likely to be right."""
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+
+
+def paired_table(path: Path) -> str:
+    """Each svdnas row against every other row of its reduction, image by image: the test images only
+    svdnas classifies right, those only the other row does, and the sign test's p-value of that split.
+    A p-value well above 0.05 says the two rows' difference in top-1 is within what chance gives."""
+    data = json.loads(Path(path).read_text())
+    count = data["meta"]["test_images"]
+    rows = [r for r in data["rows"] if "correct" in r]
+    body = []
+    for ours in (r for r in rows if r["method"].startswith("svdnas")):
+        mine = decode_bits(ours["correct"], count)
+        for other in (r for r in rows if r["reduction_target"] == ours["reduction_target"] and not r["method"].startswith("svdnas")):
+            theirs = decode_bits(other["correct"], count)
+            wins = sum(a and not b for a, b in zip(mine, theirs))
+            losses = sum(b and not a for a, b in zip(mine, theirs))
+            body.append([f"{ours['reduction_target']:g}", f"{ours['method']} vs {other['method']}", str(wins), str(losses),
+                         f"{sign_test(wins, losses):.2g}"])
+    return markdown_table(["R", "rows", "only svdnas right", "only the other right", "sign test p"], body, ["r", "l", "r", "r", "r"])
 
 
 def nearness_table(path: Path) -> str:
@@ -85,6 +129,7 @@ def main() -> None:
 
     reference = evaluate(model, data.test)  # the original's accuracy, measured once for every row
     original_log_softmax = log_softmax(model, data.test)
+    labels = torch.cat([y for _, y in batches(data.test, 256)])
     out = Path(args.out or result_path("post_training_comparison", f"{info.spec.replace(':', '_')}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": info.spec, "data": args.data, "epochs": args.epochs, "families": args.families, "proxy_drop": args.proxy_drop,
@@ -117,7 +162,7 @@ def main() -> None:
             "drop_pp": rep["top1"]["drop_pp"], "original_top1": rep["top1"]["original"], "seconds": seconds,
         })
         if compressed is not None:
-            rows[-1] |= nearness(original_log_softmax, compressed, data.test)
+            rows[-1] |= nearness(original_log_softmax, compressed, data.test, labels)
         if "runtimes" in rep.get("latency", {}):
             rows[-1]["latency"] = {k: v["reduction"] for k, v in rep["latency"]["runtimes"].items()}
         if "peak_memory_mib" in rep:  # svdnas: the search's cost by stage
@@ -160,6 +205,9 @@ def main() -> None:
     if any("agreement" in x for x in rows):
         print()
         print(nearness_table(out))
+    if any("correct" in x for x in rows) and any(x["method"].startswith("svdnas") for x in rows):
+        print()
+        print(paired_table(out))
     try:
         import matplotlib
 

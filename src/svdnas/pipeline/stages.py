@@ -13,7 +13,7 @@ the next stage needs. In order, for ``compress``:
    candidates by the one-layer accuracy proxy; what is left is checked against the budget again.
 6. :func:`search_plan`: a super model, its logits learned, one candidate per layer within the budget;
    with two branches, a second search over the first branch's residual. :func:`check_plan`: the
-   plan beside the spectrum allocation's, the one nearer the original kept. :func:`meet_latency_budget`
+   plan beside the spectrum allocations', the one nearest the original kept. :func:`meet_latency_budget`
    (latency objective): the plan selected again until the whole model, measured, meets the budget.
 7. :func:`derive_model`: the plan's factors (``prefix``: fitted layer by layer on the compressed
    prefix), then :func:`recover`: distillation, in the modes that fine-tune.
@@ -80,6 +80,9 @@ from svdnas.surgery.targets import FilterFn, require_targets
 from svdnas.surgery.trace import LayerInfo, example_input, trace_layers
 
 log = logging.getLogger(__name__)
+
+# history.json's plan_from for each plan the plan check can keep
+PLAN_FROM = {"search": "search", "spectrum": "spectrum allocation", "weighted": "weighted spectrum allocation"}
 Progress = Callable[[str, int, int], None]
 
 
@@ -482,8 +485,8 @@ def search_plan(job: Job, config: CompressConfig, pruned: Pruned, images: Search
 
 
 def check_plan(job: Job, config: CompressConfig, pruned: Pruned, images: SearchImages, searched: Searched) -> Searched:
-    """The search's plan beside the spectrum allocation's, both scored on the proxy images, the
-    better kept (see :mod:`svdnas.search.allocation`). Only where both are defined: an output-aware
+    """The search's plan beside the spectrum allocations' (plain and weighted by each layer's
+    sensitivity), all scored on the proxy images, the best kept (see :mod:`svdnas.search.allocation`). Only where both are defined: an output-aware
     derivation, a ``--reduction`` on FLOPs or params, one branch, proxy images, and not
     ``--keep-search-plan``. The allocation's options reach below the search's window (the whole
     grid, 0.05-0.95 of each layer's cost) where a lower rank cannot be slower: with
@@ -503,10 +506,9 @@ def check_plan(job: Job, config: CompressConfig, pruned: Pruned, images: SearchI
     if "skipped" in summary:
         log.warning("plan check skipped: %s", summary["skipped"])
     else:
-        log.info("plan check on %d proxy images: mean KL %.4g (search) and %.4g (spectrum allocation); kept the %s's plan",
-                 summary["images"], summary["kl"]["search"], summary["kl"]["spectrum"],
-                 "search" if summary["kept"] == "search" else "allocation")
-    history = searched.history | {"plan_from": "search" if summary["kept"] == "search" else "spectrum allocation"}
+        log.info("plan check on %d proxy images: mean KL %s; kept the %s plan", summary["images"],
+                 ", ".join(f"{v:.4g} ({k})" for k, v in summary["kl"].items()), summary["kept"])
+    history = searched.history | {"plan_from": PLAN_FROM[summary["kept"]]}
     return dataclasses.replace(searched, plan=plan, history=history, plan_check=summary)
 
 

@@ -1,4 +1,4 @@
-"""A second plan from the spectra alone, and the check that keeps the better of it and the search's.
+"""Plans from the spectra alone, and the check that keeps the best of them and the search's.
 
 With an output-aware derivation every candidate's relative output error is read from its family's
 whitened spectrum, with no image. Minimising the summed errors within the budget (the same
@@ -7,9 +7,12 @@ the search kept: its options are the search's candidates and, below them, every 
 the same families on the whole grid. Where the search's candidates are a window around the
 target, the allocation may compress a few layers far and leave the rest, as BALF does. At small
 reductions, where the search's loss barely separates its options, this plan can be the better
-one; elsewhere the search's. Both are scored on the proxy images (the accuracy proxy's, apart
-from the search images) by the mean KL divergence of the compressed model's softmax from the
-original's (no label needed, so it works on synthetic images too), and the lower is kept.
+one; elsewhere the search's. A third plan is the same allocation with each layer's errors
+weighted by how much an error there moves the model's output (:func:`layer_sensitivity`), since a
+relative error costs more in some layers than in others. All three are scored on the proxy images
+(the accuracy proxy's, apart from the search images) by the mean KL divergence of the compressed
+model's softmax from the original's (no label needed, so it works on synthetic images too), and the
+lowest is kept.
 """
 
 from __future__ import annotations
@@ -74,11 +77,64 @@ def spectrum_scores(model: nn.Module, candidates: dict[str, LayerCandidates], de
     return scores
 
 
+def layer_sensitivity(model: nn.Module, names: Sequence[str], images: Dataset, device: torch.device | str,
+                      seed: int = 0, batch_size: int = 32) -> dict[str, float]:
+    """Per layer, how much the model's mean KL divergence from itself grows per unit of that layer's
+    relative output error: the second-order (Fisher) estimate ``E[|g|^2 |y|^2] / (2 D)``, with ``y``
+    the layer's output on an image less its bias, ``D`` its size and ``g`` the gradient there of the
+    log-probability of a label drawn from the model's own softmax (so that ``E[g g^T]`` is the KL's
+    curvature). It assumes the error spreads over the output evenly; what it gives is the layers'
+    relative weights. One forward and backward pass over ``images``; the model is left as it was."""
+    modules = {n: model.get_submodule(n) for n in names}
+    outputs: dict[str, list[Tensor]] = {}
+
+    def keep(name):
+        def hook(m, a, out):
+            out = out if out.requires_grad else out.detach().requires_grad_()
+            outputs.setdefault(name, []).append(out)
+            return out
+        return hook
+
+    generator = torch.Generator().manual_seed(seed)
+    sums = dict.fromkeys(names, 0.0)
+    count = 0
+    was_training = model.training
+    handles = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
+    try:
+        model.eval()
+        with torch.enable_grad():
+            for x, _ in batches(images, batch_size):
+                outputs.clear()
+                logits = model(x.to(device)).float()
+                drawn = torch.multinomial(F.softmax(logits.detach(), -1).cpu(), 1, generator=generator).to(logits.device)
+                chosen = F.log_softmax(logits, -1).gather(1, drawn).sum()
+                found = [(n, t) for n in names for t in outputs.get(n, [])]
+                grads = torch.autograd.grad(chosen, [t for _, t in found], allow_unused=True)
+                for (n, out), g in zip(found, grads):
+                    if g is None:
+                        continue
+                    y = out.detach().float()
+                    bias = getattr(modules[n], "bias", None)
+                    if bias is not None:
+                        y = y - bias.detach().float().view(-1, *([1] * (y.dim() - 2)))
+                    per_image = g.float().flatten(1).square().sum(1) * y.flatten(1).square().sum(1)
+                    sums[n] += per_image.double().sum().item() / (2 * y[0].numel())
+                count += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: sums[n] / max(count, 1) for n in names}
+
+
 def allocate(model: nn.Module, candidates: dict[str, LayerCandidates], derivation: Derivation, objective: str,
-             reduction: float, total: float, fixed: float, targets: Sequence[str]) -> Plan:
-    """The plan minimising the summed spectrum-read output errors within ``(1 - reduction) * total``."""
+             reduction: float, total: float, fixed: float, targets: Sequence[str], weights: dict[str, float] | None = None) -> Plan:
+    """The plan minimising the summed spectrum-read output errors within ``(1 - reduction) * total``,
+    each layer's errors times its ``weights`` entry where given (:func:`layer_sensitivity`)."""
     names = list(candidates)
     scores = spectrum_scores(model, candidates, derivation)
+    if weights is not None:
+        scores = {n: [w * weights[n] for w in row] for n, row in scores.items()}
     choice = choose([scores[n] for n in names], [candidates[n].cost(objective) for n in names], reduction, total, fixed,
                     [candidates[n].next_rank() for n in names])
     picked = dict(zip(names, choice))
@@ -154,7 +210,8 @@ def check_against_allocation(
     model: nn.Module, searched: Plan, allowed: dict[str, LayerCandidates], derivation: Derivation, objective: str,
     reduction: float, total: float, fixed: float, images: Dataset, device: torch.device | str, closeness: Closeness | None = None,
 ) -> tuple[Plan, dict[str, Any]]:
-    """The plan kept (the search's, or the allocation's over the options ``allowed``) and the check's summary.
+    """The plan kept (the search's, or one of the allocations' over the options ``allowed``, plain and
+    weighted by :func:`layer_sensitivity` on ``images``) and the check's summary.
     Under torchrun rank 0 decides and the others receive its plan. If the allocation cannot meet
     the budget with these options, the search's plan is kept and the summary says why."""
     t0 = time.perf_counter()
@@ -165,11 +222,15 @@ def check_against_allocation(
         except BudgetError as e:
             result = (searched.to_dict(), {"kept": "search", "skipped": str(e)})
         else:
-            kept, summary = better_plan(model, {"search": searched, "spectrum": allocated}, images, device, derivation, closeness=closeness)
-            result = ((searched if kept == "search" else allocated).to_dict(), summary)
+            plans = {"search": searched, "spectrum": allocated}
+            weights = layer_sensitivity(model, list(allowed), images, device)
+            plans["weighted"] = allocate(model, allowed, derivation, objective, reduction, total, fixed, list(searched.layers), weights)
+            kept, summary = better_plan(model, plans, images, device, derivation, closeness=closeness)
+            result = (plans[kept].to_dict(), summary)
     plan, summary = ddp.broadcast_object(result)
     summary["seconds"] = time.perf_counter() - t0
     return Plan.from_dict(plan), summary
 
 
-__all__ = ["Closeness", "allocate", "better_plan", "check_against_allocation", "log_probs", "mean_kl", "options", "spectrum_scores"]
+__all__ = ["Closeness", "allocate", "better_plan", "check_against_allocation", "layer_sensitivity", "log_probs", "mean_kl", "options",
+           "spectrum_scores"]
