@@ -129,7 +129,7 @@ def main() -> None:
 
     reference = evaluate(model, data.test)  # the original's accuracy, measured once for every row
     original_log_softmax = log_softmax(model, data.test)
-    labels = torch.cat([y for _, y in batches(data.test, 256)])
+    truth = torch.cat([y for _, y in batches(data.test, 256)])
     out = Path(args.out or result_path("post_training_comparison", f"{info.spec.replace(':', '_')}.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": info.spec, "data": args.data, "epochs": args.epochs, "families": args.families, "proxy_drop": args.proxy_drop,
@@ -162,7 +162,7 @@ def main() -> None:
             "drop_pp": rep["top1"]["drop_pp"], "original_top1": rep["top1"]["original"], "seconds": seconds,
         })
         if compressed is not None:
-            rows[-1] |= nearness(original_log_softmax, compressed, data.test, labels)
+            rows[-1] |= nearness(original_log_softmax, compressed, data.test, truth)
         if "runtimes" in rep.get("latency", {}):
             rows[-1]["latency"] = {k: v["reduction"] for k, v in rep["latency"]["runtimes"].items()}
         if "peak_memory_mib" in rep:  # svdnas: the search's cost by stage
