@@ -1,4 +1,5 @@
-"""The spectrum allocation's plan and the check that keeps the better of it and the search's."""
+"""The spectrum allocations' plans (plain and weighted by each layer's sensitivity) and the check that
+keeps the best of them and the search's."""
 
 import copy
 import json
@@ -112,10 +113,13 @@ def test_layer_sensitivity_predicts_the_kl_of_a_small_even_error():
     images = TensorDataset(3 * torch.randn(512, 1, 12, 12, generator=g), torch.zeros(512, dtype=torch.long))
     names = ["stem", "body.0", "body.4", "head"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    model.body.eval()  # a mix of modes, each module's to be restored
     weights = allocation.layer_sensitivity(model, names, images, "cpu")
-    assert not model.training and all(p.grad is None for p in model.parameters())  # the model is left as it was
-    assert all(not m._forward_hooks for m in model.modules())
+    assert model.training and model.stem.training and not model.body.training and not model.body[1].training
+    assert all(p.grad is None for p in model.parameters()) and all(not m._forward_hooks for m in model.modules())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    model.eval()
     reference = log_probs(model, images, "cpu")
     r = 1e-3
     for name in names:
@@ -124,12 +128,48 @@ def test_layer_sensitivity_predicts_the_kl_of_a_small_even_error():
     assert len({round(w, 12) for w in weights.values()}) == len(names)  # the layers differ: the weights carry information
 
 
+class _Chain(torch.nn.Module):
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.a = torch.nn.Conv2d(1, 6, 3, padding=1)
+        self.b = torch.nn.Conv2d(6, 6, 3, padding=1)
+        self.act = torch.nn.ReLU(inplace=inplace)
+        self.mix = torch.nn.Linear(6, 6)
+        self.out = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = self.act(self.a(x))
+        x = self.act(self.b(self.act(self.b(x))))  # b runs twice: both calls count
+        rows = x.mean((2, 3))[:, None, :].expand(-1, 3, -1)  # a linear layer on 3-D input
+        return self.out(self.act(self.mix(rows)).mean(1))
+
+
+def test_layer_sensitivity_reads_outputs_before_in_place_activations_and_frozen_weights():
+    g = torch.Generator().manual_seed(2)
+    images = TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.zeros(64, dtype=torch.long))
+    names = ["a", "b", "mix", "out"]
+    plain = allocation.layer_sensitivity(_Chain(False).eval(), names, images, "cpu")
+    frozen = _Chain(True).eval().requires_grad_(False)
+    in_place = allocation.layer_sensitivity(frozen, names, images, "cpu")
+    assert all(plain[n] > 0 for n in names)
+    assert in_place == pytest.approx(plain, rel=1e-6)  # an in-place ReLU after the layer changes nothing
+
+
+def test_layer_sensitivity_gives_a_layer_no_gradient_reaches_the_mean_weight():
+    model = tiny_net().eval()
+    model.body[5].register_forward_hook(lambda m, a, out: out.detach())  # the gradient stops after body.4, so before body.0 too
+    images = TensorDataset(torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(1)), torch.zeros(32, dtype=torch.long))
+    weights = allocation.layer_sensitivity(model, ["body.0", "body.4", "head"], images, "cpu")
+    assert weights["head"] > 0 and weights["body.0"] == weights["body.4"] == pytest.approx(weights["head"])  # the one layer reached
+
+
 def test_weights_steer_the_allocation_and_only_their_ratios_count():
     model, _, cands, derivation = _setup()
     total = sum(c.macs[0] for c in cands.values())
     plan = lambda w: allocation.allocate(model, cands, derivation, "flops", 0.1, total, 0.0, ["0", "2"], w).to_json()
     plain = plan(None)
-    assert plan({"0": 1.0, "2": 1.0}) == plain == plan({"0": 7.0, "2": 7.0})
+    assert plan({"0": 7.0, "2": 7.0}) == plain == plan({"0": 0.01, "2": 0.01})
     for heavy, light in (("0", "2"), ("2", "0")):
         steered = Plan.from_json(plan({heavy: 1e6, light: 1.0}))
         assert not steered.layers[heavy] and steered.layers[light]  # the weighted layer is left whole, the other pays
@@ -157,6 +197,8 @@ def test_compress_keeps_the_plan_the_check_prefers(tiny_fmnist, tmp_path, monkey
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     if winner:
         assert seen["search"].to_json() != seen["spectrum"].to_json()  # the check had plans to choose from
+        if winner == "weighted":
+            assert seen["weighted"].to_json() not in (seen["search"].to_json(), seen["spectrum"].to_json())
         assert result.plan.to_json() == seen[winner].to_json()
         assert history["plan_from"] == {"search": "search", "spectrum": "spectrum allocation", "weighted": "weighted spectrum allocation"}[winner]
     else:

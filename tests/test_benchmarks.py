@@ -74,3 +74,8 @@ def test_bits_round_trip_and_the_sign_test(monkeypatch, tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"meta": {"test_images": 5}, "rows": rows}))
     lines = m.paired_table(tmp_path / "r.json").splitlines()
     assert len(lines) == 3 and "| 0.2 | svdnas@prefix vs balf | 2 | 1 | 1 |" in lines[2]
+    assert m.sign_test(3000, 200) == 0.0 and m.p_text(0.0) == "<1e-300" and m.p_text(0.0123) == "0.012"
+    rows[1]["correct"] = m.encode_bits(theirs + [True] * 4)  # right answers for 9 images, not 5
+    (tmp_path / "r.json").write_text(json.dumps({"meta": {"test_images": 5}, "rows": rows}))
+    with pytest.raises(ValueError, match="another number of test images"):
+        m.paired_table(tmp_path / "r.json")

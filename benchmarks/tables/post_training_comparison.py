@@ -76,7 +76,12 @@ def sign_test(wins: int, losses: int) -> float:
     """The exact two-sided sign test's p-value for ``wins`` against ``losses`` (ties left out): how
     likely a split at least this uneven is if either side is equally likely to be right."""
     n, k = wins + losses, min(wins, losses)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0  # 0.0 below 1e-308
+
+
+def p_text(p: float) -> str:
+    """A p-value for a table: two significant digits, or an upper bound where it underflowed."""
+    return f"{p:.2g}" if p > 0 else "<1e-300"
 
 
 def paired_table(path: Path) -> str:
@@ -88,13 +93,17 @@ def paired_table(path: Path) -> str:
     rows = [r for r in data["rows"] if "correct" in r]
     body = []
     for ours in (r for r in rows if r["method"].startswith("svdnas")):
+        if len(ours["correct"]) != -(-count // 4):
+            raise ValueError(f"{ours['method']}: {len(ours['correct'])} digits of right answers for {count} test images")
         mine = decode_bits(ours["correct"], count)
         for other in (r for r in rows if r["reduction_target"] == ours["reduction_target"] and not r["method"].startswith("svdnas")):
+            if len(other["correct"]) != len(ours["correct"]):
+                raise ValueError(f"{other['method']}: right answers for another number of test images than {ours['method']}'s")
             theirs = decode_bits(other["correct"], count)
             wins = sum(a and not b for a, b in zip(mine, theirs))
             losses = sum(b and not a for a, b in zip(mine, theirs))
             body.append([f"{ours['reduction_target']:g}", f"{ours['method']} vs {other['method']}", str(wins), str(losses),
-                         f"{sign_test(wins, losses):.2g}"])
+                         p_text(sign_test(wins, losses))])
     return markdown_table(["R", "rows", "only svdnas right", "only the other right", "sign test p"], body, ["r", "l", "r", "r", "r"])
 
 
@@ -135,11 +144,11 @@ def main() -> None:
     meta = {"model": info.spec, "data": args.data, "epochs": args.epochs, "families": args.families, "proxy_drop": args.proxy_drop,
             "branches": args.branches, "seed": args.seed, "test_images": len(data.test), "threads": args.threads,
             "original_top1": reference["top1"], "offer_slower": args.offer_slower, "rank_multiple": args.rank_multiple,
-            "plan_check": True, **stamp(args.threads)}
+            "plan_check": "search, spectrum, weighted", **stamp(args.threads)}
     # the original's top-1 stands for its weights: rows of other weights are not resumed
     keys = ("model", "data", "epochs", "families", "proxy_drop", "branches", "seed", "test_images", "original_top1", "offer_slower",
             "rank_multiple", "plan_check")
-    # files written before these settings existed: every candidate offered, no plan check
+    # files written before these settings existed: every candidate offered, no plan check (True: two plans checked)
     unset = {"offer_slower": True, "rank_multiple": None, "plan_check": False}
     rows: list[dict] = []
     if out.is_file():

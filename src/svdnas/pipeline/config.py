@@ -91,10 +91,11 @@ class CompressConfig(Config):
             in order on the compressed prefix's inputs, biases corrected); see
             :mod:`svdnas.lowrank.derivation` and :mod:`svdnas.surgery.prefix`.
         keep_search_plan: keep the search's plan as it is. By default (output-aware derivations, a
-            reduction on FLOPs or params, one branch) it is checked against the spectrum
-            allocation's (each candidate's output error read from its family's whitened spectrum,
-            the sum minimised within the budget) on the proxy images, and the one nearer the
-            original model kept; see :mod:`svdnas.search.allocation`.
+            reduction on FLOPs or params, one branch) it is checked against two spectrum
+            allocations' (each candidate's output error read from its family's whitened spectrum,
+            the sum minimised within the budget; once as it is, once with each layer's errors
+            weighted by its sensitivity) on the proxy images, and the one nearest the original
+            model kept; see :mod:`svdnas.search.allocation`.
         calibration_images: search images (synthetic ones in ``data-free``) whose layer inputs make
             the output-aware derivations' statistics.
     """
@@ -144,8 +145,9 @@ class CompressConfig(Config):
                                   "whitened or refit (fitted to the layer's output on calibration images), "
                                   "prefix (whitened, then each layer refitted on the compressed layers before it)")
     keep_search_plan: bool = option(False, flag="--keep-search-plan",
-                                    help="keep the search's plan as it is (default: it is checked on the proxy images against the plan "
-                                         "that minimises the spectrum-read output errors within the budget, and the better kept)")
+                                    help="keep the search's plan as it is (default: it is checked on the proxy images against the plans "
+                                         "that minimise the spectrum-read output errors within the budget, plain and weighted by each "
+                                         "layer's sensitivity, and the best kept)")
     calibration_images: int = option(512, flag="--calibration-images",
                                      help="search images (synthetic in data-free) whose layer inputs make the output-aware statistics")
     calibration_patches: int = option(PATCHES_PER_COLUMN, flag="--calibration-patches",

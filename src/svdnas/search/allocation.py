@@ -18,6 +18,8 @@ lowest is kept.
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,6 +40,8 @@ from svdnas.search.branch import choose
 from svdnas.search.candidates import LayerCandidates
 from svdnas.search.output_proxy import relative_error
 from svdnas.surgery.swap import apply_plan
+
+log = logging.getLogger(__name__)
 
 
 def options(candidates: dict[str, LayerCandidates], wide: Callable[[str], LayerCandidates],
@@ -84,7 +88,9 @@ def layer_sensitivity(model: nn.Module, names: Sequence[str], images: Dataset, d
     the layer's output on an image less its bias, ``D`` its size and ``g`` the gradient there of the
     log-probability of a label drawn from the model's own softmax (so that ``E[g g^T]`` is the KL's
     curvature). It assumes the error spreads over the output evenly; what it gives is the layers'
-    relative weights. One forward and backward pass over ``images``; the model is left as it was."""
+    relative weights. One forward and backward pass over ``images``; the model (each module's mode
+    included) is left as it was. A layer the gradient never reached (its output detached on the way)
+    gets the mean of the others' weights, as nothing is known of it; 0 if no layer was reached."""
     modules = {n: model.get_submodule(n) for n in names}
     outputs: dict[str, list[Tensor]] = {}
 
@@ -92,13 +98,14 @@ def layer_sensitivity(model: nn.Module, names: Sequence[str], images: Dataset, d
         def hook(m, a, out):
             out = out if out.requires_grad else out.detach().requires_grad_()
             outputs.setdefault(name, []).append(out)
-            return out
+            return out.clone()  # what runs next may work in place (ReLU(inplace=True)); the kept output stays as it was
         return hook
 
     generator = torch.Generator().manual_seed(seed)
     sums = dict.fromkeys(names, 0.0)
+    reached: set[str] = set()
     count = 0
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     handles = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
     try:
         model.eval()
@@ -113,18 +120,28 @@ def layer_sensitivity(model: nn.Module, names: Sequence[str], images: Dataset, d
                 for (n, out), g in zip(found, grads):
                     if g is None:
                         continue
-                    y = out.detach().float()
+                    reached.add(n)
+                    y = out.detach().double()
                     bias = getattr(modules[n], "bias", None)
-                    if bias is not None:
-                        y = y - bias.detach().float().view(-1, *([1] * (y.dim() - 2)))
-                    per_image = g.float().flatten(1).square().sum(1) * y.flatten(1).square().sum(1)
-                    sums[n] += per_image.double().sum().item() / (2 * y[0].numel())
+                    if bias is not None:  # a conv's channels are dimension 1; a linear layer's features the last
+                        b = bias.detach().double()
+                        y = y - (b if isinstance(modules[n], nn.Linear) else b.view(-1, *([1] * (y.dim() - 2))))
+                    per_image = g.double().flatten(1).square().sum(1) * y.flatten(1).square().sum(1)
+                    sums[n] += per_image.sum().item() / (2 * y[0].numel())
                 count += len(x)
+                del logits, chosen, found, grads
+                outputs.clear()
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
-    return {n: sums[n] / max(count, 1) for n in names}
+        for m, mode in modes.items():
+            m.training = mode
+    weights = {n: sums[n] / max(count, 1) for n in names}
+    if reached and len(reached) < len(names):
+        mean = sum(weights[n] for n in reached) / len(reached)
+        log.warning("layer sensitivity: no gradient reached %s; given the mean weight", ", ".join(sorted(set(names) - reached)))
+        weights |= {n: mean for n in names if n not in reached}
+    return weights
 
 
 def allocate(model: nn.Module, candidates: dict[str, LayerCandidates], derivation: Derivation, objective: str,
@@ -206,6 +223,22 @@ def better_plan(model: nn.Module, plans: dict[str, Plan], images: Dataset, devic
     return best, {"kl": scores, "kept": best, "images": len(images)}
 
 
+def _weighted_plan(model: nn.Module, allowed: dict[str, LayerCandidates], derivation: Derivation, objective: str, reduction: float,
+                   total: float, fixed: float, targets: list[str], images: Dataset, device: torch.device | str) -> tuple[Plan | None, str]:
+    """The allocation weighted by :func:`layer_sensitivity`, or None and why where it cannot be made
+    (weights that are not finite and positive, or no plan within the budget with them)."""
+    try:
+        weights = layer_sensitivity(model, list(allowed), images, device)
+    except RuntimeError as e:  # e.g. a model whose output cannot be differentiated, or a softmax that is not finite
+        return None, f"layer sensitivity failed: {e}"
+    if not all(math.isfinite(w) and w >= 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
+        return None, "layer sensitivities not finite and positive"
+    try:
+        return allocate(model, allowed, derivation, objective, reduction, total, fixed, targets, weights), ""
+    except BudgetError as e:
+        return None, str(e)
+
+
 def check_against_allocation(
     model: nn.Module, searched: Plan, allowed: dict[str, LayerCandidates], derivation: Derivation, objective: str,
     reduction: float, total: float, fixed: float, images: Dataset, device: torch.device | str, closeness: Closeness | None = None,
@@ -223,9 +256,12 @@ def check_against_allocation(
             result = (searched.to_dict(), {"kept": "search", "skipped": str(e)})
         else:
             plans = {"search": searched, "spectrum": allocated}
-            weights = layer_sensitivity(model, list(allowed), images, device)
-            plans["weighted"] = allocate(model, allowed, derivation, objective, reduction, total, fixed, list(searched.layers), weights)
+            weighted, why = _weighted_plan(model, allowed, derivation, objective, reduction, total, fixed, list(searched.layers), images, device)
+            if weighted is not None:
+                plans["weighted"] = weighted
             kept, summary = better_plan(model, plans, images, device, derivation, closeness=closeness)
+            if why:
+                summary["weighted_skipped"] = why
             result = (plans[kept].to_dict(), summary)
     plan, summary = ddp.broadcast_object(result)
     summary["seconds"] = time.perf_counter() - t0
