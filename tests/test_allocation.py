@@ -12,6 +12,7 @@ from svdnas.data.datasets import load_data
 from svdnas.lowrank.plan import Plan
 from svdnas.pipeline.compress import compress
 from svdnas.pipeline.config import CompressConfig
+from svdnas.report.markdown import PLAN_NAMES, markdown
 from svdnas.search import SearchConfig, allocation, fraction_grid, grid_candidates
 from svdnas.search.allocation import better_plan, log_probs, mean_kl, spectrum_scores
 from svdnas.search.output_proxy import _nearest, spectrum_errors
@@ -201,6 +202,7 @@ def test_compress_keeps_the_plan_the_check_prefers(tiny_fmnist, tmp_path, monkey
             assert seen["weighted"].to_json() not in (seen["search"].to_json(), seen["spectrum"].to_json())
         assert result.plan.to_json() == seen[winner].to_json()
         assert history["plan_from"] == {"search": "search", "spectrum": "spectrum allocation", "weighted": "weighted spectrum allocation"}[winner]
+        assert f"- plan: {PLAN_NAMES[winner]}, the nearest of 3 to the original on " in markdown(result.report)
     else:
         assert check["kept"] in ("search", "spectrum", "weighted") and check["kl"][check["kept"]] == min(check["kl"].values())
 
@@ -213,3 +215,13 @@ def test_the_check_is_skipped_where_it_is_not_defined(tiny_fmnist, monkeypatch, 
     monkeypatch.setattr(allocation, "better_plan", boom)
     result = compress(tiny_net().eval(), load_data(f"fmnist:{tiny_fmnist}"), _config(**kw), filter_fn="convs+linear")
     assert "plan_check" not in result.report
+
+
+def test_report_md_says_which_plan_was_kept_or_why_the_check_was_skipped():
+    from svdnas.report.markdown import _plan_check_text
+
+    check = {"kl": {"search": 0.0656, "spectrum": 0.057, "weighted": 0.0321}, "kept": "weighted", "images": 256}
+    assert _plan_check_text(check) == ("- plan: the sensitivity-weighted spectrum allocation's, the nearest of 3 to the original on 256 "
+                                       "proxy images (mean KL: search 0.0656, spectrum 0.057, weighted 0.0321)")
+    assert _plan_check_text({"kept": "search", "skipped": "no plan within the budget"}) == (
+        "- plan: the search's (the plan check was skipped: no plan within the budget)")

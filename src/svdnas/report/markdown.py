@@ -16,6 +16,18 @@ def _branch_text(branches: list[dict[str, Any]]) -> str:
     return " + ".join(parts)
 
 
+# the plans the plan check compares, as report.md names them
+PLAN_NAMES = {"search": "the search's", "spectrum": "the spectrum allocation's", "weighted": "the sensitivity-weighted spectrum allocation's"}
+
+
+def _plan_check_text(check: dict[str, Any]) -> str:
+    if "skipped" in check:
+        return f"- plan: the search's (the plan check was skipped: {check['skipped']})"
+    kl = ", ".join(f"{k} {v:.3g}" for k, v in check["kl"].items())
+    return (f"- plan: {PLAN_NAMES.get(check['kept'], check['kept'])}, the nearest of {len(check['kl'])} to the original "
+            f"on {check['images']} proxy images (mean KL: {kl})")
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The run's summary and per-layer plan as markdown."""
     lines = [f"# {report['method']} on {report['model']}", ""]
@@ -42,6 +54,8 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("top1"):
         t = report["top1"]
         lines.append(f"- top-1: {t['original']:.2f}% -> {t['compressed']:.2f}% (drop {t['drop_pp']:.2f}pp)")
+    if report.get("plan_check"):
+        lines.append(_plan_check_text(report["plan_check"]))
     if report.get("seconds"):
         lines.append("- seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in report["seconds"].items()))
     lines += ["", "| layer | input | weight | plan | MFLOPs before | MFLOPs after |", "| --- | --- | --- | --- | ---: | ---: |"]
