@@ -3,6 +3,7 @@ keeps the best of them and the search's."""
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -159,10 +160,12 @@ def test_layer_sensitivity_reads_outputs_before_in_place_activations_and_frozen_
 
 def test_layer_sensitivity_gives_a_layer_no_gradient_reaches_the_mean_weight():
     model = tiny_net().eval()
-    model.body[5].register_forward_hook(lambda m, a, out: out.detach())  # the gradient stops after body.4, so before body.0 too
+    model.bn.register_forward_hook(lambda m, a, out: out.detach())  # the gradient stops after the stem's batch norm
     images = TensorDataset(torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(1)), torch.zeros(32, dtype=torch.long))
-    weights = allocation.layer_sensitivity(model, ["body.0", "body.4", "head"], images, "cpu")
-    assert weights["head"] > 0 and weights["body.0"] == weights["body.4"] == pytest.approx(weights["head"])  # the one layer reached
+    reached = ["body.0", "body.4", "head"]
+    weights = allocation.layer_sensitivity(model, ["stem", *reached], images, "cpu")
+    assert len({weights[n] for n in reached}) == 3 and all(weights[n] > 0 for n in reached)
+    assert weights["stem"] == pytest.approx(sum(weights[n] for n in reached) / 3)  # the mean of the layers reached
 
 
 def test_weights_steer_the_allocation_and_only_their_ratios_count():
@@ -225,3 +228,13 @@ def test_report_md_says_which_plan_was_kept_or_why_the_check_was_skipped():
                                        "proxy images (mean KL: search 0.0656, spectrum 0.057, weighted 0.0321)")
     assert _plan_check_text({"kept": "search", "skipped": "no plan within the budget"}) == (
         "- plan: the search's (the plan check was skipped: no plan within the budget)")
+
+
+@pytest.mark.parametrize("weights", [float("nan"), 0.0])
+def test_a_weighted_plan_that_cannot_be_made_is_left_out_with_its_reason(tiny_fmnist, monkeypatch, weights):
+    monkeypatch.setattr(allocation, "layer_sensitivity", lambda model, names, *a, **k: dict.fromkeys(names, weights))
+    result = compress(tiny_net().eval(), load_data(f"fmnist:{tiny_fmnist}"), _config(), filter_fn="convs+linear")
+    check = result.report["plan_check"]
+    reason = "not finite" if math.isnan(weights) else "no gradient reached any layer"
+    assert set(check["kl"]) == {"search", "spectrum"} and reason in check["weighted_skipped"]
+    assert f"; no sensitivity-weighted plan: {check['weighted_skipped']}" in markdown(result.report)

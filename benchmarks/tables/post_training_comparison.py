@@ -148,7 +148,8 @@ def main() -> None:
     # the original's top-1 stands for its weights: rows of other weights are not resumed
     keys = ("model", "data", "epochs", "families", "proxy_drop", "branches", "seed", "test_images", "original_top1", "offer_slower",
             "rank_multiple", "plan_check")
-    # files written before these settings existed: every candidate offered, no plan check (True: two plans checked)
+    # files written before these settings existed: every candidate offered, no plan check (True: written before the
+    # plans were named, two plans checked before commit 9456c94 and three from it)
     unset = {"offer_slower": True, "rank_multiple": None, "plan_check": False}
     rows: list[dict] = []
     if out.is_file():

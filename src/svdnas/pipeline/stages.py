@@ -508,6 +508,8 @@ def check_plan(job: Job, config: CompressConfig, pruned: Pruned, images: SearchI
     else:
         log.info("plan check on %d proxy images: mean KL %s; kept the %s plan", summary["images"],
                  ", ".join(f"{v:.4g} ({k})" for k, v in summary["kl"].items()), summary["kept"])
+        if "weighted_skipped" in summary:
+            log.warning("plan check: no sensitivity-weighted plan (%s)", summary["weighted_skipped"])
     history = searched.history | {"plan_from": PLAN_FROM[summary["kept"]]}
     return dataclasses.replace(searched, plan=plan, history=history, plan_check=summary)
 

@@ -24,8 +24,9 @@ def _plan_check_text(check: dict[str, Any]) -> str:
     if "skipped" in check:
         return f"- plan: the search's (the plan check was skipped: {check['skipped']})"
     kl = ", ".join(f"{k} {v:.3g}" for k, v in check["kl"].items())
-    return (f"- plan: {PLAN_NAMES.get(check['kept'], check['kept'])}, the nearest of {len(check['kl'])} to the original "
+    line = (f"- plan: {PLAN_NAMES.get(check['kept'], check['kept'])}, the nearest of {len(check['kl'])} to the original "
             f"on {check['images']} proxy images (mean KL: {kl})")
+    return line + (f"; no sensitivity-weighted plan: {check['weighted_skipped']}" if "weighted_skipped" in check else "")
 
 
 def markdown(report: dict[str, Any]) -> str:

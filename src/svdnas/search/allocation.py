@@ -231,8 +231,10 @@ def _weighted_plan(model: nn.Module, allowed: dict[str, LayerCandidates], deriva
         weights = layer_sensitivity(model, list(allowed), images, device)
     except RuntimeError as e:  # e.g. a model whose output cannot be differentiated, or a softmax that is not finite
         return None, f"layer sensitivity failed: {e}"
-    if not all(math.isfinite(w) and w >= 0 for w in weights.values()) or not any(w > 0 for w in weights.values()):
-        return None, "layer sensitivities not finite and positive"
+    if not all(math.isfinite(w) and w >= 0 for w in weights.values()):
+        return None, "layer sensitivities not finite"
+    if not any(w > 0 for w in weights.values()):
+        return None, "no gradient reached any layer (or every layer's was 0)"
     try:
         return allocate(model, allowed, derivation, objective, reduction, total, fixed, targets, weights), ""
     except BudgetError as e:
