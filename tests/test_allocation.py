@@ -238,3 +238,11 @@ def test_a_weighted_plan_that_cannot_be_made_is_left_out_with_its_reason(tiny_fm
     reason = "not finite" if math.isnan(weights) else "no gradient reached any layer"
     assert set(check["kl"]) == {"search", "spectrum"} and reason in check["weighted_skipped"]
     assert f"; no sensitivity-weighted plan: {check['weighted_skipped']}" in markdown(result.report)
+
+
+def test_the_check_reads_the_spectra_once_for_both_allocations(tiny_fmnist, monkeypatch):
+    calls = []
+    real = allocation.spectrum_scores
+    monkeypatch.setattr(allocation, "spectrum_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = compress(tiny_net().eval(), load_data(f"fmnist:{tiny_fmnist}"), _config(), filter_fn="convs+linear")
+    assert set(result.report["plan_check"]["kl"]) == {"search", "spectrum", "weighted"} and len(calls) == 1

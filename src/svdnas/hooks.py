@@ -1,4 +1,5 @@
-"""Forward hooks that live exactly as long as a ``with`` block: registered on entry, removed on exit."""
+"""Forward hooks, and a model's evaluation mode, that live exactly as long as a ``with`` block:
+registered (set) on entry, removed (put back) on exit."""
 
 from __future__ import annotations
 
@@ -20,3 +21,16 @@ def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable]], pre: bool = False
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block's duration; on exit every module is put back in the mode
+    it had (``model.train(was)`` would set one mode for all of them)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode

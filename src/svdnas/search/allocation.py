@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from svdnas import distributed as ddp
 from svdnas.data.evaluate import batches
 from svdnas.errors import BudgetError
+from svdnas.hooks import evaluation_mode, forward_hooks
 from svdnas.lowrank.derivation import Derivation
 from svdnas.lowrank.geometry import conv_weight
 from svdnas.lowrank.plan import Plan
@@ -105,37 +106,27 @@ def layer_sensitivity(model: nn.Module, names: Sequence[str], images: Dataset, d
     sums = dict.fromkeys(names, 0.0)
     reached: set[str] = set()
     count = 0
-    modes = {m: m.training for m in model.modules()}
-    handles = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
-    try:
-        model.eval()
-        with torch.enable_grad():
-            for x, _ in batches(images, batch_size):
-                outputs.clear()
-                logits = model(x.to(device)).float()
-                drawn = torch.multinomial(F.softmax(logits.detach(), -1).cpu(), 1, generator=generator).to(logits.device)
-                chosen = F.log_softmax(logits, -1).gather(1, drawn).sum()
-                found = [(n, t) for n in names for t in outputs.get(n, [])]
-                grads = torch.autograd.grad(chosen, [t for _, t in found], allow_unused=True)
-                for (n, out), g in zip(found, grads):
-                    if g is None:
-                        continue
-                    reached.add(n)
-                    y = out.detach().double()
-                    bias = getattr(modules[n], "bias", None)
-                    if bias is not None:  # a conv's channels are dimension 1; a linear layer's features the last
-                        b = bias.detach().double()
-                        y = y - (b if isinstance(modules[n], nn.Linear) else b.view(-1, *([1] * (y.dim() - 2))))
-                    per_image = g.double().flatten(1).square().sum(1) * y.flatten(1).square().sum(1)
-                    sums[n] += per_image.sum().item() / (2 * y[0].numel())
-                count += len(x)
-                del logits, chosen, found, grads
-                outputs.clear()
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
+    with evaluation_mode(model), forward_hooks([(m, keep(n)) for n, m in modules.items()]), torch.enable_grad():
+        for x, _ in batches(images, batch_size):
+            logits = model(x.to(device)).float()
+            drawn = torch.multinomial(F.softmax(logits.detach(), -1).cpu(), 1, generator=generator).to(logits.device)
+            chosen = F.log_softmax(logits, -1).gather(1, drawn).sum()
+            found = [(n, t) for n in names for t in outputs.get(n, [])]
+            grads = torch.autograd.grad(chosen, [t for _, t in found], allow_unused=True)
+            for (n, out), g in zip(found, grads):
+                if g is None:
+                    continue
+                reached.add(n)
+                y = out.detach().double()
+                bias = getattr(modules[n], "bias", None)
+                if bias is not None:  # a conv's channels are dimension 1; a linear layer's features the last
+                    b = bias.detach().double()
+                    y = y - (b if isinstance(modules[n], nn.Linear) else b.view(-1, *([1] * (y.dim() - 2))))
+                per_image = g.double().flatten(1).square().sum(1) * y.flatten(1).square().sum(1)
+                sums[n] += per_image.sum().item() / (2 * y[0].numel())
+            count += len(x)
+            del logits, chosen, found, grads
+            outputs.clear()  # this batch's graph freed before the next one's forward pass
     weights = {n: sums[n] / max(count, 1) for n in names}
     if reached and len(reached) < len(names):
         mean = sum(weights[n] for n in reached) / len(reached)
@@ -148,8 +139,13 @@ def allocate(model: nn.Module, candidates: dict[str, LayerCandidates], derivatio
              reduction: float, total: float, fixed: float, targets: Sequence[str], weights: dict[str, float] | None = None) -> Plan:
     """The plan minimising the summed spectrum-read output errors within ``(1 - reduction) * total``,
     each layer's errors times its ``weights`` entry where given (:func:`layer_sensitivity`)."""
+    return _allocated(spectrum_scores(model, candidates, derivation), candidates, objective, reduction, total, fixed, targets, weights)
+
+
+def _allocated(scores: dict[str, list[float]], candidates: dict[str, LayerCandidates], objective: str, reduction: float, total: float,
+               fixed: float, targets: Sequence[str], weights: dict[str, float] | None = None) -> Plan:
+    """:func:`allocate` from the layers' :func:`spectrum_scores`, read once for both allocations of the check."""
     names = list(candidates)
-    scores = spectrum_scores(model, candidates, derivation)
     if weights is not None:
         scores = {n: [w * weights[n] for w in row] for n, row in scores.items()}
     choice = choose([scores[n] for n in names], [candidates[n].cost(objective) for n in names], reduction, total, fixed,
@@ -188,12 +184,8 @@ class Closeness:
     def reference(self) -> list[Tensor]:
         """The original model's log-softmax on the images."""
         if self._reference is None:
-            was_training = self.model.training
-            self.model.eval()
-            try:
+            with evaluation_mode(self.model):
                 self._reference = log_probs(self.model, self.images, self.device)
-            finally:
-                self.model.train(was_training)
         return self._reference
 
     def of_model(self, compressed: nn.Module) -> float:
@@ -223,7 +215,7 @@ def better_plan(model: nn.Module, plans: dict[str, Plan], images: Dataset, devic
     return best, {"kl": scores, "kept": best, "images": len(images)}
 
 
-def _weighted_plan(model: nn.Module, allowed: dict[str, LayerCandidates], derivation: Derivation, objective: str, reduction: float,
+def _weighted_plan(model: nn.Module, allowed: dict[str, LayerCandidates], scores: dict[str, list[float]], objective: str, reduction: float,
                    total: float, fixed: float, targets: list[str], images: Dataset, device: torch.device | str) -> tuple[Plan | None, str]:
     """The allocation weighted by :func:`layer_sensitivity`, or None and why where it cannot be made
     (weights that are not finite and positive, or no plan within the budget with them)."""
@@ -236,7 +228,7 @@ def _weighted_plan(model: nn.Module, allowed: dict[str, LayerCandidates], deriva
     if not any(w > 0 for w in weights.values()):
         return None, "no gradient reached any layer (or every layer's was 0)"
     try:
-        return allocate(model, allowed, derivation, objective, reduction, total, fixed, targets, weights), ""
+        return _allocated(scores, allowed, objective, reduction, total, fixed, targets, weights), ""
     except BudgetError as e:
         return None, str(e)
 
@@ -252,13 +244,14 @@ def check_against_allocation(
     t0 = time.perf_counter()
     result = None
     if ddp.is_main():
+        scores = spectrum_scores(model, allowed, derivation)
         try:
-            allocated = allocate(model, allowed, derivation, objective, reduction, total, fixed, list(searched.layers))
+            allocated = _allocated(scores, allowed, objective, reduction, total, fixed, list(searched.layers))
         except BudgetError as e:
             result = (searched.to_dict(), {"kept": "search", "skipped": str(e)})
         else:
             plans = {"search": searched, "spectrum": allocated}
-            weighted, why = _weighted_plan(model, allowed, derivation, objective, reduction, total, fixed, list(searched.layers), images, device)
+            weighted, why = _weighted_plan(model, allowed, scores, objective, reduction, total, fixed, list(searched.layers), images, device)
             if weighted is not None:
                 plans["weighted"] = weighted
             kept, summary = better_plan(model, plans, images, device, derivation, closeness=closeness)
