@@ -271,6 +271,33 @@ def test_one_pass_per_batch_fits_as_a_pass_per_layer_does(monkeypatch):
     assert calls and set(backwards.errors) == set(NAMES)
 
 
+def test_the_original_pass_hands_on_outputs_an_in_place_activation_cannot_change():
+    """The original model's passes bring each layer's output with its input; an in-place ReLU right
+    after the layer runs only once the pass is let on, after that layer's fit, so the lockstep fit
+    still equals the pass-per-layer one (which computes the outputs itself)."""
+    from svdnas.surgery import prefix
+
+    model = net()
+    for i in (4, 6):
+        model[i] = nn.ReLU(inplace=True)
+    batches = [images()[:10], images()[10:]]
+    fast = fit_on_prefix(model, PLAN, NAMES, batches, "cpu", damping=1e-12)
+    slow = prefix._fit(model, PLAN, NAMES, batches, "cpu", lockstep=False, derivation=prefix.Derivation(), held_out=0,
+                       bias_correction=True, refit_iters=0, damping=1e-12, ridge=prefix.PREFIX_RIDGE, sampling=None, progress=None)
+    for a, b in zip(fast.model.parameters(), slow[0].parameters()):
+        torch.testing.assert_close(a, b)
+    # what the original stream brings is the layer's own input and output
+    stream = prefix.Lockstep(copy.deepcopy(model), NAMES, batches, "cpu", outputs=True)
+    try:
+        for name in NAMES:
+            (x, y), _ = prefix.step_together([stream], name)[0]
+            expected_x = model[: int(name)](batches[0])
+            torch.testing.assert_close(x, expected_x)
+            torch.testing.assert_close(y, model[int(name)](expected_x))
+    finally:
+        stream.close()
+
+
 def test_the_fit_leaves_torchs_thread_counts_as_they_were():
     """The passes compute on threads of their own with fewer intra-op threads; neither the caller's
     count nor the one a thread started later begins with changes."""

@@ -72,7 +72,8 @@ class _Stop(Exception):
 
 
 class _Gate(nn.Module):
-    """Stands in for a layer during the fit: hands its input to the :class:`Lockstep`, waits, then runs ``inner``."""
+    """Stands in for a layer during the fit: hands its input to the :class:`Lockstep`, waits, then runs
+    ``inner``; or, for a lockstep that hands on outputs too, runs ``inner`` first and hands both."""
 
     def __init__(self, inner: nn.Module, name: str, lockstep: Lockstep) -> None:
         super().__init__()
@@ -80,7 +81,12 @@ class _Gate(nn.Module):
         self._lockstep = [lockstep]  # a list, so that it is not registered as a child module
 
     def forward(self, x: Tensor, *rest) -> Tensor:
-        self._lockstep[0].arrive(self.name, x)
+        lockstep = self._lockstep[0]
+        if lockstep.outputs:
+            y = self.inner(x, *rest)
+            lockstep.arrive(self.name, (x.detach(), y.detach()))
+            return y
+        lockstep.arrive(self.name, x.detach())
         return self.inner(x, *rest)
 
 
@@ -95,11 +101,16 @@ class Lockstep:
     setting): a thread's OpenMP team keeps spinning a while after each stretch of work, and with a
     team of every core per pass those spinning threads took the cores from the fit's own products;
     :func:`step_together` runs two models' passes side by side instead, on half the cores each.
+
+    With ``outputs`` each pass brings (input, output) of the layer instead of its input alone: the
+    pass computes the layer before it pauses, on its own thread, while the other model's pass runs.
+    The output is handed on to the rest of the model only once the pass is let on, after the fit of
+    that layer, so an in-place operation after the layer cannot change what the fit reads.
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], batches: Sequence[Tensor], device: torch.device | str,
-                 threads: int = 1) -> None:
-        self.model, self.device, self.batches = model, device, list(batches)
+                 threads: int = 1, *, outputs: bool = False) -> None:
+        self.model, self.device, self.batches, self.outputs = model, device, list(batches), outputs
         self.gates = {}
         for name in names:
             gate = _Gate(model.get_submodule(name), name, self)
@@ -132,9 +143,9 @@ class Lockstep:
         except BaseException as e:  # noqa: BLE001 - handed to the main thread, which raises it
             self.messages.put((i, e, None))
 
-    def arrive(self, name: str, x: Tensor) -> None:
+    def arrive(self, name: str, brought: Tensor | tuple[Tensor, Tensor]) -> None:
         i = self.local.index
-        self.messages.put((i, name, x.detach()))
+        self.messages.put((i, name, brought))
         self.go[i].acquire()
         if self.stopping:
             raise _Stop
@@ -145,8 +156,8 @@ class Lockstep:
             self.threads[i].start()
         self.go[i].release()
 
-    def _collect(self, name: str) -> Tensor:
-        """The input a released pass brought to the next layer, which must be ``name``."""
+    def _collect(self, name: str) -> Tensor | tuple[Tensor, Tensor]:
+        """What a released pass brought to the next layer, which must be ``name``: its input (and output)."""
         _, what, x = self.messages.get()
         if isinstance(what, BaseException):
             raise what
@@ -169,11 +180,11 @@ class Lockstep:
             torch.set_num_threads(self.threads_before)
 
 
-def step_together(locksteps: Sequence[Lockstep], name: str) -> list[list[Tensor]]:
+def step_together(locksteps: Sequence[Lockstep], name: str) -> list[list[Tensor | tuple[Tensor, Tensor]]]:
     """Each pass of each :class:`Lockstep` (over the same number of batches) let on to the next layer
     of the plan, which must be ``name``, batch ``i``'s passes of every model at once (each computes on
-    a thread of its own); per lockstep, its passes' inputs there."""
-    got: list[list[Tensor]] = [[] for _ in locksteps]
+    a thread of its own); per lockstep, what its passes brought there (inputs, or (input, output) pairs)."""
+    got: list[list[Tensor | tuple[Tensor, Tensor]]] = [[] for _ in locksteps]
     for i in range(len(locksteps[0].batches)):
         for lockstep in locksteps:
             lockstep._release(i)
@@ -266,10 +277,12 @@ def _fit(original, plan, layers, batches, device, *, lockstep, derivation, held_
     compressed = copy.deepcopy(original)
     if lockstep:
         half = max(1, torch.get_num_threads() // 2)  # the two models' passes run side by side
-        streams = [Lockstep(copy.deepcopy(original), layers, batches, device, half), Lockstep(compressed, layers, batches, device, half)]
+        streams = [Lockstep(copy.deepcopy(original), layers, batches, device, half, outputs=True),
+                   Lockstep(compressed, layers, batches, device, half)]
 
         def inputs(name):
-            return step_together(streams, name)
+            pairs, x_comp = step_together(streams, name)
+            return [x for x, _ in pairs], [y for _, y in pairs], x_comp
 
         def place(name, module):
             streams[1].set_layer(name, module)
@@ -277,7 +290,9 @@ def _fit(original, plan, layers, batches, device, *, lockstep, derivation, held_
         streams = []
 
         def inputs(name):
-            return layer_inputs(original, name, batches, device), layer_inputs(compressed, name, batches, device)
+            x_orig = layer_inputs(original, name, batches, device)
+            layer = original.get_submodule(name)
+            return x_orig, [layer(x) for x in x_orig], layer_inputs(compressed, name, batches, device)
 
         def place(name, module):
             set_submodule(compressed, name, module)
@@ -287,8 +302,7 @@ def _fit(original, plan, layers, batches, device, *, lockstep, derivation, held_
         for i, name in enumerate(layers):
             specs = plan.layers[name]
             layer = original.get_submodule(name)
-            x_orig, x_comp = inputs(name)
-            reference = [layer(x) for x in x_orig]
+            x_orig, reference, x_comp = inputs(name)  # reference: the original layer's outputs on x_orig
             stats = CrossMoments(layer, needed_families(specs), sampling=sampling)
             for xo, xc, yo in zip(x_orig[:n_fit], x_comp[:n_fit], reference[:n_fit]):
                 stats.update(xo, xc, yo)
