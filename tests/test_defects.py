@@ -249,3 +249,49 @@ def test_a_python_run_saves_its_config(trained_tiny, tmp_path):
                             search=SearchConfig(epochs=1, target=0.5))
     compress(model, data, config, filter_fn="convs", out=tmp_path / "run")
     assert load_config(tmp_path / "run", CompressConfig) == config
+
+
+def _mixed_modes() -> nn.Module:
+    """A TinyNet in training mode with its body in eval mode (a frozen part, say)."""
+    model = tiny_net().train()
+    model.body.eval()
+    return model
+
+
+def _modes(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
+
+
+def test_every_pass_that_evaluates_the_callers_model_puts_each_modules_mode_back():
+    """``model.train(was)`` after an evaluation pass would set one mode for every module (the frozen
+    body would come back training); each pass puts back each module's own mode."""
+    from torch.utils.data import TensorDataset
+
+    from svdnas.data.evaluate import evaluate
+    from svdnas.lowrank.derivation import calibrate
+    from svdnas.lowrank.plan import Plan
+    from svdnas.lowrank.spec import LowRankSpec
+    from svdnas.recovery.synthetic import SynthConfig, generate
+    from svdnas.search.accuracy_proxy import PrefixRecording
+    from svdnas.search.output_proxy import capture_inputs
+    from svdnas.surgery.prefix import fit_on_prefix
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 12, 12, generator=g)
+    data = TensorDataset(x, torch.zeros(16, dtype=torch.long))
+    spec = LowRankSpec((3, 3), (1, 1), 4)
+    passes = {
+        "evaluate": lambda m: evaluate(m, data),
+        "check_input": lambda m: check_input(m, (1, 12, 12)),
+        "trace_layers": lambda m: trace_layers(m, example_input(m, (1, 12, 12))),
+        "capture_inputs": lambda m: capture_inputs(m, ["body.0"], data, "cpu"),
+        "calibrate": lambda m: calibrate(m, "whitened", {"body.0": [spec]}, [x], "cpu"),
+        "fit_on_prefix": lambda m: fit_on_prefix(m, Plan({"body.0": [spec]}), ["body.0"], [x], "cpu"),
+        "accuracy proxy": lambda m: PrefixRecording(m, data, "cpu", ["body.0"]),
+        "synthetic images": lambda m: generate(m, (1, 12, 12), SynthConfig(num=2, batch_size=2, iterations=1)),
+    }
+    for name, run in passes.items():
+        model = _mixed_modes()
+        before = _modes(model)
+        run(model)
+        assert _modes(model) == before, name

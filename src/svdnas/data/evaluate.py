@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from svdnas.fileio import atomic_write_json, cache_root
+from svdnas.hooks import evaluation_mode
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,8 @@ def evaluate(
     copy of ``model``; ``model`` itself is left as it was)."""
     fast = _channels_last(model, device)
     runner = fast if fast is not None else model
-    was_training = model.training
-    runner.eval()
     correct1 = correct5 = total = 0
-    try:
+    with evaluation_mode(runner):
         for x, y in batches(dataset, batch_size):
             x, y = x.to(device), y.to(device)
             if fast is not None and x.dim() == 4:
@@ -79,8 +78,6 @@ def evaluate(
             total += len(y)
             if progress is not None:
                 progress(len(y))
-    finally:
-        model.train(was_training)
     if total == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     return {"top1": 100.0 * correct1 / total, "top5": 100.0 * correct5 / total}

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from svdnas.errors import SpecError
-from svdnas.hooks import forward_hooks
+from svdnas.hooks import evaluation_mode, forward_hooks
 from svdnas.lowrank import functional as F
 from svdnas.lowrank.calibration import PatchMoments, Sampling
 from svdnas.lowrank.decompose import decompose
@@ -228,14 +228,9 @@ def calibrate(
         families = sorted({s.family() for s in specs})
         derivation.stats[name] = PatchMoments(model.get_submodule(name), families, full=kind == "refit", sampling=sampling)
     feeds = ((model.get_submodule(n), lambda m, a, s=s: s.update(a[0])) for n, s in derivation.stats.items())
-    was_training = model.training
-    model.eval()
-    try:
-        with forward_hooks(feeds, pre=True):
-            for x in images:
-                model(x.to(device))
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model), forward_hooks(feeds, pre=True):
+        for x in images:
+            model(x.to(device))
     return derivation
 
 

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from svdnas.data.evaluate import batches
+from svdnas.hooks import evaluation_mode
 from svdnas.lowrank.derivation import Derivation
 from svdnas.search.candidates import LayerCandidates
 
@@ -126,13 +127,8 @@ def _swapped(module: nn.Module, forward: Callable) -> Iterator[None]:
 
 @contextmanager
 def _evaluating(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model), torch.no_grad():
+        yield
 
 
 class PrefixRecording:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from svdnas.data.evaluate import batches
-from svdnas.hooks import forward_hooks
+from svdnas.hooks import evaluation_mode, forward_hooks
 from svdnas.lowrank.derivation import Derivation
 from svdnas.lowrank.geometry import conv_weight
 from svdnas.lowrank.whiten import rank_errors
@@ -28,14 +28,9 @@ def capture_inputs(model: nn.Module, names: Sequence[str], data: Dataset, device
     """Inputs of the layers ``names`` on every image of ``data`` (one forward pass per batch)."""
     store: dict[str, list[Tensor]] = {n: [] for n in names}
     keep = ((model.get_submodule(n), lambda m, a, n=n: store[n].append(a[0].detach())) for n in names)
-    was_training = model.training
-    model.eval()
-    try:
-        with forward_hooks(keep, pre=True):
-            for x, _ in batches(data, batch_size):
-                model(x.to(device))
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model), forward_hooks(keep, pre=True):
+        for x, _ in batches(data, batch_size):
+            model(x.to(device))
     return {n: torch.cat(v) for n, v in store.items()}
 
 

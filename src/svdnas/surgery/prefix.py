@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from svdnas.errors import SpecError
-from svdnas.hooks import forward_hooks
+from svdnas.hooks import evaluation_mode, forward_hooks
 from svdnas.lowrank.calibration import CrossMoments, _working, needed_families, sampling
 from svdnas.lowrank.derivation import Derivation
 from svdnas.lowrank.plan import Plan
@@ -251,22 +251,18 @@ def fit_on_prefix(
             None: every patch.
     """
     derivation = derivation or Derivation()
-    was_training = original.training
-    original.eval()
     layers = [n for n in order if plan.layers.get(n)]
     fit = {"derivation": derivation, "held_out": len(held_out), "bias_correction": bias_correction, "refit_iters": refit_iters,
            "damping": damping, "ridge": ridge, "progress": progress}
     images, spare = sum(len(x) for x in batches), sum(len(x) for x in held_out)
     fit["sampling"] = sampling(images, patches_per_column)
     batches = list(batches) + list(held_out)
-    try:
+    with evaluation_mode(original):
         try:
             compressed, errors = _fit(original, plan, layers, batches, device, lockstep=True, **fit)
         except _OutOfOrder as e:
             log.info("prefix fit: %s; fitting with one forward pass per layer instead", e)
             compressed, errors = _fit(original, plan, layers, batches, device, lockstep=False, **fit)
-    finally:
-        original.train(was_training)
     return PrefixFit(compressed, errors, images, spare)
 
 

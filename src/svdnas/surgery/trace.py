@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from svdnas.errors import SpecError, describe
-from svdnas.hooks import forward_hooks
+from svdnas.hooks import evaluation_mode, forward_hooks
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,8 @@ def _forward(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
             shape is the likely cause); or the model's own code failed otherwise, named with where it
             raised, so that a bug in the model is not mistaken for a wrong input shape.
     """
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with evaluation_mode(model), torch.no_grad():
             return model(example)
     except torch.OutOfMemoryError:
         raise
@@ -97,8 +95,6 @@ def _forward(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
         ) from e
     except Exception as e:
         raise _model_bug(e, example) from e
-    finally:
-        model.train(was_training)
 
 
 def _model_bug(e: BaseException, example: torch.Tensor) -> SpecError:
