@@ -623,6 +623,28 @@ def test_cholesky_and_eigen_roots_truncate_alike(monkeypatch):
                                    eig.u[..., :r] * eig.s[..., None, :r] @ eig.vh[..., :r, :])
 
 
+def test_a_cholesky_factor_too_ill_conditioned_to_solve_against_gives_the_eigen_roots_factors(monkeypatch):
+    """Where the triangular solve with a (finite) Cholesky factor overflows, the whitening switches to
+    the eigendecomposition's root and the SVD is taken again with it: the factors are those of the
+    eigen roots, not a mix of the two."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4, 3, 3, dtype=D)
+    stats = fed(nn.Conv2d(4, 6, 3, padding=1).double(), correlated(5, 4, (6, 6)), [((3, 1), (1, 1))])
+    moment = stats.moment((3, 1), 1)
+    real_ex = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda c: (c, torch.ones(c.shape[0], dtype=torch.int32)))  # "failed"
+    eig = whiten.whitened_svd(weight, ((3, 1), (1, 1)), moment)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", real_ex)
+    monkeypatch.setattr(torch.linalg, "solve_triangular", lambda a, b, **k: torch.full_like(b, float("inf")))  # overflowed
+    w = whiten.Whitening(moment)
+    got = whiten.whitened_svd(weight, ((3, 1), (1, 1)), w)
+    assert w._pinv is not None  # the whitening now holds the eigen pair
+    torch.testing.assert_close(got.s, eig.s)
+    for r in (1, 3, 7):
+        torch.testing.assert_close(got.u[..., :r] * got.s[..., None, :r] @ got.vh[..., :r, :],
+                                   eig.u[..., :r] * eig.s[..., None, :r] @ eig.vh[..., :r, :])
+
+
 def test_spectrum_alone_and_factors_kept_per_family(monkeypatch):
     from svdnas.lowrank import derivation as dv
 

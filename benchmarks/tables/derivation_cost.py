@@ -9,11 +9,20 @@ whole test split; the original's accuracy is measured once. Prints per setting t
 each stage over the rounds, the median total, its ratio to the weight derivation's, and the drop of
 each run (the plan can differ between settings; within one it is the same every round unless timing
 changes the candidates offered). Writes benchmarks/results/derivation_cost/<model>_<reduction>.json.
+
+With ``--fresh-processes`` each run is a Python process of its own (this module again, with the
+original's accuracy handed over), as each ``svdnas compress`` is: the first run in a process pays for
+what later runs in it reuse (the prefix fit's forward passes run on threads of their own, and a new
+thread's memory allocator starts cold), and in-process rounds after the first hide that.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 
 from benchmarks.common import markdown_table, model_and_data, parser, result_path, setup, short_name, stamp, write_json
@@ -28,27 +37,51 @@ SETTINGS = {
 }
 
 
+def one_run(model, info, data, args: argparse.Namespace, name: str, reference: dict[str, float]) -> dict:
+    """One ``compress`` of setting ``name``: its stages' seconds, wall time, drop, FLOPs reduction and plan."""
+    config = CompressConfig(reduction=args.reduction, **SETTINGS[name])
+    t0 = time.perf_counter()
+    result = compress(model, data, config, input_shape=info.input_shape, filter_fn=info.default_filter, seed=args.seed,
+                      reference=reference)
+    rep = result.report
+    return {"seconds": rep["seconds"], "wall_seconds": time.perf_counter() - t0, "drop_pp": rep["top1"]["drop_pp"],
+            "flops_reduction": rep["flops"]["reduction"], "plan": result.plan.to_dict()}
+
+
+def in_fresh_process(args: argparse.Namespace, name: str, reference: dict[str, float]) -> dict:
+    """:func:`one_run` in a new Python process (this module with ``--one``), its record read from its last line."""
+    command = [sys.executable, "-m", "benchmarks.tables.derivation_cost", "--model", args.model, "--data", args.data,
+               "--threads", str(args.threads), "--seed", str(args.seed), "--reduction", str(args.reduction),
+               "--one", name, "--reference", json.dumps(reference)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     p = parser(__doc__, out="JSON to write (default benchmarks/results/derivation_cost/<model>_<reduction>.json)")
     p.add_argument("--reduction", type=float, default=0.6)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--fresh-processes", action="store_true", help="each compress in a Python process of its own, as the command line runs it")
+    p.add_argument("--one", choices=list(SETTINGS), help=argparse.SUPPRESS)  # a fresh process's single run
+    p.add_argument("--reference", help=argparse.SUPPRESS)  # with --one: the original's accuracy, as JSON
     args = p.parse_args()
     setup(args)
+    if args.one:
+        model, info, data = model_and_data(args)
+        print(json.dumps(one_run(model, info, data, args, args.one, json.loads(args.reference))), flush=True)
+        return
     model, info, data = model_and_data(args)
     reference = evaluate(model, data.test)
     runs: dict[str, list[dict]] = {name: [] for name in args.settings}
     for r in range(args.rounds):
         for name in args.settings:
-            config = CompressConfig(reduction=args.reduction, **SETTINGS[name])
-            t0 = time.perf_counter()
-            result = compress(model, data, config, input_shape=info.input_shape, filter_fn=info.default_filter, seed=args.seed,
-                              reference=reference)
-            rep = result.report
-            runs[name].append({"seconds": rep["seconds"], "wall_seconds": time.perf_counter() - t0, "drop_pp": rep["top1"]["drop_pp"],
-                               "flops_reduction": rep["flops"]["reduction"], "plan": result.plan.to_dict()})
-            print(f"round {r + 1} {name:12s} compress {rep['seconds']['total']:6.1f}s  drop {rep['top1']['drop_pp']:.2f}pp  "
-                  f"FLOPs -{100 * rep['flops']['reduction']:.2f}%", flush=True)
+            record = in_fresh_process(args, name, reference) if args.fresh_processes else one_run(model, info, data, args, name, reference)
+            runs[name].append(record)
+            print(f"round {r + 1} {name:12s} compress {record['seconds']['total']:6.1f}s  drop {record['drop_pp']:.2f}pp  "
+                  f"FLOPs -{100 * record['flops_reduction']:.2f}%", flush=True)
     medians = {name: {k: statistics.median(x["seconds"].get(k, 0.0) for x in rs) for k in rs[0]["seconds"]} for name, rs in runs.items()}
     base = medians.get("weight", {}).get("total")
     stages = [k for k in dict.fromkeys(k for m in medians.values() for k in m) if k != "total"]
@@ -58,11 +91,13 @@ def main() -> None:
         rows.append(["against weight"] + [f"{m['total'] / base:.2f}x" for m in medians.values()])
     rows.append(["drops (pp)"] + [" / ".join(f"{x['drop_pp']:.2f}" for x in rs) for rs in runs.values()])
     meta = {"model": info.spec, "data": args.data, "reduction": args.reduction, "rounds": args.rounds, "original_top1": reference["top1"],
-            **stamp(args.threads)}
+            "fresh_processes": args.fresh_processes, **stamp(args.threads)}
     out = args.out or result_path("derivation_cost", f"{short_name(info.spec)}_{args.reduction:g}.json")
     write_json(out, {"meta": meta, "runs": runs, "median_seconds": medians})
     print()
-    print(f"`{info.spec}` at {args.reduction:.0%} FLOPs, {args.rounds} rounds, {meta['date']} ({meta['machine']}); median seconds per stage")
+    where = "each run in a process of its own" if args.fresh_processes else "one process"
+    print(f"`{info.spec}` at {args.reduction:.0%} FLOPs, {args.rounds} rounds, {where}, {meta['date']} ({meta['machine']}); "
+          "median seconds per stage")
     print(markdown_table(["seconds", *runs], rows))
 
 

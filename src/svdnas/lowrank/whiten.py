@@ -59,9 +59,9 @@ def _roots(c: Tensor, damping: float) -> tuple[Tensor, Tensor | None]:
 
     L is the Cholesky factor (any L with L L^T = C whitens alike: the truncations of M L and of
     M L Q agree for orthogonal Q), an order of magnitude cheaper than an eigendecomposition, and
-    comes with None in place of its inverse (see :func:`_triangular_inverse`); where the damped
-    moment is too ill-conditioned for it, L = Q sqrt(E) from the eigendecomposition, with eigenvalues
-    at rounding level dropped from the pseudo-inverse.
+    comes with None in place of its inverse (products with L^-1 are triangular solves, see
+    :meth:`Whitening.unwhiten`); where the damped moment is too ill-conditioned for it, L = Q sqrt(E)
+    from the eigendecomposition, with eigenvalues at rounding level dropped from the pseudo-inverse.
     """
     damped = _damped(c, damping)
     chol, info = torch.linalg.cholesky_ex(damped)
@@ -86,13 +86,6 @@ def _eigen_roots(damped: Tensor) -> tuple[Tensor, Tensor]:
     return q * root[:, None, :], inv[:, :, None] * q.transpose(-2, -1)
 
 
-def _triangular_inverse(chol: Tensor) -> Tensor | None:
-    """L^-1 of a batch of lower-triangular Cholesky factors, or None where it is not finite."""
-    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
-    inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-    return inv if bool(torch.isfinite(inv.sum())) else None  # a sum is finite only if every entry is (or it overflowed: then None too)
-
-
 def _per_group(moment: Tensor, mats: Tensor) -> Tensor:
     """A (g1, n, n) moment laid out for the (g, rows, n) matrices of a family (broadcast over g2 groups)."""
     c = moment.to(device=mats.device, dtype=torch.float64)
@@ -107,32 +100,35 @@ def _per_group(moment: Tensor, mats: Tensor) -> Tensor:
 
 
 class Whitening:
-    """The damped square root L of a (g1, n, n) moment and its pseudo-inverse (computed when first
-    asked for: reading a spectrum needs L alone), shared by every family (and every rank) that
-    whitens by that moment."""
+    """The damped square root L of a (g1, n, n) moment, shared by every family (and every rank) that
+    whitens by that moment: a Cholesky factor, or the eigendecomposition's root with its
+    pseudo-inverse where the moment is too ill-conditioned for one."""
 
     def __init__(self, moment: Tensor, damping: float = 1e-6) -> None:
         c = moment.to(dtype=torch.float64)
-        self.root, self._inverse = _roots(c if c.dim() == 3 else c[None], damping)
-
-    @property
-    def inverse(self) -> Tensor:
-        if self._inverse is None:
-            self._inverse = _triangular_inverse(self.root)
-            if self._inverse is None:  # too ill-conditioned after all: the eigendecomposition's pair
-                self.root, self._inverse = _eigen_roots(self.root @ self.root.transpose(-2, -1))
-        return self._inverse
+        self.root, self._pinv = _roots(c if c.dim() == 3 else c[None], damping)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.root, self._inverse) if t is not None)
-
-    def for_family(self, mats: Tensor) -> tuple[Tensor, Tensor]:
-        """(L, L^+) laid out for a family's (g, rows, n) matrices."""
-        return self.root_for(mats), _per_group(self.inverse, mats)
+        return sum(t.numel() * t.element_size() for t in (self.root, self._pinv) if t is not None)
 
     def root_for(self, mats: Tensor) -> Tensor:
         """L laid out for a family's (g, rows, n) matrices."""
         return _per_group(self.root, mats)
+
+    def unwhiten(self, x: Tensor, mats: Tensor) -> Tensor | None:
+        """``x`` L^-1 (L^+ for an eigendecomposition's root) for rows ``x`` (g, k, n) of a family's
+        whitened matrices: a triangular solve with a Cholesky factor, k n^2 products where forming
+        L^-1 would take n^3 / 3 more; None where that is not finite (the factor too ill-conditioned
+        after all: :meth:`use_eigen_roots`, then whiten again)."""
+        if self._pinv is not None:
+            return x @ _per_group(self._pinv, mats)
+        out = torch.linalg.solve_triangular(self.root_for(mats), x, upper=False, left=False)
+        return out if bool(torch.isfinite(out.sum())) else None  # a sum is finite only if every entry is (or it overflowed)
+
+    def use_eigen_roots(self) -> None:
+        """Replace a Cholesky factor by the eigendecomposition's root and pseudo-inverse of the same moment."""
+        if self._pinv is None:
+            self.root, self._pinv = _eigen_roots(self.root @ self.root.transpose(-2, -1))
 
 
 def whitened_svd(weight: Tensor, family: F.Family, moment: Tensor | Whitening, *, damping: float = 1e-6) -> F.SVDFactors:
@@ -148,9 +144,13 @@ def whitened_svd(weight: Tensor, family: F.Family, moment: Tensor | Whitening, *
     """
     mats = F.unfold(weight.detach().double(), *family)
     whitening = moment if isinstance(moment, Whitening) else Whitening(moment.to(mats.device), damping)
-    root, inverse = whitening.for_family(mats)
-    u, s, vh = F.thin_svd(mats @ root)
-    return F.SVDFactors(u, s, vh @ inverse)
+    u, s, vh = F.thin_svd(mats @ whitening.root_for(mats))
+    first = whitening.unwhiten(vh, mats)
+    if first is None:  # the same moment's eigendecomposition root instead, and the SVD taken with it
+        whitening.use_eigen_roots()
+        u, s, vh = F.thin_svd(mats @ whitening.root_for(mats))
+        first = whitening.unwhiten(vh, mats)
+    return F.SVDFactors(u, s, first)
 
 
 def whitened_matrices(weight: Tensor, family: F.Family, whitening: Whitening) -> Tensor:
