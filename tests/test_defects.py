@@ -252,22 +252,24 @@ def test_a_python_run_saves_its_config(trained_tiny, tmp_path):
 
 
 def _mixed_modes() -> nn.Module:
-    """A TinyNet in training mode with its body in eval mode (a frozen part, say)."""
+    """A TinyNet in training mode with its body in eval mode and its stem's weight frozen (a frozen part, say)."""
     model = tiny_net().train()
     model.body.eval()
+    model.stem.weight.requires_grad_(False)
     return model
 
 
-def _modes(model: nn.Module) -> list[bool]:
-    return [m.training for m in model.modules()]
+def _state_flags(model: nn.Module) -> tuple[list[bool], list[bool]]:
+    return [m.training for m in model.modules()], [p.requires_grad for p in model.parameters()]
 
 
-def test_every_pass_that_evaluates_the_callers_model_puts_each_modules_mode_back():
-    """``model.train(was)`` after an evaluation pass would set one mode for every module (the frozen
-    body would come back training); each pass puts back each module's own mode."""
+def test_every_pass_that_evaluates_the_callers_model_does_so_in_eval_mode_and_puts_each_modules_mode_back():
+    """Each pass runs every module in eval mode (a copy of the model included), and then puts back each
+    module's own mode and each parameter's ``requires_grad`` (``model.train(was)`` would set one mode for
+    every module: the frozen body would come back training)."""
     from torch.utils.data import TensorDataset
 
-    from svdnas.data.evaluate import evaluate
+    from svdnas.data import evaluate as evaluation
     from svdnas.lowrank.derivation import calibrate
     from svdnas.lowrank.plan import Plan
     from svdnas.lowrank.spec import LowRankSpec
@@ -280,8 +282,15 @@ def test_every_pass_that_evaluates_the_callers_model_puts_each_modules_mode_back
     x = torch.randn(16, 1, 12, 12, generator=g)
     data = TensorDataset(x, torch.zeros(16, dtype=torch.long))
     spec = LowRankSpec((3, 3), (1, 1), 4)
+
+    def evaluate_as_it_is(m):  # where no channels-last copy can be made (or off a CPU) the model itself runs
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(evaluation, "_channels_last", lambda model, device: None)
+            evaluation.evaluate(m, data)
+
     passes = {
-        "evaluate": lambda m: evaluate(m, data),
+        "evaluate": lambda m: evaluation.evaluate(m, data),
+        "evaluate, the model as it is": evaluate_as_it_is,
         "check_input": lambda m: check_input(m, (1, 12, 12)),
         "trace_layers": lambda m: trace_layers(m, example_input(m, (1, 12, 12))),
         "capture_inputs": lambda m: capture_inputs(m, ["body.0"], data, "cpu"),
@@ -292,6 +301,10 @@ def test_every_pass_that_evaluates_the_callers_model_puts_each_modules_mode_back
     }
     for name, run in passes.items():
         model = _mixed_modes()
-        before = _modes(model)
+        before = _state_flags(model)
+        seen: list[bool] = []
+        for m in model.modules():  # hooks a copy of the model takes along record the copy's modules
+            m.register_forward_pre_hook(lambda module, args, seen=seen: seen.append(module.training))
         run(model)
-        assert _modes(model) == before, name
+        assert seen and not any(seen), f"{name}: a module ran in training mode"
+        assert _state_flags(model) == before, name

@@ -12,8 +12,8 @@ changes the candidates offered). Writes benchmarks/results/derivation_cost/<mode
 
 With ``--fresh-processes`` each run is a Python process of its own (this module again, with the
 original's accuracy handed over), as each ``svdnas compress`` is: the first run in a process pays for
-what later runs in it reuse (the prefix fit's forward passes run on threads of their own, and a new
-thread's memory allocator starts cold), and in-process rounds after the first hide that.
+what later runs in it reuse (likely among it the memory a new thread's allocator has not touched yet: the
+prefix fit's forward passes run on threads of their own), and in-process rounds after the first hide that.
 """
 
 from __future__ import annotations
@@ -25,8 +25,12 @@ import subprocess
 import sys
 import time
 
+from torch import nn
+
 from benchmarks.common import markdown_table, model_and_data, parser, result_path, setup, short_name, stamp, write_json
+from svdnas.data.datasets import DataBundle
 from svdnas.data.evaluate import evaluate
+from svdnas.models.build import ModelInfo
 from svdnas.pipeline.compress import compress
 from svdnas.pipeline.config import CompressConfig
 
@@ -37,7 +41,8 @@ SETTINGS = {
 }
 
 
-def one_run(model, info, data, args: argparse.Namespace, name: str, reference: dict[str, float]) -> dict:
+def one_run(model: nn.Module, info: ModelInfo, data: DataBundle, args: argparse.Namespace, name: str,
+            reference: dict[str, float]) -> dict:
     """One ``compress`` of setting ``name``: its stages' seconds, wall time, drop, FLOPs reduction and plan."""
     config = CompressConfig(reduction=args.reduction, **SETTINGS[name])
     t0 = time.perf_counter()
@@ -64,16 +69,18 @@ def main() -> None:
     p.add_argument("--reduction", type=float, default=0.6)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    p.add_argument("--fresh-processes", action="store_true", help="each compress in a Python process of its own, as the command line runs it")
+    p.add_argument("--fresh-processes", action="store_true",
+                   help="each compress in a Python process of its own, as the command line runs it")
     p.add_argument("--one", choices=list(SETTINGS), help=argparse.SUPPRESS)  # a fresh process's single run
     p.add_argument("--reference", help=argparse.SUPPRESS)  # with --one: the original's accuracy, as JSON
     args = p.parse_args()
+    if args.one and not args.reference:
+        p.error("--one needs --reference, the original's accuracy as JSON")
     setup(args)
+    model, info, data = model_and_data(args)
     if args.one:
-        model, info, data = model_and_data(args)
         print(json.dumps(one_run(model, info, data, args, args.one, json.loads(args.reference))), flush=True)
         return
-    model, info, data = model_and_data(args)
     reference = evaluate(model, data.test)
     runs: dict[str, list[dict]] = {name: [] for name in args.settings}
     for r in range(args.rounds):

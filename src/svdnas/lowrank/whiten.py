@@ -139,7 +139,9 @@ def whitened_svd(weight: Tensor, family: F.Family, moment: Tensor | Whitening, *
         family: (first_kernel, groups).
         moment: E[p p^T] of the first layer's patches per first-layer group, (g1, n, n), as
             :meth:`PatchMoments.moment(first_kernel, groups[0]) <PatchMoments.moment>` gives it, or
-            its :class:`Whitening` (then ``damping`` is the one it was made with).
+            its :class:`Whitening` (then ``damping`` is the one it was made with; where its Cholesky
+            factor is too ill-conditioned to solve with, it is switched in place to the eigen root,
+            for every family that shares it: any root whitens alike).
         damping: lambda = damping * trace(C) / n added to C's diagonal.
     """
     mats = F.unfold(weight.detach().double(), *family)

@@ -7,9 +7,11 @@ mean. Layer ``n`` is fitted once layers ``0..n-1`` are in place, so the errors o
 are compensated instead of compounded.
 
 Each calibration batch makes one forward pass through each model, not one per layer: every batch's
-pass runs in a thread of its own that pauses at the input of each layer of the plan (:class:`Lockstep`)
-until that layer is fitted, one pass of each model moving at a time, the two side by side. A model whose passes do not meet the layers in
-the plan's order, once each, is fitted with a pass per layer instead (:func:`layer_inputs`).
+pass runs in a thread of its own that pauses at each layer of the plan (:class:`Lockstep`) until that
+layer is fitted, one pass of each model moving at a time, the two side by side; the compressed model's
+pauses at the layer's input, the original's after running the layer, with its input and output. A model
+whose passes do not meet the layers in the plan's order, once each, is fitted with a pass per layer
+instead (:func:`layer_inputs`).
 """
 
 from __future__ import annotations
@@ -188,8 +190,8 @@ def step_together(locksteps: Sequence[Lockstep], name: str) -> list[list[Tensor 
     for i in range(len(locksteps[0].batches)):
         for lockstep in locksteps:
             lockstep._release(i)
-        for inputs, lockstep in zip(got, locksteps):
-            inputs.append(lockstep._collect(name))
+        for brought, lockstep in zip(got, locksteps):
+            brought.append(lockstep._collect(name))
     return got
 
 
