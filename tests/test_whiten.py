@@ -288,6 +288,23 @@ def test_refit_reaches_the_brute_force_optimum():
     assert als == pytest.approx(best, rel=1e-5, abs=1e-10)
 
 
+@pytest.mark.parametrize("rank, grouped", [(1, False), (2, True), (None, False)])
+def test_refits_error_is_the_output_error_of_the_factors_it_returns(rank, grouped):
+    """The error a refit reports (from the rank-sized products, or from the difference itself where
+    the fit is all but exact: at full rank) is E||(W - W_hat) p||^2 of the factors it returns, under
+    the moment it was given."""
+    conv = small_conv()
+    stats = fed(conv, correlated(6, 4, (9, 8)))
+    spec = LowRankSpec((3, 1), (2, 1) if grouped else (1, 1), 1)
+    spec = spec.with_rank(rank or max_rank(conv, spec))
+    init = F.factor_weights(whitened_svd(conv.weight, spec.family(), stats.moment((3, 1), spec.groups[0])), spec, (3, 3))
+    w1, w2, err = refit(conv.weight, spec, stats.full_moment(), init, iters=3)
+    exact = output_error(conv.weight, branch_weight(w1, w2, spec, conv.weight.shape), stats.full_moment())
+    assert err == pytest.approx(exact, rel=1e-9, abs=1e-18)
+    if rank is None:
+        assert err < 1e-20
+
+
 def test_conjugate_gradient_step_matches_the_direct_solve(monkeypatch):
     conv = small_conv()
     x = correlated(6, 4, (9, 8))

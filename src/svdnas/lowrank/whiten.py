@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 DERIVATIONS = ("weight", "whitened", "refit")
 _DENSE_SOLVE_MAX = 3000  # unknowns of the first-layer step solved directly; above, preconditioned CG
+_CANCELLED = 1e-6  # a refit's error below this fraction of tr(W C W^T) is taken from the difference itself
 
 
 def _damped(c: Tensor, damping: float) -> Tensor:
@@ -319,16 +320,30 @@ def refit(
     dense = int(mask_a.sum()) <= _DENSE_SOLVE_MAX
     first = None if dense else _FirstLayerMoment(c4, spec.groups[0])  # what every CG step shares
 
-    def error(a: Tensor, b: Tensor) -> float:
-        d = w - torch.einsum("osk,kc->osc", b, a).reshape(o, -1)
+    def second_normal(a: Tensor) -> Tensor:
+        """H = A_t C A_t^T with A_t = blockdiag(A, ..., A) over the slots: (S R, S R)."""
+        return torch.einsum("sctl,ml->sctm", torch.einsum("kc,scte->skte", a, c4), a).reshape(s_n * big_r, s_n * big_r)
+
+    def error(a: Tensor, b: Tensor, h: Tensor) -> float:
+        """tr((W - W_hat) C (W - W_hat)^T) as tr(W C W^T) - 2 tr(W_hat (W C)^T) + sum_o b_o^T H b_o
+        (``h``: :func:`second_normal` of ``a``): products of the rank's size, no O x n x n one. Where
+        that is under ``_CANCELLED`` of tr(W C W^T), its rounding error (about eps times that trace)
+        would matter: there the difference's own products are taken instead."""
+        w_hat = torch.einsum("osk,kc->osc", b, a).reshape(o, -1)
+        flat = b.reshape(o, -1)
+        err = float(w_energy - 2 * (w_hat * wc).sum() + ((flat @ h) * flat).sum())
+        if err > _CANCELLED * float(w_energy):
+            return err
+        d = w - w_hat
         return float(((d @ c) * d).sum())
 
-    best = (error(a, b), a, b)
+    w_energy = (w * wc).sum()
+    h = second_normal(a)
+    best = (error(a, b, h), a, b)
     start = best[0]
     for _ in range(iters):
         # second layer: per output row a least-squares problem over its allowed (slot, rank) weights
-        # with A_t = blockdiag(A, ..., A): H = A_t C A_t^T and Z = (W C) A_t^T, block by block
-        h = torch.einsum("sctl,ml->sctm", torch.einsum("kc,scte->skte", a, c4), a).reshape(s_n * big_r, s_n * big_r)
+        # with H (of the current A) and Z = (W C) A_t^T, block by block
         z = torch.einsum("osc,kc->osk", wc.reshape(o, s_n, n_f), a).reshape(o, s_n * big_r)
         b = torch.zeros_like(b)
         for rows in mask_b.unique(dim=0):
@@ -347,7 +362,8 @@ def refit(
             a[ki, ci] = _psd_solve(k, rhs[ki, ci][:, None])[:, 0]
         else:
             a = _cg_first(a * mask_a, b, first, rhs, mask_a, cg_iters)
-        err = error(a, b)
+        h = second_normal(a)  # for the error and the next step's second layer
+        err = error(a, b, h)
         if err < best[0]:
             best = (err, a, b)
     logger.debug("refit %s: output error %.4g -> %.4g", spec, start, best[0])
