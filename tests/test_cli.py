@@ -109,3 +109,49 @@ def test_entry_point_in_its_own_process(module_spec):
     assert json.loads(r.stdout.strip().splitlines()[-1])["total"] > 0
     bad = run_cli_process("compress", spec, "--reduction", "0.5", "--beta", "1", "--data", "fmnist", "--out", "/tmp/x")
     assert bad.returncode == 2 and bad.stderr.strip() == "error: give --reduction or --beta, not both (exactly one of them)"
+
+
+def test_the_command_line_sets_its_process_up_before_anything_else(monkeypatch):
+    import svdnas.cli
+
+    calls = []
+    monkeypatch.setattr(svdnas.cli, "one_malloc_arena", lambda: calls.append("arena") or True)
+    monkeypatch.setattr(svdnas.cli, "build_parser", lambda: calls.append("parser") or build_parser())
+    assert run_cli("--version").returncode == 0
+    assert calls == ["arena", "parser"]
+
+
+ARENAS = '''
+import ctypes, sys, threading
+from svdnas.cli.process import one_malloc_arena
+print(one_malloc_arena())
+barrier, held = threading.Barrier(4), []
+
+def allocate():  # four threads holding memory at once
+    barrier.wait()
+    held.append([bytearray(100_000) for _ in range(20)])
+    barrier.wait()
+
+threads = [threading.Thread(target=allocate) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+ctypes.CDLL("libc.so.6").malloc_stats()  # one "Arena n:" line per arena, on stderr
+'''
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator only")
+@pytest.mark.parametrize("variable, made, arenas", [(None, "True", 1), ("8", "False", 5)])
+def test_one_malloc_arena_serves_every_thread_unless_the_variable_says_otherwise(variable, made, arenas):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    env["PYTHONPATH"] = str(Path(__file__).parents[1] / "src")
+    if variable:
+        env["MALLOC_ARENA_MAX"] = variable
+    done = subprocess.run([sys.executable, "-c", ARENAS], env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == made
+    assert sum(line.startswith("Arena") for line in done.stderr.splitlines()) == arenas

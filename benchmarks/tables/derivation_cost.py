@@ -14,6 +14,11 @@ With ``--fresh-processes`` each run is a Python process of its own (this module 
 original's accuracy handed over), as each ``svdnas compress`` is: the first run in a process pays for
 what later runs in it reuse (likely among it the memory a new thread's allocator has not touched yet: the
 prefix fit's forward passes run on threads of their own), and in-process rounds after the first hide that.
+
+Like the command line, every process here (this one and each fresh one) allocates from one glibc
+arena (:func:`svdnas.cli.process.one_malloc_arena`) unless ``MALLOC_ARENA_MAX`` is set: run with
+``MALLOC_ARENA_MAX=16`` (glibc's own limit on 2 cores) to measure without it. The JSON's ``meta``
+says which.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 from torch import nn
 
 from benchmarks.common import markdown_table, model_and_data, parser, result_path, setup, short_name, stamp, write_json
+from svdnas.cli.process import one_malloc_arena
 from svdnas.data.datasets import DataBundle
 from svdnas.data.evaluate import evaluate
 from svdnas.models.build import ModelInfo
@@ -76,6 +82,7 @@ def main() -> None:
     args = p.parse_args()
     if args.one and not args.reference:
         p.error("--one needs --reference, the original's accuracy as JSON")
+    one_arena = one_malloc_arena()  # as the command line does
     setup(args)
     model, info, data = model_and_data(args)
     if args.one:
@@ -98,7 +105,7 @@ def main() -> None:
         rows.append(["against weight"] + [f"{m['total'] / base:.2f}x" for m in medians.values()])
     rows.append(["drops (pp)"] + [" / ".join(f"{x['drop_pp']:.2f}" for x in rs) for rs in runs.values()])
     meta = {"model": info.spec, "data": args.data, "reduction": args.reduction, "rounds": args.rounds, "original_top1": reference["top1"],
-            "fresh_processes": args.fresh_processes, **stamp(args.threads)}
+            "fresh_processes": args.fresh_processes, "one_malloc_arena": one_arena, **stamp(args.threads)}
     out = args.out or result_path("derivation_cost", f"{short_name(info.spec)}_{args.reduction:g}.json")
     write_json(out, {"meta": meta, "runs": runs, "median_seconds": medians})
     print()

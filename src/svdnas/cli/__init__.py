@@ -17,6 +17,7 @@ import torch
 
 from svdnas.cli import baseline, compress, eval, export, finetune, latency, report, space, synth
 from svdnas.cli.common import Parser, apply_config
+from svdnas.cli.process import one_malloc_arena
 from svdnas.errors import SvdnasError
 
 COMMANDS = (eval, compress, synth, finetune, baseline, report, export, latency, space)
@@ -39,6 +40,7 @@ def _one_line(message: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    one_malloc_arena()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
