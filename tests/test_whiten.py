@@ -499,28 +499,30 @@ def test_moments_taken_from_the_full_one_only_where_the_positions_agree(stride, 
     assert sorted(stats.sums) == stored
 
 
-@pytest.mark.parametrize("families, full, offset_major", [
-    ([((3, 3), (1, 1)), ((1, 3), (1, 1)), ((3, 1), (2, 1))], False, {(3, 3)}),  # sub-patches are blocks of the full one
-    ([((3, 3), (2, 1)), ((1, 3), (1, 1))], False, {(1, 3)}),  # a grouped sum alone: that unfolding in unfold's order
-    ([((3, 3), (2, 1))], True, {(3, 3)}),  # the full moment holds the grouped blocks
+@pytest.mark.parametrize("stride, families, full, offset_major", [
+    ((1, 2), [((3, 3), (1, 1)), ((1, 3), (1, 1)), ((3, 1), (2, 1)), ((1, 1), (1, 1))], False, {(3, 3)}),  # (3, 1): a block of the full one
+    ((1, 1), [((3, 3), (1, 1)), ((1, 1), (2, 1))], False, {(3, 3)}),  # (1, 1) too, each group's block a view of the sums
+    ((1, 2), [((3, 3), (2, 1)), ((1, 3), (1, 1))], False, {(1, 3)}),  # a grouped sum alone: that unfolding in unfold's order
+    ((1, 2), [((3, 3), (2, 1))], True, {(3, 3)}),  # the full moment holds the grouped blocks
 ])
-def test_patches_summed_in_offset_major_order_read_back_in_unfolds(families, full, offset_major):
+def test_patches_summed_in_offset_major_order_read_back_in_unfolds(stride, families, full, offset_major):
     """Unfoldings without first-layer groups among their sums copy patches out with the channels of a
     kernel offset side by side and put the sums in unfold's column order when read: every moment, mean
     and cross moment equals the one computed from unfold's patches, for both streams."""
-    conv = nn.Conv2d(6, 5, 3, stride=(1, 2), padding=1).double()
+    conv = nn.Conv2d(6, 5, 3, stride=stride, padding=1).double()
     geo = layer_geometry(conv)
     x, x_comp = correlated(4, 6, (8, 7)), correlated(4, 6, (8, 7), seed=1)
     stats, cross = PatchMoments(conv, families, full=full), CrossMoments(conv, families)
     stats.update(x)
     cross.update(x, x_comp)
     assert stats.offset_major == offset_major
-    for fk, g in families:
-        for moments, inputs in ((stats.moment, x), (cross.comp, x_comp)):
-            p = patches(inputs, geo, fk)
-            n = p.shape[1] // g[0]
-            ref = torch.stack([p[:, j * n : (j + 1) * n].T @ p[:, j * n : (j + 1) * n] for j in range(g[0])]) / p.shape[0]
-            torch.testing.assert_close(moments(fk, g[0]), ref)
+    for _ in range(2):  # reading a moment leaves the sums as they were (a block may be a view of them)
+        for fk, g in families:
+            for moments, inputs in ((stats.moment, x), (cross.comp, x_comp)):
+                p = patches(inputs, geo, fk)
+                n = p.shape[1] // g[0]
+                ref = torch.stack([p[:, j * n : (j + 1) * n].T @ p[:, j * n : (j + 1) * n] for j in range(g[0])]) / p.shape[0]
+                torch.testing.assert_close(moments(fk, g[0]), ref)
     p, pc = patches(x, geo), patches(x_comp, geo)
     torch.testing.assert_close(stats.full_mean(), p.mean(0))
     y = conv(x).permute(0, 2, 3, 1).reshape(-1, 5) - conv.bias.detach()

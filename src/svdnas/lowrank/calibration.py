@@ -230,12 +230,15 @@ def _columns_in_unfold_order(s: Tensor, channels: int, kernel: tuple[int, int], 
     return v.movedim(-1, -3).reshape(*lead, -1)
 
 
-def _products_in_unfold_order(s: Tensor, channels: int, kernel: tuple[int, int], part: tuple[slice, slice] = _WHOLE) -> Tensor:
-    """A sum (n, n) of products of offset-major patches with both axes in unfold's order (restricted
-    to ``part``, as :func:`_columns_in_unfold_order`)."""
+def _blocks_in_unfold_order(s: Tensor, channels: int, kernel: tuple[int, int], part: tuple[slice, slice] = _WHOLE,
+                            groups: int = 1) -> Tensor:
+    """The diagonal blocks (groups, n, n) of a sum of products of offset-major patches, one per group of
+    ``channels / groups`` input channels, each with both axes in unfold's order (restricted to ``part``,
+    as :func:`_columns_in_unfold_order`): only the blocks are copied out."""
     v = s.reshape(*kernel, channels, *kernel, channels)[part[0], part[1], :, part[0], part[1], :]
-    m = v.shape[0] * v.shape[1] * channels
-    return v.permute(2, 0, 1, 5, 3, 4).reshape(m, m)
+    fh, fw, c = v.shape[0], v.shape[1], channels // groups
+    v = v.unflatten(5, (groups, c)).unflatten(2, (groups, c)).diagonal(dim1=2, dim2=6)  # (fh, fw, c, fh, fw, c, groups)
+    return v.permute(6, 2, 0, 1, 5, 3, 4).reshape(groups, c * fh * fw, c * fh * fw)
 
 
 class _Moments:
@@ -311,21 +314,16 @@ class _Moments:
         if (fk, groups) in store and fk not in self.offset_major:
             return store[(fk, groups)] / self.counts[fk]
         if (fk, 1) in store:
-            full, count = self._in_unfold_order(store[(fk, 1)][0], fk), self.counts[fk]
+            full, kernel, part, count = store[(fk, 1)][0], fk, _WHOLE, self.counts[fk]
         elif fk in self.within_full:
             kernel = self.geo.kernel
-            full, count = self._in_unfold_order(store[(kernel, 1)][0], kernel, self.within_full[fk]), self.counts[kernel]
+            full, part, count = store[(kernel, 1)][0], self.within_full[fk], self.counts[kernel]
         else:
             raise SpecError(f"the moment of first_kernel {fk} with {groups} groups was not requested; ask for it when creating the statistics")
-        if groups == 1:
-            return full[None] / count
+        if kernel in self.offset_major:
+            return _blocks_in_unfold_order(full, self.geo.in_channels, kernel, part, groups) / count  # may be a view of the sums
         n = full.shape[0] // groups
         return torch.stack([full[j * n : (j + 1) * n, j * n : (j + 1) * n] for j in range(groups)]) / count
-
-    def _in_unfold_order(self, s: Tensor, fk: tuple[int, int], part: tuple[slice, slice] = _WHOLE) -> Tensor:
-        """A sum of products of unfolding ``fk``'s patches (the kernel rows and columns ``part`` of
-        them) in unfold's column order, whichever order it was summed in."""
-        return _products_in_unfold_order(s, self.geo.in_channels, fk, part) if fk in self.offset_major else s
 
     def _in_unfold_columns(self, s: Tensor) -> Tensor:
         """Sums over the original kernel's patches, their last axis in unfold's column order."""
