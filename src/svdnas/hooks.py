@@ -1,5 +1,5 @@
-"""Forward hooks, and a model's evaluation mode, that live exactly as long as a ``with`` block:
-registered (set) on entry, removed (put back) on exit."""
+"""Forward hooks, and a model's evaluation mode (and frozen parameters), that live exactly as long as a
+``with`` block: registered (set) on entry, removed (put back) on exit."""
 
 from __future__ import annotations
 
@@ -34,3 +34,18 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode with no parameter asking for gradients for the block's duration; on exit
+    each module's mode and each parameter's ``requires_grad`` are put back."""
+    grads = [p.requires_grad for p in model.parameters()]
+    with evaluation_mode(model):
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            yield model
+        finally:
+            for p, g in zip(model.parameters(), grads):
+                p.requires_grad_(g)

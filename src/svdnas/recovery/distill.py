@@ -49,6 +49,7 @@ from svdnas import distributed as ddp
 from svdnas.data.evaluate import batches
 from svdnas.errors import NonFiniteError, SpecError
 from svdnas.fileio import write_checkpoint
+from svdnas.hooks import frozen
 from svdnas.options import Config, flag_of, option
 
 log = logging.getLogger(__name__)
@@ -272,14 +273,19 @@ def distill(
         checkpoint: file written atomically after every epoch; a run that finds it resumes from it.
         progress: called with (steps done, steps in all) for a progress bar.
 
+    The teacher runs in eval mode with its parameters frozen; both are put back as they were on return.
+
     Raises:
         NonFiniteError: the loss became NaN or infinite (the last epoch's checkpoint is kept).
     """
-    config = config.resolved()
+    with frozen(teacher):
+        return _fine_tune(student, teacher, layers, train, val, config.resolved(), device, seed, checkpoint, progress)
+
+
+def _fine_tune(student: nn.Module, teacher: nn.Module, layers: list[str], train: Dataset, val: Dataset, config: FinetuneConfig,
+               device: torch.device | str, seed: int, checkpoint: Path | None, progress: Callable[[int, int], None] | None) -> FinetuneHistory:
+    """:func:`distill`'s work, the teacher already frozen."""
     mode = config.mode
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     params = [p for p in student.parameters()]
     for p in params:
         p.requires_grad_(True)

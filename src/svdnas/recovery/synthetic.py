@@ -18,8 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from svdnas import distributed as ddp
 from svdnas.errors import DataError, SpecError
 from svdnas.fileio import atomic_write_bytes, atomic_write_json
-from svdnas.hooks import evaluation_mode, forward_hooks
+from svdnas.hooks import forward_hooks, frozen
 from svdnas.options import Config, flag_of, option
 
 log = logging.getLogger(__name__)
@@ -193,21 +192,6 @@ def _claim(work: Path, settings: dict[str, Any]) -> None:
         atomic_write_json(marker, settings)
 
 
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode with no parameter asking for gradients (only the images are learnt) for
-    the block's duration; each module's mode and each parameter's flag put back on exit."""
-    grads = [p.requires_grad for p in model.parameters()]
-    with evaluation_mode(model):
-        try:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            yield
-        finally:
-            for p, g in zip(model.parameters(), grads):
-                p.requires_grad_(g)
-
-
 def _batch_sizes(config: SynthConfig) -> list[int]:
     full, rest = divmod(config.num, config.batch_size)
     return [config.batch_size] * full + ([rest] if rest else [])
@@ -245,7 +229,7 @@ def generate(
     start = time.perf_counter()
     images: list[Tensor | None] = [None] * len(sizes)
     losses: list[list[float] | None] = [None] * len(sizes)
-    with _frozen(model):
+    with frozen(model):  # only the images are learnt
         done, todo = 0, []
         for i in range(len(sizes)):
             if work is not None and (work / f"batch-{i:05d}.safetensors").is_file():
