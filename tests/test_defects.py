@@ -273,7 +273,7 @@ def test_every_pass_that_evaluates_the_callers_model_does_so_in_eval_mode_and_pu
     from svdnas.lowrank.derivation import calibrate
     from svdnas.lowrank.plan import Plan
     from svdnas.lowrank.spec import LowRankSpec
-    from svdnas.recovery.distill import FinetuneConfig, distill
+    from svdnas.recovery.distill import FinetuneConfig, agreement, distill
     from svdnas.recovery.synthetic import SynthConfig, generate
     from svdnas.search.accuracy_proxy import PrefixRecording
     from svdnas.search.output_proxy import capture_inputs
@@ -300,6 +300,7 @@ def test_every_pass_that_evaluates_the_callers_model_does_so_in_eval_mode_and_pu
         "accuracy proxy": lambda m: PrefixRecording(m, data, "cpu", ["body.0"]),
         "synthetic images": lambda m: generate(m, (1, 12, 12), SynthConfig(num=2, batch_size=2, iterations=1)),
         "distillation's teacher": lambda m: distill(tiny_net(), m, ["body.0"], data, data, FinetuneConfig(epochs=1, batch_size=8)),
+        "agreement with a teacher": lambda m: agreement(tiny_net(), m, data),
     }
     for name, run in passes.items():
         model = _mixed_modes()

@@ -499,33 +499,45 @@ def test_moments_taken_from_the_full_one_only_where_the_positions_agree(stride, 
     assert sorted(stats.sums) == stored
 
 
-@pytest.mark.parametrize("stride, families, full, offset_major", [
-    ((1, 2), [((3, 3), (1, 1)), ((1, 3), (1, 1)), ((3, 1), (2, 1)), ((1, 1), (1, 1))], False, {(3, 3)}),  # (3, 1): a block of the full one
-    ((1, 1), [((3, 3), (1, 1)), ((1, 1), (2, 1))], False, {(3, 3)}),  # (1, 1) too, each group's block a view of the sums
-    ((1, 2), [((3, 3), (2, 1)), ((1, 3), (1, 1))], False, {(1, 3)}),  # a grouped sum alone: that unfolding in unfold's order
-    ((1, 2), [((3, 3), (2, 1))], True, {(3, 3)}),  # the full moment holds the grouped blocks
+@pytest.mark.parametrize("stride, families, full, offset_major, sampled", [
+    # (1, 3) a block of the full moment; (3, 1) (stride 2 in the dim it leaves out) a grouped sum of its own
+    ((1, 2), [((3, 3), (1, 1)), ((1, 3), (1, 1)), ((3, 1), (2, 1)), ((1, 1), (1, 1))], False, {(3, 3)}, False),
+    ((1, 2), [((3, 3), (1, 1)), ((1, 3), (1, 1)), ((3, 1), (2, 1)), ((1, 1), (1, 1))], False, {(3, 3)}, True),
+    ((1, 1), [((3, 3), (1, 1)), ((1, 1), (2, 1))], False, {(3, 3)}, False),  # (1, 1) too, each group's block a view of the sums
+    ((1, 2), [((3, 3), (2, 1)), ((1, 3), (1, 1))], False, {(1, 3)}, False),  # a grouped sum alone: in unfold's order
+    ((1, 2), [((3, 3), (2, 1))], True, {(3, 3)}, False),  # the full moment holds the grouped blocks
 ])
-def test_patches_summed_in_offset_major_order_read_back_in_unfolds(stride, families, full, offset_major):
+def test_patches_summed_in_offset_major_order_read_back_in_unfolds(stride, families, full, offset_major, sampled):
     """Unfoldings without first-layer groups among their sums copy patches out with the channels of a
     kernel offset side by side and put the sums in unfold's column order when read: every moment, mean
     and cross moment equals the one computed from unfold's patches, for both streams."""
     conv = nn.Conv2d(6, 5, 3, stride=stride, padding=1).double()
     geo = layer_geometry(conv)
-    x, x_comp = correlated(4, 6, (8, 7)), correlated(4, 6, (8, 7), seed=1)
-    stats, cross = PatchMoments(conv, families, full=full), CrossMoments(conv, families)
+    images = 12 if sampled else 4
+    x, x_comp = correlated(images, 6, (8, 7)), correlated(images, 6, (8, 7), seed=1)
+    sampling = Sampling(images=images, per_column=1) if sampled else None  # every 7th full patch, 21st (3, 1), 111th (1, 1)
+
+    def kept(p: torch.Tensor, stats, fk) -> torch.Tensor:  # the rows a sampled moment sums (a block of the full one: the full's)
+        unfolding = geo.kernel if fk in stats.within_full else fk
+        columns = patches(x[:1], geo, unfolding).shape[1]
+        return p if sampling is None else p[:: sampling.step(p.shape[0] // images, columns)]
+
+    stats, cross = PatchMoments(conv, families, full=full, sampling=sampling), CrossMoments(conv, families, sampling=sampling)
     stats.update(x)
     cross.update(x, x_comp)
     assert stats.offset_major == offset_major
     for _ in range(2):  # reading a moment leaves the sums as they were (a block may be a view of them)
         for fk, g in families:
-            for moments, inputs in ((stats.moment, x), (cross.comp, x_comp)):
-                p = patches(inputs, geo, fk)
+            for moments, inputs, of in ((stats.moment, x, stats), (cross.comp, x_comp, cross)):
+                p = kept(patches(inputs, geo, fk), of, fk)
                 n = p.shape[1] // g[0]
                 ref = torch.stack([p[:, j * n : (j + 1) * n].T @ p[:, j * n : (j + 1) * n] for j in range(g[0])]) / p.shape[0]
                 torch.testing.assert_close(moments(fk, g[0]), ref)
-    p, pc = patches(x, geo), patches(x_comp, geo)
+    p, pc = kept(patches(x, geo), stats, geo.kernel), kept(patches(x_comp, geo), cross, geo.kernel)
+    if sampled:
+        assert stats.sampling.step(32, 54) == 7 and len(p) == stats.count
     torch.testing.assert_close(stats.full_mean(), p.mean(0))
-    y = conv(x).permute(0, 2, 3, 1).reshape(-1, 5) - conv.bias.detach()
+    y = kept(conv(x).permute(0, 2, 3, 1).reshape(-1, 5) - conv.bias.detach(), cross, geo.kernel)
     torch.testing.assert_close(cross.output_cross(), y.T @ pc / pc.shape[0])
     torch.testing.assert_close(cross.full_means()[1], pc.mean(0))
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -105,7 +106,8 @@ def main() -> None:
         rows.append(["against weight"] + [f"{m['total'] / base:.2f}x" for m in medians.values()])
     rows.append(["drops (pp)"] + [" / ".join(f"{x['drop_pp']:.2f}" for x in rs) for rs in runs.values()])
     meta = {"model": info.spec, "data": args.data, "reduction": args.reduction, "rounds": args.rounds, "original_top1": reference["top1"],
-            "fresh_processes": args.fresh_processes, "one_malloc_arena": one_arena, **stamp(args.threads)}
+            "fresh_processes": args.fresh_processes, "one_malloc_arena": one_arena,
+            "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX"), **stamp(args.threads)}
     out = args.out or result_path("derivation_cost", f"{short_name(info.spec)}_{args.reduction:g}.json")
     write_json(out, {"meta": meta, "runs": runs, "median_seconds": medians})
     print()

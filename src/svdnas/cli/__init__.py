@@ -40,7 +40,10 @@ def _one_line(message: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    one_malloc_arena()
+    """Run the command line: ``argv`` (a Python caller's list), or None for this process's own arguments,
+    which also makes the process's settings (:mod:`svdnas.cli.process`)."""
+    if argv is None:
+        one_malloc_arena()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")

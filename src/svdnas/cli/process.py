@@ -1,5 +1,6 @@
-"""Settings of the ``svdnas`` process itself, made once when the command line starts (a Python
-caller's process is left as it is)."""
+"""Settings of the ``svdnas`` process itself, made once when the command line starts on the process's own
+arguments (``svdnas ...``, ``python -m svdnas ...``); ``main([...])`` called from Python leaves its
+caller's process as it is."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ def one_malloc_arena() -> bool:
 
     The prefix fit runs each calibration batch's forward pass on a thread of its own. With an arena
     per thread, each pass first faults in memory that nothing has touched yet; with one arena the
-    passes reuse the memory the process already holds. On ``zoo:resnet18`` at 60% this took the fit
-    from 10.1 s to 8.5 s and a whole ``compress`` with ``--derivation weight`` from 32.5 s to 31.2 s
-    (2026-12-05, ``benchmarks/tables/derivation_cost.py --fresh-processes``).
+    passes reuse the memory the process already holds. On ``zoo:resnet18`` at 60% the fit took 8.4 s
+    against 9.4 s with glibc's own arenas, back to back (2026-12-05, ``benchmarks/tables/derivation_cost.py
+    --fresh-processes``, ``benchmarks/results/derivation_cost/resnet18_0.6_{one_arena,arenas16}.json``).
+    Torch is imported by then: arenas that its threads already made stay, and are shared.
     """
     if "MALLOC_ARENA_MAX" in os.environ or platform.libc_ver()[0] != "glibc":
         return False

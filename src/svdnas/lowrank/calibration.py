@@ -42,7 +42,8 @@ Key = tuple[tuple[int, int], int]  # (first_kernel, first-layer groups)
 _CHUNK_ELEMENTS = 1 << 23  # patches materialised at once (32 MiB in float32)
 _GEMM_ROWS = 4096  # patches per product summed in the activations' precision before the float64 sum
 _BLOCK_COLUMNS = 128  # least width of the column blocks (an eighth of the columns) of a symmetric product: only
-# those on and above the diagonal are computed (eight blocks took a tenth less time than four at 1152-2304 columns)
+# those on and above the diagonal are computed (eight blocks: 4% less time than four at 2304 columns, the same below;
+# benchmarks/diagnostics/calibration_layout.py)
 
 
 PATCHES_PER_COLUMN = 256  # the default Sampling's floor
@@ -216,8 +217,9 @@ _WHOLE = (slice(None), slice(None))
 def _offset_major(view: Tensor) -> Tensor:
     """A conv's patch view (images, out_h, out_w, I, a_h, a_w) with each patch's columns in (a_h, a_w, I)
     order instead of unfold's (I, a_h, a_w): in the channels-last padded input the channels of one
-    kernel offset lie side by side, and patches copied out in that order take a third of the time or less
-    (a sum is put in unfold's order once, when it is read)."""
+    kernel offset lie side by side, and patches copied out in that order take about 0.6 of the time at
+    28x28 and 14x14, a tenth or less at 7x7 and 4x4 (``benchmarks/diagnostics/calibration_layout.py``);
+    a sum is put in unfold's order once, when it is read."""
     return view.permute(0, 1, 2, 4, 5, 3)
 
 
@@ -322,6 +324,7 @@ class _Moments:
             raise SpecError(f"the moment of first_kernel {fk} with {groups} groups was not requested; ask for it when creating the statistics")
         if kernel in self.offset_major:
             return _blocks_in_unfold_order(full, self.geo.in_channels, kernel, part, groups) / count  # may be a view of the sums
+        assert part is _WHOLE, "a sub-patch is read from the full moment, which is offset-major"
         n = full.shape[0] // groups
         return torch.stack([full[j * n : (j + 1) * n, j * n : (j + 1) * n] for j in range(groups)]) / count
 

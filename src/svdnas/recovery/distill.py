@@ -49,7 +49,7 @@ from svdnas import distributed as ddp
 from svdnas.data.evaluate import batches
 from svdnas.errors import NonFiniteError, SpecError
 from svdnas.fileio import write_checkpoint
-from svdnas.hooks import frozen
+from svdnas.hooks import evaluation_mode, frozen
 from svdnas.options import Config, flag_of, option
 
 log = logging.getLogger(__name__)
@@ -190,12 +190,14 @@ class _Outputs:
 
 @torch.no_grad()
 def agreement(student: nn.Module, teacher: nn.Module, dataset: Dataset, device: torch.device | str = "cpu", batch_size: int = 256) -> float:
-    """Percentage of images on which the two models' top-1 predictions agree (fidelity)."""
+    """Percentage of images on which the two models' top-1 predictions agree (fidelity), both in eval mode
+    (each module's mode put back after)."""
     same = total = 0
-    for x, _ in batches(dataset, batch_size):
-        x = x.to(device)
-        same += (student(x).argmax(1) == teacher(x).argmax(1)).sum().item()
-        total += len(x)
+    with evaluation_mode(student), evaluation_mode(teacher):
+        for x, _ in batches(dataset, batch_size):
+            x = x.to(device)
+            same += (student(x).argmax(1) == teacher(x).argmax(1)).sum().item()
+            total += len(x)
     return 100.0 * same / max(total, 1)
 
 
