@@ -41,9 +41,9 @@ from svdnas.lowrank.spec import LowRankSpec
 Key = tuple[tuple[int, int], int]  # (first_kernel, first-layer groups)
 _CHUNK_ELEMENTS = 1 << 23  # patches materialised at once (32 MiB in float32)
 _GEMM_ROWS = 4096  # patches per product summed in the activations' precision before the float64 sum
-_BLOCK_COLUMNS = 128  # least width of the column blocks (an eighth of the columns) of a symmetric product: only
-# those on and above the diagonal are computed (eight blocks: 4% less time than four at 2304 columns, the same below;
-# benchmarks/diagnostics/calibration_layout.py)
+_COLUMN_BLOCKS = 8  # column blocks of a symmetric product: only those on and above the diagonal are computed
+# (eight: 4% less time than four at 2304 columns, the same below; benchmarks/diagnostics/calibration_layout.py)
+_BLOCK_COLUMNS = 128  # least width of a block
 
 
 PATCHES_PER_COLUMN = 256  # the default Sampling's floor
@@ -102,7 +102,7 @@ def gram(left: Tensor, right: Tensor | None = None, out: Tensor | None = None) -
         for lo, ro in zip(left.split(_GEMM_ROWS), right.split(_GEMM_ROWS)):
             out.add_(lo.T @ ro)
         return out
-    block = max(_BLOCK_COLUMNS, -(-n // 8))
+    block = max(_BLOCK_COLUMNS, -(-n // _COLUMN_BLOCKS))
     edges = list(range(0, n, block)) + [n] if n > 2 * block else [0, n]
     spans = list(pairwise(edges))
     for rows in left.split(_GEMM_ROWS):
