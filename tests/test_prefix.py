@@ -184,14 +184,17 @@ def test_compress_with_the_prefix_derivation_writes_a_run_that_loads(trained_tin
         torch.testing.assert_close(loaded(x), result.model.eval()(x))
 
 
-def test_a_fit_farther_from_the_original_than_the_searchs_factors_is_not_kept(trained_tiny, monkeypatch):
+@pytest.mark.parametrize("keep_search_plan", [False, True])
+def test_a_fit_farther_from_the_original_than_the_searchs_factors_is_not_kept(trained_tiny, monkeypatch, keep_search_plan):
     """The whole fitted model is checked on the held-out (proxy) images against the search's own
-    factors: a fit that went wrong (here every fitted weight scaled by 3) gives way to them."""
+    factors: a fit that went wrong (here every fitted weight scaled by 3) gives way to them. They are
+    built once: by the plan check, which scored the plan, and by the model check itself where no
+    plan check ran (``keep_search_plan``), which then keeps the model it scored."""
     from svdnas.lowrank.derivation import Derivation
     from svdnas.pipeline import stages
     from svdnas.pipeline.compress import compress
     from svdnas.pipeline.config import CompressConfig
-    from svdnas.search import SearchConfig
+    from svdnas.search import SearchConfig, allocation
     from svdnas.surgery import prefix
 
     model, data = trained_tiny
@@ -208,12 +211,23 @@ def test_a_fit_farther_from_the_original_than_the_searchs_factors_is_not_kept(tr
                         p.mul_(3)
         return fit
 
+    built = []
+
+    def counted(module):
+        real_apply = module.apply_plan
+        monkeypatch.setattr(module, "apply_plan", lambda m, plan, **kw: built.append(plan.to_json()) or real_apply(m, plan, **kw))
+
+    counted(stages)
+    counted(allocation)
     monkeypatch.setattr(stages, "fit_on_prefix", spoiled)
     config = CompressConfig(reduction=0.3, search_images=100, proxy_images=32, families=2, proxy_drop=0,
-                            derivation="prefix", calibration_images=64, search=SearchConfig(epochs=1, target=0.5))
+                            derivation="prefix", calibration_images=64, search=SearchConfig(epochs=1, target=0.5),
+                            keep_search_plan=keep_search_plan)
     result = compress(model, data, config, filter_fn="convs", seed=0)
     check = result.report["calibration"]["prefix_fit"]["model_check"]
     assert check["kept"] == "derived" and check["mean_kl"]["derived"] < check["mean_kl"]["fitted"]
+    assert ("plan_check" in result.report) is not keep_search_plan
+    assert built.count(result.plan.to_json()) == 1
     expected = apply_plan(copy.deepcopy(model), result.plan, derivation=searched[0]).eval()
     x = data.test.tensors[0][:16]
     with torch.no_grad():

@@ -81,7 +81,7 @@ def sampling(images: int, per_column: int | None) -> Sampling | None:
     return Sampling(images, per_column) if per_column and images else None
 
 
-def _working(x: Tensor) -> Tensor:
+def working_precision(x: Tensor) -> Tensor:
     """Patches in the precision their products are taken in: float64 stays, anything else is float32."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -291,7 +291,7 @@ class _Moments:
             before = self.streamed.get(fk, 0)
             start = -before % step
             self.streamed[fk] = before + view.shape[0] * positions
-        return _working(take_rows(view, start, step)), (start, step)
+        return working_precision(take_rows(view, start, step)), (start, step)
 
     def _zeros(self, key: Key, like: Tensor) -> Tensor:
         fk, g = key
@@ -468,7 +468,7 @@ class CrossMoments(_Moments):
                 pc, taken = self._take(xc, fk)
                 self.counts[fk] = self.counts.get(fk, 0) + pc.shape[0]
                 if fk == self.geo.kernel:
-                    y = _working(self._rows(yo, *taken)).to(pc.dtype)
+                    y = working_precision(self._rows(yo, *taken)).to(pc.dtype)
                     dev = self.device or pc.device
                     self.output_sum = self.output_sum.to(dev) + gram(y, pc).to(dev)
                     self.mean_sums = [m.to(dev) + column_sums(t).to(dev) for m, t in zip(self.mean_sums, (y, pc))]

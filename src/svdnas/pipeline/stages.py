@@ -337,13 +337,14 @@ def derive_model(job: Job, plan: Plan, derivation: Derivation, calibration: torc
     if fit.held_out:
         block["kept_derived"] = sorted(n for n, e in fit.errors.items() if e["kept"] == "derived")
         closeness = job.closeness_on(held_out)  # the plan check scored the search's plan on these images already
-        kl = {"fitted": closeness.of_model(model), "derived": closeness.of_plan(plan, derivation)}
+        kl_derived, own = closeness.scored(plan, derivation)
+        kl = {"fitted": closeness.of_model(model), "derived": kl_derived}
         kept = "derived" if kl["derived"] < kl["fitted"] else "fitted"
         block["model_check"] = {"mean_kl": kl, "kept": kept}
         if kept == "derived":
             log.info("prefix fit: the search's own factors are nearer the original on the %d held-out images (mean KL %.3g "
                      "against %.3g); kept them", fit.held_out, kl["derived"], kl["fitted"])
-            model = derived().eval()
+            model = _standard_memory(own)
     job.seconds["prefix_fit"] = block["seconds"] = time.perf_counter() - t0
     job.calibration = (job.calibration or {}) | {"prefix_fit": block}
     return model

@@ -179,7 +179,7 @@ class Closeness:
     def __init__(self, model: nn.Module, images: Dataset, device: torch.device | str) -> None:
         self.model, self.images, self.device = model, images, device
         self._reference: list[Tensor] | None = None
-        self._plans: dict[tuple[str, int], tuple[Derivation, float]] = {}
+        self._plans: dict[tuple[str, int], tuple[Derivation, float, nn.Module]] = {}
 
     def reference(self) -> list[Tensor]:
         """The original model's log-softmax on the images."""
@@ -195,11 +195,16 @@ class Closeness:
     def of_plan(self, plan: Plan, derivation: Derivation) -> float:
         """:meth:`of_model` of the original compressed by ``plan`` with ``derivation``'s factors (a
         derivation is scored as it is the first time: it is not to change once scored)."""
+        return self.scored(plan, derivation)[0]
+
+    def scored(self, plan: Plan, derivation: Derivation) -> tuple[float, nn.Module]:
+        """(:meth:`of_plan`, the compressed model it scored, in eval mode): the models are kept with
+        their scores, so that a caller who keeps a scored plan's model does not build it again."""
         key = (plan.to_json(), id(derivation))  # the entry holds the derivation, so its id is not reused
         if key not in self._plans:
             compressed = apply_plan(copy.deepcopy(self.model), plan, derivation=derivation)
-            self._plans[key] = (derivation, self.of_model(compressed))
-        return self._plans[key][1]
+            self._plans[key] = (derivation, self.of_model(compressed), compressed)
+        return self._plans[key][1:]
 
 
 def better_plan(model: nn.Module, plans: dict[str, Plan], images: Dataset, device: torch.device | str,

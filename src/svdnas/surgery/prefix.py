@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from svdnas.errors import SpecError
 from svdnas.hooks import evaluation_mode, forward_hooks
-from svdnas.lowrank.calibration import CrossMoments, _working, needed_families, sampling
+from svdnas.lowrank.calibration import CrossMoments, needed_families, sampling, working_precision
 from svdnas.lowrank.derivation import Derivation
 from svdnas.lowrank.plan import Plan
 from svdnas.lowrank.whiten import PREFIX_RIDGE, derive_prefix
@@ -198,8 +198,8 @@ def step_together(locksteps: Sequence[Lockstep], name: str) -> list[list[Tensor 
 def _relative_error(reference: Sequence[Tensor], outputs: Sequence[Tensor]) -> float:
     """sum ||o - r||^2 / sum ||r||^2, the squares in float32 or float64 (a half-precision square
     overflows), their sums in float64."""
-    num = sum(float((_working(o) - _working(r)).pow(2).sum(dtype=torch.float64)) for r, o in zip(reference, outputs))
-    den = sum(float(_working(r).pow(2).sum(dtype=torch.float64)) for r in reference)
+    num = sum(float((working_precision(o) - working_precision(r)).pow(2).sum(dtype=torch.float64)) for r, o in zip(reference, outputs))
+    den = sum(float(working_precision(r).pow(2).sum(dtype=torch.float64)) for r in reference)
     return num / den if den > 0 else 0.0
 
 
