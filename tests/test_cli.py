@@ -60,6 +60,14 @@ def test_eval_json_on_module_model(module_spec, tiny_fmnist):
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--search-dtype", "int8"], "invalid choice: 'int8'"),
         (["synth", "zoo:resnet18", "--num", "8", "--out", "/tmp/x.png"], ".safetensors"),
         (["synth", "zoo:resnet18", "--num", "0", "--out", "/tmp/x.safetensors"], "(--num) must be positive"),
+        (["latency", "zoo:resnet18", "--repeats", "0"], "--repeats: must be at least 1, got 0"),
+        (["latency", "zoo:resnet18", "--threads", "-1"], "--threads: must be at least 1, got -1"),
+        (["latency", "zoo:resnet18", "--batch", "two"], "--batch: 'two' is not a whole number"),
+        (["latency", "zoo:resnet18", "--device", "bogus"], "--device must be cpu or cuda"),
+        (["latency", "zoo:resnet18", "--input-shape", "3,32,32"], "the model fails on an input of shape (3, 32, 32)"),
+        (["export", "zoo:resnet18", "--onnx", "/tmp/svdnas-never-written.onnx", "--opset", "99"], "writes opsets 7 to 20; got 99"),
+        (["export", "zoo:resnet18", "--onnx", "/tmp/svdnas-never-written.onnx", "--input-shape", "3,32,32"],
+         "the model fails on an input of shape (3, 32, 32)"),
     ],
 )
 def test_bad_input_gives_one_error_line(args, message):
@@ -67,6 +75,23 @@ def test_bad_input_gives_one_error_line(args, message):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_a_baseline_with_bad_options_leaves_no_run_directory(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("baseline", "uniform", "zoo:resnet18", "--data", "fmnist", "--reduction", "1.5", "--out", out)
+    assert r.returncode == 2 and "--reduction must be in (0, 1)" in r.stderr and not out.exists()
+
+
+def test_latency_times_on_the_device_asked_for(monkeypatch):
+    from svdnas.cost import timer
+
+    asked = []
+    monkeypatch.setattr(timer, "torch_latency", lambda model, shape, device="cpu", **kw: asked.append(device) or {
+        "median_ms": 1.0, "p10_ms": 1.0, "p90_ms": 1.0, "min_ms": 1.0, "repeats": kw["repeats"]})
+    r = run_cli("latency", "zoo:resnet18", "--device", "cpu", "--repeats", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert asked == [torch.device("cpu")] and json.loads(r.stdout.strip().splitlines()[-1])["device"] == "cpu"
 
 
 def test_every_command_has_help():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from svdnas import LowRankSpec, Plan, apply_plan
-from svdnas.cost.timer import measure, torch_latency
-from svdnas.errors import SvdnasError
+from svdnas.cost.timer import measure, spread, torch_latency
+from svdnas.errors import SpecError, SvdnasError
 from svdnas.runs.directory import save_run
 from svdnas.runs.export import export_onnx
 from svdnas.zoo import create_model
@@ -57,6 +57,28 @@ def test_export_and_latency_commands(tmp_path):
     assert r.returncode == 0, r.stderr
     only = json.loads(r.stdout.strip().splitlines()[-1])
     assert "pytorch" not in only and only["onnxruntime"]["median_ms"] > 0
+
+
+def test_the_spread_of_few_times_stays_within_them():
+    for times in ([2.0, 1.0], [3.0, 1.0, 2.0], [5.0, 1.0, 1.5, 1.2]):
+        s = spread(times)
+        assert min(times) <= s["p10_ms"] <= s["median_ms"] <= s["p90_ms"] <= max(times)
+    assert spread([4.0]) == {"median_ms": 4.0, "p10_ms": 4.0, "p90_ms": 4.0}
+    many = [float(i) for i in range(1, 102)]  # 1..101: the inclusive 10th and 90th percentiles are 11 and 91
+    assert spread(many) == {"median_ms": 51.0, "p10_ms": 11.0, "p90_ms": 91.0}
+
+
+def test_an_export_that_onnx_runtime_cannot_run_is_one_error(monkeypatch):
+    import onnxruntime as ort
+
+    def refuse(*args, **kwargs):
+        raise ort.capi.onnxruntime_pybind11_state.NotImplemented("no kernel for this opset")
+
+    monkeypatch.setattr(ort, "InferenceSession", refuse)
+    with pytest.raises(SpecError, match="the ONNX export at opset 17 failed: NotImplemented: no kernel for this opset"):
+        export_onnx(torch.nn.Linear(4, 2), (4,), "/tmp/never.onnx")
+    with pytest.raises(SpecError, match="writes opsets 7 to 20; got 6"):
+        export_onnx(torch.nn.Linear(4, 2), (4,), "/tmp/never.onnx", opset=6)
 
 
 def test_measure_and_missing_onnx(monkeypatch):

@@ -12,15 +12,15 @@ from svdnas.cli.common import (
     add_model_args,
     add_out_args,
     check_out,
-    claim_out,
     cli_record,
     device_of,
     model_and_data,
     need,
+    run_claimed,
     write_report_quietly,
 )
 from svdnas.lowrank.derivation import KINDS
-from svdnas.pipeline.baseline import run_baseline
+from svdnas.pipeline.baseline import check_options, run_baseline
 from svdnas.pipeline.config import OBJECTIVES
 
 # run_baseline's own defaults are the command's
@@ -61,21 +61,21 @@ def run(args: argparse.Namespace) -> int:
     from svdnas.runs.directory import CONFIG_FORMAT, RunDir
 
     need(args, "data", "reduction", "out")
+    check_options(args.method, args.reduction, args.derivation, args.calibration_images, args.calibration_patches)
     check_out(args)
     device = device_of(args.device)
     model, info, data, shape = model_and_data(args, device)
     args.filter = args.filter or info.default_filter
-    replacement = claim_out(args, {"format": CONFIG_FORMAT, **cli_record(args, *CLI_OPTIONS)})
-    try:
-        _, _, r = run_baseline(
+    (_, _, r), replacement = run_claimed(
+        args, lambda: {"format": CONFIG_FORMAT, **cli_record(args, *CLI_OPTIONS)}, "plan",
+        lambda progress: run_baseline(
             args.method, model, data, args.reduction, shape, args.filter, args.split, args.objective,
             args.search_images, device, args.seed, out=RunDir(Path(args.out), base=info.spec),
             derivation=args.derivation, calibration_images=args.calibration_images, calibration_patches=args.calibration_patches,
-        )
-        write_report_quietly(args.out)
-    except Exception:
-        replacement.restore()
-        raise
+            progress=progress,
+        ),
+    )
+    write_report_quietly(args.out)
     replacement.finish()
     print(f"{args.method} ({r['split']}, {r['derivation']} factors) on {info.spec}: FLOPs -{100 * r['flops']['reduction']:.2f}%  params -{100 * r['params']['reduction']:.2f}%")
     print(f"top-1 {r['top1']['original']:.2f}% -> {r['top1']['compressed']:.2f}% (drop {r['top1']['drop_pp']:.2f}pp); run directory {args.out}")

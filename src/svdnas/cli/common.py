@@ -28,6 +28,21 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum`` (anything else is a usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def device_of(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

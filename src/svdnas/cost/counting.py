@@ -48,11 +48,11 @@ def branch_cost(geo: ConvGeometry, input_hw: tuple[int, int], spec: LowRankSpec,
     return macs, p1 + p2 + (geo.out_channels if bias else 0)
 
 
-def layer_cost(layer: nn.Module, input_hw: tuple[int, int], specs: Sequence[LowRankSpec] = ()) -> tuple[int, int]:
-    """Exact (MACs, params) of ``layer``, or of what ``decompose(layer, specs)`` builds.
+def layer_cost(conv: nn.Module, input_hw: tuple[int, int], specs: Sequence[LowRankSpec] = ()) -> tuple[int, int]:
+    """Exact (MACs, params) of ``conv``, or of what ``decompose(conv, specs)`` builds.
 
     Args:
-        layer: an ``nn.Conv2d`` or ``nn.Linear``.
+        conv: an ``nn.Conv2d`` or ``nn.Linear``.
         input_hw: spatial size of the input; for ``nn.Linear`` the number of positions it is
             applied at, as (positions, 1).
         specs: branches; empty for the original layer.
@@ -61,11 +61,11 @@ def layer_cost(layer: nn.Module, input_hw: tuple[int, int], specs: Sequence[LowR
         MACs for one input (batch 1, thop's convention: bias adds are not counted) and params.
     """
     if not specs:
-        if isinstance(layer, nn.Linear):
-            params = layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
-            return input_hw[0] * input_hw[1] * layer.weight.numel(), params
-        return _dense_conv_cost(layer, input_hw)
-    geo = check_layer_specs(layer, specs)
+        if isinstance(conv, nn.Linear):
+            params = conv.weight.numel() + (conv.bias.numel() if conv.bias is not None else 0)
+            return input_hw[0] * input_hw[1] * conv.weight.numel(), params
+        return _dense_conv_cost(conv, input_hw)
+    geo = check_layer_specs(conv, specs)
     macs = params = 0
     for n, spec in enumerate(specs):
         m, p = branch_cost(geo, input_hw, spec, bias=geo.bias and n == 0)

@@ -13,6 +13,7 @@ from torch import nn
 from svdnas.errors import SvdnasError
 
 DEFAULT_OPSET = 17  # widely supported by ONNX Runtime releases
+OPSETS = range(7, 21)  # what torch.onnx's TorchScript exporter (the one used here) can write
 
 
 def require_onnx() -> tuple[Any, Any]:

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import re
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdnas.cost.timer import latency_runner
+from svdnas.cost.timer import latency_runner, spread
 from svdnas.errors import SpecError
 from svdnas.fileio import atomic_write_json, cache_root
 from svdnas.lowrank.decompose import empty_block
@@ -79,7 +78,8 @@ class LatencyConfig(Config):
     anchors: int = 8
     threads: int | None = None
     cache: str | None = option(None, flag="--latency-cache",
-                               help="JSON file of measured layer latencies (default: latency-<device>-<threads>.json in "
+                               help="JSON file of measured layer latencies (default: latency-<device>-<threads>.json, "
+                                    "or latency-<device>-<threads>-onnxruntime.json when timed in ONNX Runtime, in "
                                     "$SVDNAS_CACHE or ~/.cache/svdnas)")
     min_sample_ms: float = 0.5
 
@@ -202,10 +202,7 @@ def time_modules(
                 times.append(run(call, n) / n)
     results = []
     for times, n in zip(samples, inner):
-        q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-        results.append({
-            "median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1], "repeats": repeats, "runs_per_sample": n,
-        })
+        results.append(spread(times) | {"repeats": repeats, "runs_per_sample": n})
     return results
 
 

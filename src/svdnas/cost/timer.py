@@ -16,6 +16,13 @@ from svdnas.cost.onnx import onnx_bytes, require_onnx
 from svdnas.errors import SvdnasError
 
 
+def spread(times: list[float]) -> dict[str, float]:
+    """The median and the 10th and 90th percentiles of ``times`` (ms), the percentiles interpolated
+    between measured times, never beyond the fastest or the slowest."""
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) >= 2 else [times[0]] * 9
+    return {"median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1]}
+
+
 def measure(fn: Callable[[], object], warmup: int = 5, repeats: int = 30) -> dict[str, float]:
     """Run ``fn`` ``warmup`` times, then time ``repeats`` runs; milliseconds."""
     for _ in range(warmup):
@@ -25,8 +32,7 @@ def measure(fn: Callable[[], object], warmup: int = 5, repeats: int = 30) -> dic
         t0 = time.perf_counter()
         fn()
         times.append(1000 * (time.perf_counter() - t0))
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
-    return {"median_ms": statistics.median(times), "p10_ms": q[0], "p90_ms": q[-1], "min_ms": min(times), "repeats": repeats}
+    return spread(times) | {"min_ms": min(times), "repeats": repeats}
 
 
 @contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import sys
 import traceback
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from torch import nn
 from svdnas.errors import SpecError, WeightsError, describe
 from svdnas.models.weights import load_weights
 from svdnas.zoo.registry import INPUT_SHAPES, WEIGHTS_DIR, create_model, weights_path
+
+log = logging.getLogger(__name__)
 
 # The layers the paper compresses in each architecture.
 _ZOO_FILTERS = {"resnet18": "all-but-first", "mobilenetv2": "pointwise", "efficientnet_b0": "pointwise"}
@@ -138,5 +141,7 @@ def build_model(
     if weights:
         load_weights(model, weights)
         info.weights = weights
+    elif kind == "torchvision":
+        log.warning("%s without --weights has torchvision's random initial weights (nothing is downloaded)", spec)
     model.eval()
     return model, info

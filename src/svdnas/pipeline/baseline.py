@@ -24,6 +24,27 @@ OWN_DERIVATION = {"balf": "whitened"}  # the others' papers derive from the weig
 HELD_OUT_IMAGES = 256  # as many as compress's proxy images: where the prefix fit checks each layer's factors
 
 
+def check_options(method: str, reduction: float, derivation: str | None = None, calibration_images: int = 512,
+                  calibration_patches: int = PATCHES_PER_COLUMN) -> str:
+    """The derivation a baseline run uses, once its options are checked (before anything is loaded or written).
+
+    Raises:
+        SpecError: an unknown method or derivation, a reduction outside (0, 1), a calibration count out of range.
+    """
+    if method not in METHODS:
+        raise SpecError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
+    if not 0 < reduction < 1:
+        raise SpecError(f"--reduction must be in (0, 1), got {reduction}")
+    kind = derivation or OWN_DERIVATION.get(method, "weight")
+    if kind not in KINDS:
+        raise SpecError(f"--derivation must be one of {', '.join(KINDS)}, got {kind!r}")
+    if calibration_images < 1:
+        raise SpecError("--calibration-images must be positive")
+    if calibration_patches < 0:
+        raise SpecError(f"--calibration-patches must be 0 (every patch) or positive, got {calibration_patches}")
+    return kind
+
+
 def run_baseline(
     method: str,
     model: nn.Module,
@@ -41,6 +62,7 @@ def run_baseline(
     derivation: str | None = None,
     calibration_images: int = 512,
     calibration_patches: int = PATCHES_PER_COLUMN,
+    progress: stages.Progress | None = None,
 ) -> tuple[nn.Module, Plan, dict[str, Any]]:
     """A baseline end to end: plan, derivation, evaluation, report and run directory; ``model`` is not modified.
 
@@ -54,22 +76,13 @@ def run_baseline(
             output-aware derivations' statistics; ``prefix`` also draws 256 images apart from them,
             on which each layer keeps the fitted factors or the whitened ones, whichever errs less.
         calibration_patches: input patches per column each moment sums at least (0: every patch).
+        progress: called as ``progress(stage, done, total)`` as the prefix fit and the evaluation go on.
 
     Returns:
         (compressed model, plan, report).
     """
-    if method not in METHODS:
-        raise SpecError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
-    if not 0 < reduction < 1:
-        raise SpecError(f"--reduction must be in (0, 1), got {reduction}")
-    kind = derivation or OWN_DERIVATION.get(method, "weight")
-    if kind not in KINDS:
-        raise SpecError(f"--derivation must be one of {', '.join(KINDS)}, got {kind!r}")
-    if calibration_images < 1:
-        raise SpecError("--calibration-images must be positive")
-    if calibration_patches < 0:
-        raise SpecError(f"--calibration-patches must be 0 (every patch) or positive, got {calibration_patches}")
-    job = stages.prepare(model, data, input_shape, filter_fn, device, seed, out, reference=reference)
+    kind = check_options(method, reduction, derivation, calibration_images, calibration_patches)
+    job = stages.prepare(model, data, input_shape, filter_fn, device, seed, out, reference=reference, progress=progress)
     total = job.total(objective)
     splits = [FIXED_SPLITS[method]] if method in FIXED_SPLITS else list(SPLITS) if split == "best" else [split]
     calibration = held_out = None

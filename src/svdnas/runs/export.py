@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from svdnas.cost.onnx import DEFAULT_OPSET, onnx_bytes, require_onnx
-from svdnas.errors import SvdnasError
+from svdnas.cost.onnx import DEFAULT_OPSET, OPSETS, onnx_bytes, require_onnx
+from svdnas.errors import SpecError, SvdnasError, describe
 from svdnas.fileio import atomic_write_bytes
 
 
@@ -25,11 +25,16 @@ def export_onnx(
     Raises:
         SvdnasError: if onnx/onnxruntime are missing, or the outputs differ by more than ``tolerance``.
     """
+    if opset not in OPSETS:
+        raise SpecError(f"the ONNX exporter writes opsets {OPSETS.start} to {OPSETS.stop - 1}; got {opset}")
     onnx, ort = require_onnx()
     x = torch.randn(1, *input_shape)
-    data = onnx_bytes(model, x, opset)
-    onnx.checker.check_model(onnx.load_from_string(data))
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    try:
+        data = onnx_bytes(model, x, opset)
+        onnx.checker.check_model(onnx.load_from_string(data))
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except Exception as e:  # the exporter's and ONNX Runtime's own kinds: an opset either cannot do, an operator with no export
+        raise SpecError(f"the ONNX export at opset {opset} failed: {describe(e)}") from e
     worst = 0.0
     g = torch.Generator().manual_seed(0)
     reference = copy.deepcopy(model).eval().cpu()
