@@ -180,3 +180,23 @@ def test_spec_rules():
     with pytest.raises(SpecError, match="only nn.Conv2d"):
         decompose(nn.Conv1d(4, 4, 3), LowRankSpec((3, 3), (1, 1), 1))
     assert LowRankSpec.from_dict(LowRankSpec((1, 3), (1, 2), 5).to_dict()) == LowRankSpec((1, 3), (1, 2), 5)
+
+
+def test_the_top_level_api_takes_the_contracts_names():
+    """The public functions answer to the parameter names the interface gives them (``conv``), and the
+    command line's loaders are at the top level too."""
+    import svdnas
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 3, padding=1)
+    full = family_max_rank(svdnas.LowRankSpec((3, 1), (1, 1), 1), 6, 8, (3, 3))
+    specs = [svdnas.LowRankSpec(first_kernel=(3, 1), groups=(1, 1), rank=full)]
+    block = svdnas.decompose(conv=conv, specs=specs)
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), conv(x), rtol=1e-4, atol=1e-5)
+    assert svdnas.layer_cost(conv=conv, input_hw=(5, 5), specs=specs) == svdnas.layer_cost(conv, (5, 5), specs)
+    assert svdnas.layer_cost(conv=conv, input_hw=(5, 5)) == (8 * 6 * 9 * 25, 8 * 6 * 9 + 6)
+    model, info = svdnas.load_model("zoo:resnet18")
+    assert isinstance(model, nn.Module) and info.input_shape == (1, 28, 28)
+    assert callable(svdnas.load_data) and svdnas.DataBundle.__name__ == "DataBundle"

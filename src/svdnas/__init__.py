@@ -6,6 +6,7 @@ Importing it has no side effects: no CUDA initialisation, no downloads, no threa
 from importlib.metadata import PackageNotFoundError, version
 
 from svdnas.cost.counting import count_params, layer_cost, model_macs
+from svdnas.data.datasets import DataBundle, load_data
 from svdnas.errors import BudgetError, DataError, NonFiniteError, SpecError, SvdnasError, WeightsError, WriteError
 from svdnas.lowrank.decompose import decompose
 from svdnas.lowrank.modules import LowRankBlock, LowRankBranch
@@ -16,7 +17,7 @@ from svdnas.pipeline.baseline import run_baseline
 from svdnas.pipeline.compress import CompressResult, compress
 from svdnas.pipeline.config import CompressConfig
 from svdnas.pipeline.finetune import finetune
-from svdnas.runs.directory import RunDir, load_run
+from svdnas.runs.directory import RunDir, load_model, load_run
 from svdnas.surgery.swap import apply_plan
 from svdnas.surgery.targets import PRESETS, select_targets
 from svdnas.surgery.trace import trace_layers
@@ -38,6 +39,7 @@ __all__ = [
     "BudgetError",
     "CompressConfig",
     "CompressResult",
+    "DataBundle",
     "DataError",
     "LowRankBlock",
     "LowRankBranch",
@@ -58,6 +60,9 @@ __all__ = [
     "finetune",
     "layer_cost",
     "load",
+    "load_data",
+    "load_model",
+    "load_run",
     "model_macs",
     "run_baseline",
     "select_targets",

@@ -52,23 +52,23 @@ def empty_block(layer: nn.Module, specs: Sequence[LowRankSpec]) -> LowRankBlock:
 
 
 @torch.no_grad()
-def decompose(layer: nn.Module, specs: Sequence[LowRankSpec] | LowRankSpec) -> LowRankBlock:
-    """Replace-ready low-rank version of ``layer`` derived from its weight alone.
+def decompose(conv: nn.Module, specs: Sequence[LowRankSpec] | LowRankSpec) -> LowRankBlock:
+    """Replace-ready low-rank version of ``conv`` derived from its weight alone.
 
     Each spec makes a branch; branch n approximates the residual ``W - sum of branches before n``
     by the truncated SVD of its family's unfolding. The bias goes to the first branch's second
-    layer. At full rank the block reproduces the layer to float precision.
+    layer. At full rank the block reproduces the conv to float precision.
 
     Args:
-        layer: an ``nn.Conv2d`` with groups=1 (any kernel, stride, padding, dilation) or an ``nn.Linear``.
+        conv: an ``nn.Conv2d`` with groups=1 (any kernel, stride, padding, dilation) or an ``nn.Linear``.
         specs: one spec per branch.
 
     Raises:
-        SpecError: if a spec does not fit the layer, naming the rule broken.
+        SpecError: if a spec does not fit the conv, naming the rule broken.
     """
     specs = [specs] if isinstance(specs, LowRankSpec) else list(specs)
-    block = empty_block(layer, specs)
-    weight = conv_weight(layer)
+    block = empty_block(conv, specs)
+    weight = conv_weight(conv)
     kernel = (weight.shape[2], weight.shape[3])
     residual = weight.detach().clone()
     for n, (branch, spec) in enumerate(zip(block.branches, specs)):
@@ -78,6 +78,6 @@ def decompose(layer: nn.Module, specs: Sequence[LowRankSpec] | LowRankSpec) -> L
         branch.second.weight.copy_(w2.reshape(branch.second.weight.shape))
         if n + 1 < len(specs):
             residual -= F.reconstruct(factors, spec.rank, residual.shape, spec.family())
-    if layer.bias is not None:
-        block.branches[0].second.bias.copy_(layer.bias)
+    if conv.bias is not None:
+        block.branches[0].second.bias.copy_(conv.bias)
     return block
