@@ -66,6 +66,23 @@ def test_best_split_is_the_most_accurate_on_search_images(tiny_fmnist):
     assert report["flops"]["reduction"] >= 0.49
 
 
+def test_a_baselines_seconds_do_not_count_a_stage_twice(tiny_fmnist):
+    """``search`` is the method's own choosing (allocation, split); the statistics and the prefix fit,
+    one per split here, add up under their own keys, and the stages together stay within the total."""
+    from svdnas.data.datasets import load_data
+    from tests.conftest import tiny_net
+
+    data = load_data(f"fmnist:{tiny_fmnist}")
+    _, _, report = run_baseline("uniform", tiny_net(), data, 0.5, filter_fn="convs", split="best", search_images=100,
+                                derivation="prefix", calibration_images=64)
+    seconds = report["seconds"]
+    assert set(report["split_search"]["top1_on_search_images"]) == set(SPLITS)
+    assert seconds["search"] > 0 and seconds["calibration"] > 0 and seconds["prefix_fit"] > 0
+    assert report["calibration"]["seconds"] < seconds["calibration"]  # the kept split's own, of four
+    stages = sum(v for k, v in seconds.items() if k != "total")
+    assert stages <= seconds["total"]
+
+
 def _alds_error(original: torch.nn.Module, replaced: torch.nn.Module) -> float:
     """ALDS's error measured on the derived module's own weights: the largest operator norm of the
     residual over the first layer's channel groups, over ||W||_2 (W unfolded to O x (I kh kw))."""
