@@ -78,6 +78,19 @@ def test_fmnist_reader(tiny_fmnist):
         load_data("cifar")
 
 
+def test_a_fashion_mnist_folder_named_in_the_environment_is_not_replaced_by_another(tiny_fmnist, tmp_path, monkeypatch):
+    from svdnas.data import datasets
+
+    monkeypatch.setattr(datasets, "FMNIST_DEFAULT_DIR", str(tiny_fmnist))  # the fallback exists...
+    monkeypatch.setenv("SVDNAS_FMNIST", str(tmp_path / "typo"))  # ...but the user named another folder
+    with pytest.raises(DataError, match=r"typo \(\$SVDNAS_FMNIST\): no such folder"):
+        load_data("fmnist")
+    monkeypatch.setenv("SVDNAS_FMNIST", str(tiny_fmnist))
+    assert load_data("fmnist").train.tensors[0].shape[0] == 600
+    monkeypatch.delenv("SVDNAS_FMNIST")
+    assert load_data("fmnist").name == f"fmnist:{tiny_fmnist}"  # unset: the default folder
+
+
 def test_search_subset_is_fixed_by_seed_and_kept_apart(tiny_fmnist):
     data = load_data(f"fmnist:{tiny_fmnist}")
     a, ia = search_subset(data.train, 100, seed=3)

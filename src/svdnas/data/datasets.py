@@ -61,7 +61,15 @@ def read_idx(path: Path) -> Tensor:
 
 
 def fmnist_dir(root: str | None = None) -> Path:
-    """Where the Fashion-MNIST files are: ``root``, else $SVDNAS_FMNIST, else Debian's location."""
+    """Where the Fashion-MNIST files are: ``root``, else $SVDNAS_FMNIST, else Debian's location.
+
+    Raises:
+        DataError: the folder named (``root`` or a set $SVDNAS_FMNIST) is missing, or none is found.
+    """
+    named = root or os.environ.get("SVDNAS_FMNIST")
+    if named and not Path(named).is_dir():  # a folder named on purpose is not replaced by another
+        source = "fmnist:DIR" if root else "$SVDNAS_FMNIST"
+        raise DataError(f"Fashion-MNIST not found at {named} ({source}): no such folder; point it at the folder of the IDX files")
     candidates = [root] if root else [os.environ.get("SVDNAS_FMNIST"), FMNIST_DEFAULT_DIR]
     for c in candidates:
         if c and Path(c).is_dir():
