@@ -153,7 +153,7 @@ def test_bad_latency_settings():
 
 
 @pytest.mark.parametrize("branches", [1, 2])
-def test_compress_meets_a_latency_budget(fake_timer, tiny_fmnist, tmp_path, branches):
+def test_compress_meets_a_latency_budget(fake_timer, tiny_fmnist, tmp_path, branches, caplog):
     data = load_data(f"fmnist:{tiny_fmnist}")
     config = CompressConfig(
         reduction=0.4, objective="latency", latency=LatencyConfig(cache=str(tmp_path / "lut.json")), branches=branches,
@@ -174,6 +174,9 @@ def test_compress_meets_a_latency_budget(fake_timer, tiny_fmnist, tmp_path, bran
     entries = json.loads((tmp_path / "lut.json").read_text())["entries"]
     assert (branches == 2) == any("+" in key.split(" | ")[1] for key in entries)  # the second search's blocks were timed
     assert (branches == 2) == ("branches" in result.report)
+    # one branch: the budget met on the whole model measured; two: on the table's prediction, and the run says so
+    assert (branches == 1) == ("measured_budget" in result.report["latency"])
+    assert (branches == 2) == any("on the latency table's prediction only" in r.getMessage() for r in caplog.records)
 
 
 class OddRanksSlower(FakeTimer):
