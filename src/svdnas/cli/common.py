@@ -159,7 +159,7 @@ def model_and_data(args: argparse.Namespace, device: torch.device, data_free: bo
     model, info = load_model(args.model, args.weights, allow_code=args.allow_code)
     data = load_data(args.data)
     if data is None and not data_free:
-        where = "--mode data-free" if hasattr(args, "mode") else "compress --mode data-free"
+        where = "--mode data-free" if args.command == "compress" else "compress --mode data-free"
         raise SvdnasError(f"{args.command} needs real data: --data none works only with {where}")
     shape = input_shape(args, info, data)
     if data is not None and tuple(shape) != tuple(data.input_shape):

@@ -141,7 +141,7 @@ def build_model(
     if weights:
         load_weights(model, weights)
         info.weights = weights
-    elif kind == "torchvision":
+    elif kind == "torchvision" and pretrained:  # a run directory rebuilds its base without weights, then loads its own
         log.warning("%s without --weights has torchvision's random initial weights (nothing is downloaded)", spec)
     model.eval()
     return model, info

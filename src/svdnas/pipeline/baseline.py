@@ -24,8 +24,7 @@ OWN_DERIVATION = {"balf": "whitened"}  # the others' papers derive from the weig
 HELD_OUT_IMAGES = 256  # as many as compress's proxy images: where the prefix fit checks each layer's factors
 
 
-def check_options(method: str, reduction: float, derivation: str | None = None, calibration_images: int = 512,
-                  calibration_patches: int = PATCHES_PER_COLUMN) -> str:
+def check_options(method: str, reduction: float, derivation: str | None, calibration_images: int, calibration_patches: int) -> str:
     """The derivation a baseline run uses, once its options are checked (before anything is loaded or written).
 
     Raises:

@@ -345,7 +345,7 @@ def derive_model(job: Job, plan: Plan, derivation: Derivation, calibration: torc
         if kept == "derived":
             log.info("prefix fit: the search's own factors are nearer the original on the %d held-out images (mean KL %.3g "
                      "against %.3g); kept them", fit.held_out, kl["derived"], kl["fitted"])
-            model = _standard_memory(own)
+            model = (_standard_memory(own) if own is not None else derived()).eval()
     block["seconds"] = time.perf_counter() - t0
     job.seconds["prefix_fit"] = job.seconds.get("prefix_fit", 0.0) + block["seconds"]  # a baseline may fit once per split
     job.calibration = (job.calibration or {}) | {"prefix_fit": block}

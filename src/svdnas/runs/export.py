@@ -33,8 +33,10 @@ def export_onnx(
         data = onnx_bytes(model, x, opset)
         onnx.checker.check_model(onnx.load_from_string(data))
         session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    except MemoryError:
+        raise
     except Exception as e:  # the exporter's and ONNX Runtime's own kinds: an opset either cannot do, an operator with no export
-        raise SpecError(f"the ONNX export at opset {opset} failed: {describe(e)}") from e
+        raise SvdnasError(f"the ONNX export at opset {opset} failed: {describe(e)}") from e
     worst = 0.0
     g = torch.Generator().manual_seed(0)
     reference = copy.deepcopy(model).eval().cpu()

@@ -179,7 +179,7 @@ class Closeness:
     def __init__(self, model: nn.Module, images: Dataset, device: torch.device | str) -> None:
         self.model, self.images, self.device = model, images, device
         self._reference: list[Tensor] | None = None
-        self._plans: dict[tuple[str, int], tuple[Derivation, float, nn.Module]] = {}
+        self._plans: dict[tuple[str, int], tuple[Derivation, float]] = {}
 
     def reference(self) -> list[Tensor]:
         """The original model's log-softmax on the images."""
@@ -197,14 +197,16 @@ class Closeness:
         derivation is scored as it is the first time: it is not to change once scored)."""
         return self.scored(plan, derivation)[0]
 
-    def scored(self, plan: Plan, derivation: Derivation) -> tuple[float, nn.Module]:
-        """(:meth:`of_plan`, the compressed model it scored, in eval mode): the models are kept with
-        their scores, so that a caller who keeps a scored plan's model does not build it again."""
+    def scored(self, plan: Plan, derivation: Derivation) -> tuple[float, nn.Module | None]:
+        """(:meth:`of_plan`, the compressed model in eval mode where it was built for this call, else
+        None): a caller who may keep that model need not build it again. Only scores are kept here,
+        not models (each would hold memory for the rest of the job)."""
         key = (plan.to_json(), id(derivation))  # the entry holds the derivation, so its id is not reused
-        if key not in self._plans:
-            compressed = apply_plan(copy.deepcopy(self.model), plan, derivation=derivation)
-            self._plans[key] = (derivation, self.of_model(compressed), compressed)
-        return self._plans[key][1:]
+        if key in self._plans:
+            return self._plans[key][1], None
+        compressed = apply_plan(copy.deepcopy(self.model), plan, derivation=derivation)
+        self._plans[key] = (derivation, self.of_model(compressed))
+        return self._plans[key][1], compressed
 
 
 def better_plan(model: nn.Module, plans: dict[str, Plan], images: Dataset, device: torch.device | str,
