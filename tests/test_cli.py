@@ -60,6 +60,8 @@ def test_eval_json_on_module_model(module_spec, tiny_fmnist):
         (["compress", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--search-dtype", "int8"], "invalid choice: 'int8'"),
         (["synth", "zoo:resnet18", "--num", "8", "--out", "/tmp/x.png"], ".safetensors"),
         (["synth", "zoo:resnet18", "--num", "0", "--out", "/tmp/x.safetensors"], "(--num) must be positive"),
+        (["baseline", "uniform", "zoo:resnet18", "--data", "fmnist", "--out", "/tmp/x", "--reduction", "0.5", "--split", "best",
+          "--search-images", "0"], "--search-images must be positive, got 0"),
         (["eval", "zoo:resnet18", "--data", "none"], "eval needs real data: --data none works only with compress --mode data-free"),
         (["latency", "zoo:resnet18", "--repeats", "0"], "--repeats: must be at least 1, got 0"),
         (["latency", "zoo:resnet18", "--threads", "-1"], "--threads: must be at least 1, got -1"),

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from svdnas.runs.directory import CONFIG_FORMAT, RunDir
 
     need(args, "data", "reduction", "out")
-    check_options(args.method, args.reduction, args.derivation, args.calibration_images, args.calibration_patches)
+    check_options(args.method, args.reduction, args.derivation, args.calibration_images, args.calibration_patches, args.search_images)
     check_out(args)
     device = device_of(args.device)
     model, info, data, shape = model_and_data(args, device)

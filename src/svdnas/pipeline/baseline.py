@@ -24,11 +24,12 @@ OWN_DERIVATION = {"balf": "whitened"}  # the others' papers derive from the weig
 HELD_OUT_IMAGES = 256  # as many as compress's proxy images: where the prefix fit checks each layer's factors
 
 
-def check_options(method: str, reduction: float, derivation: str | None, calibration_images: int, calibration_patches: int) -> str:
+def check_options(method: str, reduction: float, derivation: str | None, calibration_images: int, calibration_patches: int,
+                  search_images: int) -> str:
     """The derivation a baseline run uses, once its options are checked (before anything is loaded or written).
 
     Raises:
-        SpecError: an unknown method or derivation, a reduction outside (0, 1), a calibration count out of range.
+        SpecError: an unknown method or derivation, a reduction outside (0, 1), an image or patch count out of range.
     """
     if method not in METHODS:
         raise SpecError(f"unknown baseline {method!r}; choose one of {', '.join(METHODS)}")
@@ -41,6 +42,8 @@ def check_options(method: str, reduction: float, derivation: str | None, calibra
         raise SpecError("--calibration-images must be positive")
     if calibration_patches < 0:
         raise SpecError(f"--calibration-patches must be 0 (every patch) or positive, got {calibration_patches}")
+    if search_images < 1:
+        raise SpecError(f"--search-images must be positive, got {search_images}")
     return kind
 
 
@@ -80,7 +83,7 @@ def run_baseline(
     Returns:
         (compressed model, plan, report).
     """
-    kind = check_options(method, reduction, derivation, calibration_images, calibration_patches)
+    kind = check_options(method, reduction, derivation, calibration_images, calibration_patches, search_images)
     job = stages.prepare(model, data, input_shape, filter_fn, device, seed, out, reference=reference, progress=progress)
     total = job.total(objective)
     splits = [FIXED_SPLITS[method]] if method in FIXED_SPLITS else list(SPLITS) if split == "best" else [split]
